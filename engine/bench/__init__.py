@@ -1,0 +1,1 @@
+"""Benchmarks: each module prints numbers with the machine and data size."""

@@ -1,0 +1,38 @@
+"""The typer application and its command groups. Command modules register on these groups."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="pgrec", help="pgrec: recommendations inside PostgreSQL.", no_args_is_help=True, add_completion=False
+)
+db_app = typer.Typer(help="Schema versions (alembic) and the embedded server.", no_args_is_help=True)
+import_app = typer.Typer(help="Bulk imports (all-or-nothing per file).", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: cooccurrence, retrieval, ranker, all.", no_args_is_help=True)
+eval_app = typer.Typer(help="Offline evaluation on a temporal split.", invoke_without_command=True)
+bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+policy_app = typer.Typer(help="Re-ranking policies (rows in pgrec.policies).", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the HTTP service.", no_args_is_help=True)
+report_app = typer.Typer(help="Reports.", no_args_is_help=True)
+
+app.add_typer(db_app, name="db")
+app.add_typer(import_app, name="import")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models")
+app.add_typer(policy_app, name="policy")
+app.add_typer(keys_app, name="keys")
+app.add_typer(report_app, name="report")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a clear error (no traceback) and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)

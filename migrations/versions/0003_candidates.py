@@ -1,0 +1,20 @@
+"""candidates: tables and functions (filled in by the candidates work; until then this revision changes nothing)
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+from __future__ import annotations
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
