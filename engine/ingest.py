@@ -298,7 +298,7 @@ def import_records(
             lo, hi = cur.fetchone() or (None, None)
             cur.execute(query("ingest.ensure_partitions"), {"lo": lo, "hi": hi})
             cur.execute(query("ingest.merge_events"))
-            seen, stored = cur.fetchone() or (0, 0)
+            _seen, stored = cur.fetchone() or (0, 0)
             result.stored = int(stored)
             result.duplicates = result.read - len(result.rejected) - result.stored
         else:
