@@ -1,0 +1,61 @@
+"""The schema installs into an existing database beside the app's own alembic history, and goes
+up -> down to base -> up again on a database holding data."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TestDB
+
+from engine import migrate
+from engine.db import connect
+
+
+def test_upgrade_downgrade_upgrade_with_data(empty_db: TestDB) -> None:
+    conn = empty_db.conn
+    # the application already has its own alembic history in public
+    conn.execute("CREATE TABLE public.alembic_version (version_num varchar(32) PRIMARY KEY)")
+    conn.execute("INSERT INTO public.alembic_version VALUES ('app_rev_1')")
+    conn.execute("CREATE TABLE public.orders (id int)")
+
+    migrate.upgrade(empty_db.settings)
+    assert "(head)" in migrate.current(empty_db.settings)
+    with connect(empty_db.settings) as c:
+        c.execute("SELECT pgrec.upsert_item('a', ARRAY['x'])")
+        c.execute("SELECT pgrec.track_event('u', 'a', 'click', '2024-01-05')")
+        c.execute("SELECT pgrec.track_event('u', 'a', 'click', '2024-03-05')")
+        assert c.execute("SELECT count(*) FROM pgrec.events").fetchone() == (2,)
+
+    migrate.downgrade(empty_db.settings, "base")
+    assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'pgrec' "
+                        "AND tablename <> 'alembic_version'").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = 'pgrec'::regnamespace").fetchone() == (0,)
+
+    migrate.upgrade(empty_db.settings)
+    with connect(empty_db.settings) as c:
+        c.execute("SELECT pgrec.upsert_item('a')")
+        assert c.execute("SELECT pgrec.track_event('u', 'a', 'click', '2024-01-05')").fetchone() == ("stored",)
+    # the application's tables and version row are untouched; ours lives in schema pgrec
+    assert conn.execute("SELECT version_num FROM public.alembic_version").fetchall() == [("app_rev_1",)]
+    assert conn.execute("SELECT to_regclass('public.orders') IS NOT NULL").fetchone() == (True,)
+    assert conn.execute("SELECT count(*) FROM pgrec.alembic_version").fetchone() == (1,)
+
+
+def test_each_step_down_and_up(empty_db: TestDB) -> None:
+    """Every revision's downgrade undoes its upgrade (walks the chain one step at a time)."""
+    migrate.upgrade(empty_db.settings)
+    head = migrate.current(empty_db.settings).split()[0]
+    steps = int(head)
+    for _ in range(steps):
+        migrate.downgrade(empty_db.settings, "-1")
+    assert migrate.current(empty_db.settings) == "(none)"
+    migrate.upgrade(empty_db.settings)
+    assert migrate.current(empty_db.settings).split()[0] == head
+
+
+@pytest.mark.parametrize("dim", [8, 32])
+def test_dimension_fixed_at_install(empty_db: TestDB, dim: int) -> None:
+    settings = empty_db.settings.model_copy(update={"embedding_dim": dim})
+    migrate.upgrade(settings, "0002")
+    assert empty_db.scalar("SELECT value::int FROM pgrec.config WHERE key = 'embedding_dim'") == dim
+    assert empty_db.scalar("SELECT atttypmod FROM pg_attribute WHERE attrelid = 'pgrec.item_embeddings'::regclass "
+                           "AND attname = 'embedding'") == dim
