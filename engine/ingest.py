@@ -215,6 +215,28 @@ KINDS: dict[str, _Kind] = {
 }
 
 
+# COPY text format: backslash, tab, newline and carriage return are escaped; NULL is \N.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_ARRAY_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
+
+
+def _copy_text(v: Any) -> str:
+    """One already-validated value as a field of COPY's text format (much faster than row adaptation)."""
+    if v is None:
+        return "\\N"
+    if isinstance(v, str):
+        return v.translate(_COPY_ESCAPES)
+    if isinstance(v, bool):
+        return "t" if v else "f"
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return ("{" + ",".join('"' + str(x).translate(_ARRAY_ESCAPES) + '"' for x in v) + "}").translate(_COPY_ESCAPES)
+    raise TypeError(f"cannot COPY a {type(v).__name__}")
+
+
 # ---------------------------------------------------------------- reading files
 
 
@@ -278,8 +300,10 @@ def import_records(
     t0 = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(query(f"ingest.{spec.stage}"))
+        cur.execute("SET LOCAL work_mem = '256MB'")
         cols = ", ".join(("line", *spec.columns))
         with cur.copy(f"COPY {spec.table} ({cols}) FROM STDIN") as copy:
+            buf: list[str] = []
             for line, raw in records:
                 result.read += 1
                 try:
@@ -289,7 +313,12 @@ def import_records(
                 except FieldError as exc:
                     result.rejected.append(Reject(line, exc.field, exc.reason))
                     continue
-                copy.write_row((line, *row))
+                buf.append(f"{line}\t" + "\t".join(map(_copy_text, row)) + "\n")
+                if len(buf) >= 5000:
+                    copy.write("".join(buf))
+                    buf.clear()
+            if buf:
+                copy.write("".join(buf))
         if result.rejected and not skip_invalid:
             raise ImportFailed(source, result.rejected)
         if kind == "events":

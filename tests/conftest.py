@@ -24,7 +24,7 @@ from engine import migrate
 from engine.config import Settings
 from engine.db import connect
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = Path(os.environ.get("PGREC_DATASETS_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 TEST_DIM = 16
 
 

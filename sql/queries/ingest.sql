@@ -72,19 +72,21 @@ SELECT pgrec.ensure_event_partitions(%(lo)s, %(hi)s)
 -- name: merge_events
 -- Rows with a client event_id are kept only if (user, event_id) is new; all rows are deduplicated on the
 -- natural key. Both make a second import of the same file a no-op.
-WITH resolved AS (
-    SELECT DISTINCT ON (u.user_key, coalesce(s.event_id, s.line::text))
-           s.line, s.event_id, u.user_key, i.item_key, t.type_id, t.weight, s.occurred_at, s.value,
+WITH firsts AS (  -- one row per (user, client event id) in the file: the first line wins
+    SELECT min(line) AS line FROM stage_events WHERE event_id IS NOT NULL GROUP BY user_id, event_id
+), resolved AS (
+    SELECT s.line, s.event_id, u.user_key, i.item_key, t.type_id, t.weight, s.occurred_at, s.value,
            s.properties, s.request_id,
            pgrec.event_polarity(t.polarity, t.positive_min, t.negative_max, s.value) AS polarity
       FROM stage_events s
       JOIN pgrec.users u ON u.user_id = s.user_id
       JOIN pgrec.items i ON i.item_id = s.item_id
       JOIN pgrec.event_types t ON t.name = s.event_type
-     ORDER BY u.user_key, coalesce(s.event_id, s.line::text), s.line
+     WHERE s.event_id IS NULL OR s.line IN (SELECT line FROM firsts)
 ), new_ids AS (
     INSERT INTO pgrec.event_ids (user_key, event_id, occurred_at)
     SELECT user_key, event_id, occurred_at FROM resolved WHERE event_id IS NOT NULL
+     ORDER BY user_key, event_id  -- index-ordered inserts touch each btree page once
     ON CONFLICT DO NOTHING
     RETURNING user_key, event_id
 ), ins AS (
@@ -95,6 +97,7 @@ WITH resolved AS (
       FROM resolved r
      WHERE r.event_id IS NULL
         OR EXISTS (SELECT 1 FROM new_ids n WHERE n.user_key = r.user_key AND n.event_id = r.event_id)
+     ORDER BY r.user_key, r.occurred_at
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
