@@ -1,0 +1,184 @@
+"""The two-tower retrieval model in numpy: towers, the sampled-softmax loss and its gradients.
+
+Item tower: ``v_i = normalise(id_i + sum_f w_if feat_f)`` over the item's feature tokens (categories,
+property values and a global token), so an item nobody has touched yet still has a vector from its features.
+
+User tower: the one formula of docs/contracts.md that ``pgrec.user_vector`` computes in SQL,
+``u = normalise(sum_h a_h c_h)`` over the user's last positive events with ``a_h = weight * 2^(-age/half_life)``.
+The context vectors ``c_i = ctx_i + sum_f w_if ctx_feat_f`` are learned (a second id table and feature table)
+and stored per item in ``item_embeddings.context_embedding``, so SQL recomputes any user's vector exactly
+from stored rows and the user's latest events.
+
+Both id tables and both feature tables live side by side in two parameter arrays of width 2d
+(``ids`` and ``feats``: columns [:d] for the item tower, [d:] for the context vectors).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import InvalidRequest
+
+EPS = 1e-12
+
+
+@dataclass
+class Batch:
+    """One mini-batch: for each row a history (items, weights) and the positive item; extra negatives shared."""
+
+    hist_items: np.ndarray   # (B, L) item indices
+    hist_weights: np.ndarray  # (B, L) weights, 0 for padding
+    positives: np.ndarray    # (B,) item indices
+    negatives: np.ndarray    # (E,) extra negative item indices (shown but ignored), may be empty
+
+
+@dataclass
+class Gradients:
+    rows: np.ndarray     # (S,) item indices whose id rows have a gradient
+    ids: np.ndarray      # (S, 2d)
+    feats: np.ndarray    # (F, 2d), dense
+
+
+class TwoTower:
+    """Parameters and the maths. ``fidx``/``fw`` are the items' feature indices and weights (items, m)."""
+
+    def __init__(self, ids: np.ndarray, feats: np.ndarray, fidx: np.ndarray, fw: np.ndarray) -> None:
+        self.ids = ids
+        self.feats = feats
+        self.fidx = fidx
+        self.fw = fw
+
+    @classmethod
+    def init(cls, n_items: int, fidx: np.ndarray, fw: np.ndarray, n_features: int, dim: int,
+             rng: np.random.Generator, dtype: type = np.float32) -> TwoTower:
+        """Id rows start at zero (an item's vector is its features' until its events move it);
+        feature rows at random."""
+        ids = np.zeros((n_items, 2 * dim), dtype=dtype)
+        feats = (rng.normal(size=(n_features, 2 * dim)) / np.sqrt(dim)).astype(dtype)
+        return cls(ids, feats, fidx, fw.astype(dtype))
+
+    @property
+    def dim(self) -> int:
+        return self.ids.shape[1] // 2
+
+    @property
+    def n_items(self) -> int:
+        return self.ids.shape[0]
+
+    # ------------------------------------------------------------ towers
+
+    def raw(self, items: np.ndarray) -> np.ndarray:
+        """(len(items), 2d): unnormalised item-tower output [:d] and context vector [d:]."""
+        f = self.feats[self.fidx[items]]  # (S, m, 2d)
+        return self.ids[items] + np.einsum("sm,smk->sk", self.fw[items], f)
+
+    def item_vectors(self, items: np.ndarray | None = None) -> np.ndarray:
+        """L2-normalised item vectors (what the HNSW index holds)."""
+        r = self.raw(np.arange(self.n_items) if items is None else items)[:, : self.dim]
+        return r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), EPS)
+
+    def context_vectors(self, items: np.ndarray | None = None) -> np.ndarray:
+        """Context vectors (an item's contribution to a user vector), as stored in ``context_embedding``."""
+        return self.raw(np.arange(self.n_items) if items is None else items)[:, self.dim:]
+
+    # ------------------------------------------------------------ loss
+
+    def loss_and_grad(self, batch: Batch, temperature: float, log_q: np.ndarray | None,
+                      need_grad: bool = True) -> tuple[float, Gradients | None]:
+        """Sampled softmax over the batch's distinct positives and extra negatives (InfoNCE).
+
+        ``logit[b, j] = cos(u_b, v_j) / temperature - log_q[j]`` (the log-Q correction for popularity-biased
+        in-batch sampling); the row's label is its own positive. Returns the mean cross-entropy.
+        """
+        d = self.dim
+        B, L = batch.hist_items.shape
+        targets, y = np.unique(np.concatenate([batch.positives, batch.negatives]), return_inverse=True)
+        y = y[:B]
+        rows, inv = np.unique(np.concatenate([targets, batch.hist_items.ravel()]), return_inverse=True)
+        t_inv, h_inv = inv[: len(targets)], inv[len(targets):].reshape(B, L)
+        raw = self.raw(rows)
+        r = raw[t_inv, :d]
+        c = raw[h_inv, d:]  # (B, L, d)
+        a = batch.hist_weights.astype(raw.dtype)
+        u_raw = np.einsum("bl,bld->bd", a, c)
+        u_norm = np.maximum(np.linalg.norm(u_raw, axis=1, keepdims=True), EPS)
+        u = u_raw / u_norm
+        r_norm = np.maximum(np.linalg.norm(r, axis=1, keepdims=True), EPS)
+        v = r / r_norm
+        logits = (u @ v.T) / temperature
+        if log_q is not None:
+            logits = logits - log_q[targets][None, :].astype(logits.dtype)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        loss = float(-np.mean(np.log(np.maximum(p[np.arange(B), y], 1e-30))))
+        if not need_grad:
+            return loss, None
+        g = p
+        g[np.arange(B), y] -= 1.0
+        g /= B
+        du = (g @ v) / temperature
+        dv = (g.T @ u) / temperature
+        du_raw = (du - u * np.sum(u * du, axis=1, keepdims=True)) / u_norm
+        dr = (dv - v * np.sum(v * dv, axis=1, keepdims=True)) / r_norm
+        draw = np.zeros((len(rows), 2 * d), dtype=raw.dtype)
+        draw[:, :d] = scatter_rows(t_inv, dr, len(rows))
+        dc = a[:, :, None] * du_raw[:, None, :]
+        draw[:, d:] = scatter_rows(h_inv.ravel(), dc.reshape(-1, d), len(rows))
+        fw = self.fw[rows]
+        ri, ki = np.nonzero(fw)  # padding has weight 0 and no gradient
+        contrib = fw[ri, ki][:, None] * draw[ri]
+        dfeats = scatter_rows(self.fidx[rows][ri, ki], contrib, self.feats.shape[0])
+        return loss, Gradients(rows, draw, dfeats.astype(raw.dtype))
+
+    # ------------------------------------------------------------ storage
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, ids=self.ids, feats=self.feats, fidx=self.fidx, fw=self.fw)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> TwoTower:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            return cls(z["ids"], z["feats"], z["fidx"], z["fw"])
+
+
+def scatter_rows(index: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """``out[index[k]] += values[k]`` for rows: one bincount per column (much faster than np.add.at)."""
+    out = np.empty((n, values.shape[1]), dtype=np.float64)
+    cols = np.ascontiguousarray(values.T)
+    for k in range(values.shape[1]):
+        out[:, k] = np.bincount(index, weights=cols[k], minlength=n)
+    return out
+
+
+def user_vectors(context: np.ndarray, hist_items: np.ndarray, hist_weights: np.ndarray) -> np.ndarray:
+    """Rows ``normalise(sum_l w_l context[item_l])``; a row of zeros where the history is empty."""
+    u = np.einsum("bl,bld->bd", hist_weights, context[hist_items])
+    n = np.linalg.norm(u, axis=1, keepdims=True)
+    return np.where(n > EPS, u / np.maximum(n, EPS), 0.0)
+
+
+def user_vector(context: Sequence[Sequence[float]] | np.ndarray, weights: Sequence[float],
+                times: Sequence[float], *, max_events: int = 50, half_life_days: float = 30.0) -> np.ndarray | None:
+    """The contract's user vector for one history given oldest first: the context vectors of the events,
+    the events' weights and times (epoch seconds). The last ``max_events`` count; None when nothing sums."""
+    ctx = np.asarray(context, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    t = np.asarray(times, dtype=np.float64)
+    if ctx.ndim != 2 or len(ctx) != len(w) or len(w) != len(t):
+        raise InvalidRequest("user_vector: context, weights and times must have one row per event")
+    if not (np.all(np.isfinite(ctx)) and np.all(np.isfinite(w)) and np.all(np.isfinite(t))):
+        raise InvalidRequest("user_vector: NaN or infinite value in the history")
+    if len(w) == 0:
+        return None
+    ctx, w, t = ctx[-max_events:], w[-max_events:], t[-max_events:]
+    a = w * np.exp2(-(t.max() - t) / (half_life_days * 86400.0))
+    u = a @ ctx
+    n = float(np.linalg.norm(u))
+    return None if n <= EPS else u / n
