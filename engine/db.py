@@ -104,8 +104,11 @@ def check_server(conn: psycopg.Connection[Any]) -> ServerInfo:
     return info
 
 
-def apply_session_settings(conn: psycopg.Connection[Any], settings: Settings) -> None:
-    """Set and verify the HNSW settings. pgvector ignores an invalid value given at connect, SET raises."""
+def apply_session_settings(conn: psycopg.Connection[Any], settings: Settings, *, serving: bool = False) -> None:
+    """Set and verify the HNSW settings. pgvector ignores an invalid value given at connect, SET raises.
+
+    ``serving`` connections (the pool) also get the statement timeout; batch work (imports, training) does not.
+    """
     info = inspect_server(conn)
     conn.execute(f"SET hnsw.ef_search = {int(settings.hnsw_ef_search)}")
     if info.iterative_scan:
@@ -114,14 +117,14 @@ def apply_session_settings(conn: psycopg.Connection[Any], settings: Settings) ->
         got = conn.execute("SELECT current_setting('hnsw.iterative_scan')").fetchone()
         if got is None or got[0] != settings.hnsw_iterative_scan:
             raise DatabaseError(f"hnsw.iterative_scan is {got!r}, expected {settings.hnsw_iterative_scan!r}")
-    if settings.statement_timeout_ms:
+    if serving and settings.statement_timeout_ms:
         conn.execute(f"SET statement_timeout = {int(settings.statement_timeout_ms)}")
 
 
-def _configure(conn: psycopg.Connection[Any], settings: Settings) -> None:
+def _configure(conn: psycopg.Connection[Any], settings: Settings, *, serving: bool = False) -> None:
     with contextlib.suppress(psycopg.ProgrammingError):
         register_vector(conn)
-    apply_session_settings(conn, settings)
+    apply_session_settings(conn, settings, serving=serving)
     if not conn.autocommit:
         conn.commit()
 
@@ -149,7 +152,7 @@ def make_pool(settings: Settings, *, name: str = "pgrec") -> ConnectionPool:
 
     def configure(conn: psycopg.Connection[Any]) -> None:
         conn.autocommit = True
-        _configure(conn, settings)
+        _configure(conn, settings, serving=True)
 
     pool = ConnectionPool(
         url,
