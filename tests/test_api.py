@@ -7,7 +7,6 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-
 from typing import TYPE_CHECKING
 
 import pytest
@@ -15,7 +14,7 @@ from conftest import TestDB
 from fastapi.testclient import TestClient
 
 from engine import experiments
-from engine.api import ServiceConfig, create_app
+from engine.api import create_app
 from engine.api.keys import create_key, hash_token, list_keys, revoke_key
 from engine.api.logs import JsonFormatter
 from engine.config import Settings
