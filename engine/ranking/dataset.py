@@ -1,0 +1,163 @@
+"""Ranker training data, from the event log (replay) or from served lists (impressions). Same table shape.
+
+Replay: at a cutoff, each user active in the window after it gets the candidates and features as of the cutoff
+(only events before it), labelled by their events in ``[cutoff, cutoff + horizon)``. Impressions: each served
+request is a group; the shown items get features as of the serving time and labels from the engagement that
+followed (by request id, or within an attribution window). One LightGBM query group per (user, cutoff) or request.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from engine.ranking import features
+from engine.sql import query
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+MAX_LABEL = 30  # lambdarank's default label_gain has 31 entries
+
+
+def grade(weight: float | None, negative: bool) -> int:
+    """Graded relevance of one (user, item): 0 without a positive event or with any negative one, else
+    ceil(log2(1 + the largest positive weight)), so view 1 < click 2 = rating 2 < like 3 = purchase 4 ..."""
+    if negative or weight is None or weight <= 0:
+        return 0
+    return int(min(MAX_LABEL, max(1, math.ceil(math.log2(1.0 + float(weight))))))
+
+
+@dataclass
+class TrainingSet:
+    """Rows grouped by query; ``group`` holds the group sizes in row order (LightGBM's layout)."""
+
+    names: list[str]
+    x: np.ndarray
+    y: np.ndarray
+    group: list[int] = field(default_factory=list)
+    queries: list[tuple[int, datetime]] = field(default_factory=list)  # (user_key, as_of) per group
+    item_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    position: np.ndarray | None = None  # impressions: the position each row was shown at (1-based)
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    @staticmethod
+    def empty(names: Sequence[str]) -> TrainingSet:
+        return TrainingSet(list(names), np.zeros((0, len(names))), np.zeros(0, dtype=np.int32))
+
+    def extend(self, other: TrainingSet) -> TrainingSet:
+        if not self.rows:
+            return other
+        if not other.rows:
+            return self
+        if other.names != self.names:
+            raise ValueError("training sets with different feature lists cannot be joined")
+        pos = None
+        if self.position is not None and other.position is not None:
+            pos = np.concatenate([self.position, other.position])
+        return TrainingSet(self.names, np.vstack([self.x, other.x]), np.concatenate([self.y, other.y]),
+                           self.group + other.group, self.queries + other.queries,
+                           np.concatenate([self.item_keys, other.item_keys]), pos)
+
+
+def _labels(conn: psycopg.Connection[Any], start: datetime, end: datetime) -> dict[int, dict[int, int]]:
+    out: dict[int, dict[int, int]] = {}
+    for u, i, w, neg in conn.execute(query("ranking.window_labels"), {"start": start, "end": end}).fetchall():
+        out.setdefault(int(u), {})[int(i)] = grade(w, bool(neg))
+    return out
+
+
+def _seen(conn: psycopg.Connection[Any], users: Sequence[int], before: datetime) -> dict[int, set[int]]:
+    rows = conn.execute(query("ranking.items_before"), {"users": list(users), "before": before}).fetchall()
+    return {int(u): {int(i) for i in items} for u, items in rows}
+
+
+def replay(conn: psycopg.Connection[Any], cutoff: datetime, horizon: timedelta, *, n: int = 200,
+           surface: str = "default", max_users: int | None = 2000, seed: int = 42, batch: int = 50,
+           keep_seen: bool = False, progress: Progress | None = None) -> TrainingSet:
+    """Groups for the users with a positive event in ``[cutoff, cutoff + horizon)``.
+
+    Candidates the user had any event with before the cutoff are dropped (the policy stage excludes them at
+    serving) unless ``keep_seen``; groups without a relevant candidate are dropped (no ranking signal).
+    """
+    labels = _labels(conn, cutoff, cutoff + horizon)
+    users = sorted(u for u, items in labels.items() if any(g > 0 for g in items.values()))
+    if max_users is not None and len(users) > max_users:
+        users = sorted(random.Random(seed).sample(users, max_users))
+    seen = {} if keep_seen else _seen(conn, users, cutoff)
+    out: TrainingSet | None = None
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    group: list[int] = []
+    queries: list[tuple[int, datetime]] = []
+    names: list[str] = []
+    for start in range(0, len(users), batch):
+        chunk = users[start:start + batch]
+        for u, cf in features.for_user_keys(conn, chunk, surface=surface, n=n, as_of=cutoff).items():
+            names = cf.names
+            if not len(cf):
+                continue
+            keep = np.array([int(k) not in seen.get(u, ()) for k in cf.item_keys], dtype=bool)
+            y = np.array([labels[u].get(int(k), 0) for k in cf.item_keys], dtype=np.int32)[keep]
+            if not y.any():
+                continue
+            xs.append(cf.values[keep])
+            ys.append(y)
+            keys.append(cf.item_keys[keep])
+            group.append(int(keep.sum()))
+            queries.append((u, cutoff))
+        if progress:
+            progress(f"replay {cutoff:%Y-%m-%d}", min(start + batch, len(users)), len(users))
+    if not group:
+        return TrainingSet.empty(names)
+    out = TrainingSet(names, np.vstack(xs), np.concatenate(ys), group, queries, np.concatenate(keys))
+    return out
+
+
+def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: datetime, *,
+                     window: timedelta = timedelta(days=1), n: int = 200,
+                     progress: Progress | None = None) -> TrainingSet:
+    """Groups from the lists served in ``[since, until)``: shown items, features as of the serving time,
+    labels from the engagement that followed. ``position`` is kept beside the rows (not as a feature) for
+    LightGBM's position-bias correction, so it cannot leak into serving."""
+    params = {"since": since, "until": until}
+    requests = conn.execute(query("ranking.impression_requests"), params).fetchall()
+    labels: dict[Any, dict[int, int]] = {}
+    for rid, item, w, neg in conn.execute(query("ranking.impression_labels"),
+                                          {**params, "window": window}).fetchall():
+        labels.setdefault(rid, {})[int(item)] = grade(w, bool(neg))
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    ps: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    group: list[int] = []
+    queries: list[tuple[int, datetime]] = []
+    names: list[str] = []
+    for done, (rid, user_key, surface, served_at, item_keys, positions) in enumerate(requests, start=1):
+        cf = features.for_user_key(conn, user_key, surface=surface, n=n, as_of=served_at, item_keys=item_keys)
+        names = cf.names
+        pos_of = {int(k): int(p) for k, p in zip(item_keys, positions, strict=True)}
+        y = np.array([labels.get(rid, {}).get(int(k), 0) for k in cf.item_keys], dtype=np.int32)
+        if len(cf) and y.any():
+            xs.append(cf.values)
+            ys.append(y)
+            ps.append(np.array([pos_of[int(k)] for k in cf.item_keys], dtype=np.int32))
+            keys.append(cf.item_keys)
+            group.append(len(cf))
+            queries.append((int(user_key), served_at))
+        if progress and (done % 50 == 0 or done == len(requests)):
+            progress("impressions", done, len(requests))
+    if not group:
+        return TrainingSet.empty(names)
+    return TrainingSet(names, np.vstack(xs), np.concatenate(ys), group, queries, np.concatenate(keys),
+                       np.concatenate(ps))

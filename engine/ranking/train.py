@@ -1,0 +1,197 @@
+"""``pgrec train ranker``: LightGBM lambdarank on replayed (or served) lists, early stopping on a later window.
+
+Cutoffs: with an end time ``until`` (default: the newest event) and a label window ``horizon``, the last
+cutoff is ``until - horizon`` and is used only for early stopping (validation); the training cutoffs lie
+before it, spaced by the horizon, so no label window overlaps another or the validation window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import psycopg
+
+from engine.errors import InvalidRequest
+from engine.ranking import dataset, registry
+from engine.ranking.dataset import Progress, TrainingSet
+from engine.sql import query
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """How the ranker is trained. Every field has the default the CLI uses."""
+
+    horizon_days: float = 14.0          # label window after each cutoff
+    cutoffs: int = 3                    # training cutoffs (plus one validation cutoff after them)
+    n_candidates: int = 200             # candidates per group (the serving n should match)
+    max_users_per_cutoff: int = 2000    # sampled (seeded) when more users are active after a cutoff
+    surface: str = "default"
+    num_leaves: int = 31
+    learning_rate: float = 0.05
+    num_boost_round: int = 400
+    early_stopping_rounds: int = 40
+    min_data_in_leaf: int = 20
+    feature_fraction: float = 0.9
+    lambdarank_truncation_level: int = 20
+    eval_at: tuple[int, ...] = (10,)
+    num_threads: int = 2
+    seed: int = 42
+    source: str = "replay"              # replay | impressions
+    attribution_hours: float = 24.0     # impressions: events without request_id count within this window
+
+
+@dataclass
+class TrainedRanker:
+    booster: lgb.Booster
+    names: list[str]
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    data_window: dict[str, Any]
+    importance: dict[str, float] = field(default_factory=dict)
+
+    def save(self, conn: psycopg.Connection[Any], *, activate: bool = True) -> int:
+        """Store in ``pgrec.models`` (kind 'ranker'); returns the version."""
+        return registry.save(conn, kind=registry.RANKER, artifact=self.booster.model_to_string().encode("utf-8"),
+                             params=self.params, features=self.names, metrics=self.metrics,
+                             data_window=self.data_window, activate=activate)
+
+
+def default_cutoffs(until: datetime, config: RankerConfig) -> list[datetime]:
+    """``cutoffs`` training cutoffs then the validation cutoff, oldest first."""
+    h = timedelta(days=config.horizon_days)
+    return [until - h * (k + 1) for k in range(config.cutoffs, -1, -1)]
+
+
+def _lgb_params(config: RankerConfig) -> dict[str, Any]:
+    return {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "ndcg_eval_at": list(config.eval_at),
+        "num_leaves": config.num_leaves,
+        "learning_rate": config.learning_rate,
+        "min_data_in_leaf": config.min_data_in_leaf,
+        "feature_fraction": config.feature_fraction,
+        "lambdarank_truncation_level": config.lambdarank_truncation_level,
+        "num_threads": config.num_threads,
+        "seed": config.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbosity": -1,
+    }
+
+
+def _dataset(ts: TrainingSet, reference: lgb.Dataset | None = None) -> lgb.Dataset:
+    ds = lgb.Dataset(ts.x, label=ts.y, group=ts.group, feature_name=ts.names, reference=reference,
+                     free_raw_data=False)
+    if ts.position is not None and reference is None:
+        ds.set_position(ts.position - 1)  # position-bias correction (LightGBM >= 4.1); never a feature
+    return ds
+
+
+def fit(train: TrainingSet, valid: TrainingSet | None, config: RankerConfig,
+        progress: Progress | None = None) -> tuple[lgb.Booster, dict[str, Any]]:
+    """Train on ``train``; early stopping on ``valid`` when it has groups."""
+    if not train.group:
+        raise InvalidRequest("no training groups: no user had a relevant candidate in any label window "
+                             "(more data, other cutoffs or a longer --horizon-days)")
+    params = _lgb_params(config)
+    dtrain = _dataset(train)
+    valid_sets: list[lgb.Dataset] = []
+    names: list[str] = []
+    callbacks: list[Callable[..., Any]] = []
+    evals: dict[str, Any] = {}
+    if valid is not None and valid.group:
+        valid_sets.append(_dataset(valid, reference=dtrain))
+        names.append("valid")
+        callbacks.append(lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False))
+        callbacks.append(lgb.record_evaluation(evals))
+    if progress is not None:
+        total = config.num_boost_round
+
+        def _tick(env: lgb.callback.CallbackEnv) -> None:
+            progress("boosting", env.iteration + 1, total)
+
+        callbacks.append(_tick)
+    booster = lgb.train(params, dtrain, num_boost_round=config.num_boost_round, valid_sets=valid_sets,
+                        valid_names=names, callbacks=callbacks)
+    metrics: dict[str, Any] = {"best_iteration": int(booster.best_iteration or booster.current_iteration())}
+    if evals:
+        for metric, values in evals["valid"].items():
+            best = metrics["best_iteration"]
+            metrics[f"valid_{metric}"] = float(values[best - 1]) if best else float(values[-1])
+    return booster, metrics
+
+
+def importance(booster: lgb.Booster) -> dict[str, float]:
+    gain = booster.feature_importance(importance_type="gain")
+    total = float(np.sum(gain)) or 1.0
+    return {n: float(g) / total for n, g in sorted(zip(booster.feature_name(), gain, strict=True),
+                                                   key=lambda p: -p[1])}
+
+
+def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, cutoffs: Sequence[datetime],
+               progress: Progress | None = None) -> tuple[TrainingSet, TrainingSet]:
+    """Replay at every cutoff: all but the last train, the last validates (one cutoff: no validation)."""
+    h = timedelta(days=config.horizon_days)
+    sets = [dataset.replay(conn, c, h, n=config.n_candidates, surface=config.surface,
+                           max_users=config.max_users_per_cutoff, seed=config.seed, progress=progress)
+            for c in cutoffs]
+    if len(sets) == 1:
+        return sets[0], TrainingSet.empty(sets[0].names)
+    train = sets[0]
+    for s in sets[1:-1]:
+        train = train.extend(s)
+    return train, sets[-1]
+
+
+def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = None, *,
+                 until: datetime | None = None, cutoffs: Sequence[datetime] | None = None,
+                 since: datetime | None = None, progress: Progress | None = None) -> TrainedRanker:
+    """Build training data (replay at ``cutoffs`` or from impressions in ``[since, until)``) and fit.
+
+    ``until``: no label may come from events at or after it (the split, in an evaluation); default the
+    newest event. Impressions: the last fifth of the period (by time) validates.
+    """
+    config = config or RankerConfig()
+    t0 = time.perf_counter()
+    row = conn.execute(query("ranking.event_range")).fetchone()
+    if row is None or not row[2]:
+        raise InvalidRequest("there are no events to train on")
+    first: datetime = row[0]
+    last: datetime = row[1]
+    end: datetime = until or (last + timedelta(microseconds=1))
+    if config.source == "replay":
+        cuts = sorted(cutoffs) if cutoffs else default_cutoffs(end, config)
+        h = timedelta(days=config.horizon_days)
+        late = [c for c in cuts if c + h > end]
+        if cutoffs and late and until is not None:
+            raise InvalidRequest(f"cutoff {late[0].isoformat()} + horizon reaches past {end.isoformat()}")
+        train, valid = build_sets(conn, config, cuts, progress)
+        window = {"source": "replay", "cutoffs": [c.isoformat() for c in cuts], "horizon_days": config.horizon_days,
+                  "validation_cutoff": cuts[-1].isoformat() if len(cuts) > 1 else None, "until": end.isoformat()}
+    elif config.source == "impressions":
+        start = since or first
+        split = start + (end - start) * 0.8
+        att = timedelta(hours=config.attribution_hours)
+        train = dataset.from_impressions(conn, start, split, window=att, n=config.n_candidates, progress=progress)
+        valid = dataset.from_impressions(conn, split, end, window=att, n=config.n_candidates, progress=progress)
+        window = {"source": "impressions", "since": start.isoformat(), "validation_from": split.isoformat(),
+                  "until": end.isoformat(), "attribution_hours": config.attribution_hours}
+    else:
+        raise InvalidRequest(f"source must be 'replay' or 'impressions', got {config.source!r}")
+    booster, metrics = fit(train, valid, config, progress)
+    metrics.update({"train_groups": len(train.group), "train_rows": train.rows,
+                    "valid_groups": len(valid.group), "valid_rows": valid.rows,
+                    "seconds": round(time.perf_counter() - t0, 2)})
+    params = {**_lgb_params(config), "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                 for k, v in asdict(config).items()},
+              "trained_at": datetime.now(UTC).isoformat()}
+    imp = importance(booster)
+    metrics["importance"] = imp
+    return TrainedRanker(booster, train.names, params, metrics, window, imp)

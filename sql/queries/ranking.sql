@@ -1,0 +1,87 @@
+-- Stage 2: features, training data (replay and impressions), the model registry.
+
+-- name: features_for_user
+SELECT * FROM pgrec.candidate_features(%(user_id)s, %(surface)s, %(n)s, %(as_of)s)
+
+-- name: features_for_key
+SELECT * FROM pgrec.candidate_features_by_key(%(user_key)s, %(surface)s, %(n)s, %(as_of)s, %(item_keys)s)
+
+-- name: features_for_keys
+-- Many users at one as_of in one statement (batch replay); user_key is the first column.
+SELECT u.user_key AS for_user_key, f.*
+  FROM unnest(%(user_keys)s::bigint[]) WITH ORDINALITY AS u(user_key, ord)
+ CROSS JOIN LATERAL pgrec.candidate_features_by_key(u.user_key, %(surface)s, %(n)s, %(as_of)s) f
+ ORDER BY u.ord
+
+-- name: event_range
+SELECT min(occurred_at), max(occurred_at), count(*) FROM pgrec.events
+
+-- name: window_labels
+-- Per (user, item) in [start, end): the largest weight of a positive event, and whether any event was negative.
+SELECT e.user_key, e.item_key, max(e.weight) FILTER (WHERE e.polarity = 1) AS w, bool_or(e.polarity = -1) AS neg
+  FROM pgrec.events e
+ WHERE e.occurred_at >= %(start)s AND e.occurred_at < %(end)s
+ GROUP BY e.user_key, e.item_key
+
+-- name: items_before
+-- Per user: the items they had any event with before a time (candidates they already know).
+SELECT e.user_key, array_agg(DISTINCT e.item_key)
+  FROM pgrec.events e
+ WHERE e.user_key = ANY(%(users)s) AND e.occurred_at < %(before)s
+ GROUP BY e.user_key
+
+-- name: impression_requests
+-- Served lists in [since, until): one row per request, items in position order.
+SELECT i.request_id, i.user_key, i.surface, min(i.served_at) AS served_at,
+       array_agg(i.item_key ORDER BY i.position) AS item_keys, array_agg(i.position ORDER BY i.position) AS positions
+  FROM pgrec.impressions i
+ WHERE i.served_at >= %(since)s AND i.served_at < %(until)s
+ GROUP BY i.request_id, i.user_key, i.surface
+ ORDER BY served_at, i.request_id
+
+-- name: impression_labels
+-- Engagement with what was shown: events of the same user and item after serving, tied to the request by
+-- request_id, or (events without a request_id) within the attribution window.
+SELECT i.request_id, i.item_key, max(e.weight) FILTER (WHERE e.polarity = 1) AS w, bool_or(e.polarity = -1) AS neg
+  FROM pgrec.impressions i
+  JOIN pgrec.events e
+    ON e.user_key = i.user_key AND e.item_key = i.item_key AND e.occurred_at >= i.served_at
+   AND (e.request_id = i.request_id
+        OR (e.request_id IS NULL AND e.occurred_at < i.served_at + %(window)s::interval))
+ WHERE i.served_at >= %(since)s AND i.served_at < %(until)s
+ GROUP BY i.request_id, i.item_key
+
+-- name: model_insert
+INSERT INTO pgrec.models (kind, artifact, params, features, metrics, data_window)
+VALUES (%(kind)s, %(artifact)s, %(params)s, %(features)s, %(metrics)s, %(data_window)s)
+RETURNING version
+
+-- name: model_list
+SELECT version, kind, created_at, active, activated_at, params, features, metrics, data_window,
+       octet_length(artifact) AS artifact_bytes
+  FROM pgrec.models
+ WHERE %(kind)s::text IS NULL OR kind = %(kind)s::text
+ ORDER BY version DESC
+
+-- name: model_get
+SELECT version, kind, created_at, active, activated_at, params, features, metrics, data_window, artifact
+  FROM pgrec.models WHERE version = %(version)s
+
+-- name: model_active_version
+-- Cheap (the partial unique index on active models): what the serving cache polls.
+SELECT version FROM pgrec.models WHERE kind = %(kind)s AND active
+
+-- name: model_lock_kind
+SELECT pg_advisory_xact_lock(hashtext('pgrec.models.activate'), hashtext(%(kind)s))
+
+-- name: model_deactivate
+UPDATE pgrec.models SET active = false WHERE kind = %(kind)s AND active
+
+-- name: model_set_active
+UPDATE pgrec.models SET active = true, activated_at = now() WHERE version = %(version)s AND kind = %(kind)s
+
+-- name: model_log_activation
+INSERT INTO pgrec.model_activations (kind, version, action) VALUES (%(kind)s, %(version)s, %(action)s)
+
+-- name: model_activation_log
+SELECT version, action FROM pgrec.model_activations WHERE kind = %(kind)s ORDER BY id
