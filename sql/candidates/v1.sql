@@ -701,3 +701,27 @@ $$;
 COMMENT ON FUNCTION pgrec.rebuild_trending() IS
     'Recount the trending aggregates from pgrec.events (after changing a half-life or the segment property). '
     'Returns the number of hourly buckets. The running sums use bucket mid-points (within half an hour).';
+
+-- ---------------------------------------------------------------- one source by name (the registry)
+
+CREATE OR REPLACE FUNCTION pgrec.candidate_sources_call(
+    p_source text, p_user_key bigint, p_k int, p_as_of timestamptz DEFAULT NULL, p_categories text[] DEFAULT NULL,
+    p_params jsonb DEFAULT '{}')
+RETURNS TABLE (item_key bigint, source text, score float8, rank int)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    CASE p_source
+        WHEN 'ann' THEN RETURN QUERY SELECT * FROM pgrec.source_ann(p_user_key, p_k, p_as_of, p_categories, p_params);
+        WHEN 'history' THEN RETURN QUERY SELECT * FROM pgrec.source_history(p_user_key, p_k, p_as_of, p_categories, p_params);
+        WHEN 'trending' THEN RETURN QUERY SELECT * FROM pgrec.source_trending(p_user_key, p_k, p_as_of, p_categories, p_params);
+        WHEN 'fresh' THEN RETURN QUERY SELECT * FROM pgrec.source_fresh(p_user_key, p_k, p_as_of, p_categories, p_params);
+        WHEN 'popular' THEN RETURN QUERY SELECT * FROM pgrec.source_popular(p_user_key, p_k, p_as_of, p_categories, p_params);
+        ELSE RAISE EXCEPTION 'pgrec.candidate_sources_call: unknown source "%"', p_source
+                 USING ERRCODE = '22023', HINT = 'the sources are ann, history, trending, fresh, popular';
+    END CASE;
+END
+$$;
+COMMENT ON FUNCTION pgrec.candidate_sources_call(text, bigint, int, timestamptz, text[], jsonb) IS
+    'Run one candidate source by name (for evaluation and benchmarks; pgrec.candidates unions them all).';

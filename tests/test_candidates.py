@@ -1,0 +1,299 @@
+"""Stage 1 on tiny worlds whose answer is known: each source, the union, as_of, filters, fallbacks."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import TEST_DIM, TestDB
+
+from engine import candidates, cooccurrence
+from engine.errors import InvalidRequest, NotFound
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+OLD = NOW - timedelta(days=400)
+
+
+def _vec(degrees: float) -> list[float]:
+    """A unit vector in the plane of the first two dimensions: cosine similarity = cos(angle difference)."""
+    v = [0.0] * TEST_DIM
+    v[0], v[1] = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return v
+
+
+def _item(db: TestDB, item_id: str, *, degrees: float | None = None, categories: list[str] | None = None,
+          created: datetime = OLD, available: bool = True) -> None:
+    db.conn.execute("SELECT pgrec.upsert_item(%s, %s, NULL, %s, %s)",
+                    (item_id, categories or ["c"], created, available))
+    if degrees is not None:
+        db.conn.execute("SELECT pgrec.set_item_embedding(%s, %s)", (item_id, _vec(degrees)))
+
+
+def _event(db: TestDB, user: str, item: str, kind: str = "like", at: datetime | None = None) -> None:
+    assert db.scalar("SELECT pgrec.track_event(%s, %s, %s, %s)", (user, item, kind, at or NOW)) == "stored"
+
+
+def _fan(db: TestDB, count: int = 30, step: float = 3.0) -> None:
+    """Items x0..x{count-1} at angles 0, step, 2*step, ... degrees."""
+    for k in range(count):
+        _item(db, f"x{k}", degrees=k * step)
+
+
+def _ids(db: TestDB, rows: list[candidates.SourceRow]) -> list[str]:
+    keys = [r.item_key for r in rows]
+    names = dict(db.conn.execute("SELECT item_key, item_id FROM pgrec.items WHERE item_key = ANY(%s)", (keys,)).fetchall())
+    return [names[k] for k in keys]
+
+
+def _uk(db: TestDB, user: str) -> int:
+    key = candidates.user_key(db.conn, user)
+    assert key is not None
+    return key
+
+
+# ---------------------------------------------------------------- ann
+
+
+def test_ann_follows_the_user_vector_and_a_new_event(db: TestDB) -> None:
+    _fan(db)
+    _event(db, "u1", "x0", at=NOW - timedelta(hours=2))
+    uk = _uk(db, "u1")
+    rows = candidates.run_source(db.conn, "ann", uk, 5)
+    assert _ids(db, rows) == ["x0", "x1", "x2", "x3", "x4"]
+    assert [r.rank for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[0].score == pytest.approx(1.0, abs=1e-5)
+    before = rows
+    _event(db, "u1", "x29", at=NOW - timedelta(hours=1))  # at 87 degrees: the vector turns to ~43.5
+    after = _ids(db, candidates.run_source(db.conn, "ann", uk, 5))
+    assert after != _ids(db, before)
+    assert after == ["x15", "x14", "x16", "x13", "x17"]  # the older like weighs a bit less: just past 43.5 degrees
+    # as_of before the new event: the old answer
+    assert _ids(db, candidates.run_source(db.conn, "ann", uk, 5, as_of=NOW - timedelta(minutes=90))) == _ids(db, before)
+
+
+def test_user_vector_formula(db: TestDB) -> None:
+    _fan(db, 31)
+    _event(db, "u1", "x0", "click", at=NOW - timedelta(days=30))  # weight 2, one half-life before the latest
+    _event(db, "u1", "x30", "click", at=NOW - timedelta(hours=1))  # weight 2, at 90 degrees
+    vec = db.scalar("SELECT pgrec.user_vector(%s, NULL)::float4[]", (_uk(db, "u1"),))
+    # weights 2 * 2^(-(30 days - 1 hour) / 30 days) at 0 degrees and 2 at 90 degrees
+    w0 = 2 * 2 ** (-(30 * 24 - 1) / (30 * 24))
+    assert vec[0] == pytest.approx(w0 / math.hypot(w0, 2), abs=1e-5)
+    assert vec[1] == pytest.approx(2 / math.hypot(w0, 2), abs=1e-5)
+    assert db.scalar("SELECT pgrec.user_vector(NULL, NULL)") is None
+    assert db.scalar("SELECT pgrec.user_vector(%s, %s)", (_uk(db, "u1"), NOW - timedelta(days=31))) is None
+
+
+def test_unavailable_and_future_items_are_not_candidates(db: TestDB) -> None:
+    _fan(db, 10)
+    _item(db, "gone", degrees=0.5, available=False)
+    _item(db, "later", degrees=0.2, created=NOW - timedelta(hours=1))
+    _event(db, "u1", "x0", at=NOW - timedelta(hours=3))
+    uk = _uk(db, "u1")
+    assert "gone" not in _ids(db, candidates.run_source(db.conn, "ann", uk, 5))
+    assert "later" in _ids(db, candidates.run_source(db.conn, "ann", uk, 5))
+    assert "later" not in _ids(db, candidates.run_source(db.conn, "ann", uk, 5, as_of=NOW - timedelta(hours=2)))
+
+
+def test_filtered_ann_returns_min_of_n_and_matching_at_one_percent(db: TestDB) -> None:
+    db.conn.execute(
+        """INSERT INTO pgrec.items (item_id, categories, created_at)
+           SELECT 'r' || g, CASE WHEN g %% 100 = 0 THEN ARRAY['rare'] ELSE ARRAY['common'] END, %s
+             FROM generate_series(1, 2000) g""", (OLD,))
+    db.conn.execute(
+        """INSERT INTO pgrec.item_embeddings (item_key, embedding)
+           SELECT i.item_key, (SELECT array_agg(sin(i.item_key * 7.3 + d * 1.7))::real[]::public.vector(16)
+                                 FROM generate_series(1, 16) d)
+             FROM pgrec.items i""")
+    db.conn.execute("ANALYZE pgrec.items; ANALYZE pgrec.item_embeddings")
+    _event(db, "u1", "r1", at=NOW - timedelta(hours=1))
+    uk = _uk(db, "u1")
+    # 20 rare items (1%): exact scan; ask for more than exist -> all of them
+    rows = candidates.run_source(db.conn, "ann", uk, 50, categories=["rare"])
+    assert len(rows) == 20
+    assert len({r.item_key for r in rows}) == 20
+    # force the index path (exact_max_rows below the match count): still min(n, matching) rows, in order
+    params = {"ef_search": 10, "iterative_scan": "relaxed_order", "max_scan_tuples": 100, "exact_max_rows": 5}
+    rows = candidates.run_source(db.conn, "ann", uk, 15, categories=["rare"], params=params)
+    assert len(rows) == 15
+    scores = [r.score for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    exact = candidates.run_source(db.conn, "ann", uk, 15, categories=["rare"])
+    assert len({r.item_key for r in rows} & {r.item_key for r in exact}) >= 13  # HNSW recall on 20 rows
+    # unfiltered, k above the default ef_search: ef_search is raised to the LIMIT
+    assert len(candidates.run_source(db.conn, "ann", uk, 300, params={"ef_search": 40})) == 300
+    with pytest.raises(Exception, match="iterative_scan"):
+        candidates.run_source(db.conn, "ann", uk, 5, params={"iterative_scan": "sideways"})
+
+
+# ---------------------------------------------------------------- history
+
+
+def _cooccurring_world(db: TestDB) -> None:
+    _fan(db, 30)
+    for u in range(2, 6):  # four users like x10 then x20
+        _event(db, f"u{u}", "x10", at=NOW - timedelta(days=3))
+        _event(db, f"u{u}", "x20", at=NOW - timedelta(days=3) + timedelta(hours=1))
+    _event(db, "u1", "x10", at=NOW - timedelta(days=2))
+
+
+def test_cooccurrence_build_known_scores(db: TestDB) -> None:
+    _cooccurring_world(db)
+    result = cooccurrence.build(db.conn)
+    assert result.mode == "full"
+    assert result.pairs == 2  # (x10, x20) both ways
+    score = db.scalar("""SELECT n.score FROM pgrec.item_neighbors n JOIN pgrec.items a ON a.item_key = n.item_key
+                          JOIN pgrec.items b ON b.item_key = n.neighbor_key WHERE a.item_id = 'x10' AND b.item_id = 'x20'""")
+    assert score == pytest.approx(4 / math.sqrt(5 * 4), rel=1e-5)  # count / sqrt(users(x10) * users(x20))
+    # incremental: a new pair after the build is added without a recount
+    _event(db, "u1", "x20", at=datetime.now(UTC))  # after the build (older late events need a full build)
+    with pytest.raises(InvalidRequest):
+        cooccurrence.build(db.conn, incremental=True, as_of=result.as_of - timedelta(seconds=1))
+    inc = cooccurrence.build(db.conn, incremental=True)
+    assert inc.mode == "incremental"
+    assert db.scalar("SELECT max(count) FROM pgrec.cooccurrence_pairs") == 5
+    full = db.conn.execute("SELECT item_key, rank, neighbor_key, score FROM pgrec.item_neighbors ORDER BY 1, 2").fetchall()
+    cooccurrence.build(db.conn)
+    assert db.conn.execute("SELECT item_key, rank, neighbor_key, score FROM pgrec.item_neighbors ORDER BY 1, 2").fetchall() == full
+    # as_of before every pair: nothing
+    cooccurrence.build(db.conn, as_of=NOW - timedelta(days=10))
+    assert db.scalar("SELECT count(*) FROM pgrec.item_neighbors") == 0
+
+
+def test_history_source_and_a_new_event(db: TestDB) -> None:
+    _cooccurring_world(db)
+    cooccurrence.build(db.conn)
+    uk = _uk(db, "u1")
+    params = {"embedding_k": 3}  # the seed itself and its two neighbours on the fan
+
+    def history(**kw: object) -> list[str]:
+        return _ids(db, candidates.run_source(db.conn, "history", uk, 5, params=params, **kw))  # type: ignore[arg-type]
+
+    names = history()
+    assert names[0] == "x20"  # co-occurrence 4 * 0.894 beats embedding neighbours 4 * 0.5 * cos(3)
+    assert set(names[1:3]) == {"x9", "x11"}
+    assert "x10" not in names  # the user's own items are seeds, not candidates
+    _event(db, "u1", "x25", at=NOW - timedelta(hours=1))
+    after = history()
+    assert after[0] == "x20" and set(after[1:3]) == {"x24", "x26"}  # 4 * 0.5 * cos(3) each
+    # as_of before the new event ignores it
+    assert history(as_of=NOW - timedelta(hours=2)) == names
+
+
+# ---------------------------------------------------------------- trending, popular, fresh
+
+
+def _popularity_world(db: TestDB) -> None:
+    for name in ("old_hit", "new_hit", "de_hit", "us_hit"):
+        _item(db, name)
+    db.conn.execute("SELECT pgrec.upsert_user('de1', '{\"country\": \"de\"}')")
+    db.conn.execute("SELECT pgrec.upsert_user('us1', '{\"country\": \"us\"}')")
+    for u in range(10):  # 10 likes 30 days ago
+        _event(db, f"p{u}", "old_hit", at=NOW - timedelta(days=30))
+    for u in range(2):  # 2 likes now
+        _event(db, f"p{u}", "new_hit", at=NOW - timedelta(minutes=30))
+    _event(db, "de1", "de_hit", "click", at=NOW - timedelta(hours=5))
+    _event(db, "us1", "us_hit", "view", at=NOW - timedelta(hours=5))
+
+
+def test_trending_popular_and_segments(db: TestDB) -> None:
+    _popularity_world(db)
+    glob = candidates.trending(db.conn, 10)
+    assert glob[0][0] == "new_hit"
+    assert glob[0][1] == pytest.approx(2 * 4 * 2 ** (-0.5 / 72), rel=1e-3)  # 2 likes of weight 4, 30 min old
+    pop = candidates.run_source(db.conn, "popular", None, 4)
+    assert _ids(db, pop)[0] == "old_hit"  # 40 * 2^(-30/60) > 8
+    assert pop[0].score == pytest.approx(40 * 2 ** -0.5, rel=1e-3)
+    assert [i for i, _ in candidates.trending(db.conn, 10, "de")] == ["de_hit"]
+    de_rows = _ids(db, candidates.run_source(db.conn, "trending", _uk(db, "de1"), 2, params={"global_weight": 0.1}))
+    assert de_rows[0] == "de_hit"  # 1.9 in segment + 0.1 * 1.9 beats 0.1 * 7.9 global
+    us_rows = _ids(db, candidates.run_source(db.conn, "trending", _uk(db, "us1"), 2))
+    assert us_rows[0] == "new_hit"  # us_hit: one view (1 + 0.5 * 1) < 0.5 * 8
+    # a new event shows at once
+    for u in range(3):
+        _event(db, f"q{u}", "us_hit", "purchase", at=NOW - timedelta(minutes=1))
+    assert candidates.trending(db.conn, 1)[0][0] == "us_hit"
+
+
+def test_trending_as_of_ignores_later_events(db: TestDB) -> None:
+    _popularity_world(db)
+    past = NOW - timedelta(hours=2)
+    names = [i for i, _ in candidates.trending(db.conn, 10, as_of=past)]
+    assert "new_hit" not in names  # its events are after as_of
+    assert names[0] in {"de_hit", "us_hit", "old_hit"}
+    assert [i for i, _ in candidates.trending(db.conn, 10, as_of=NOW - timedelta(days=31))] == []
+    # hourly buckets and the running sums agree on the scores (up to the bucket mid-point)
+    db.conn.execute("SELECT pgrec.rebuild_trending()")
+    assert candidates.trending(db.conn, 1)[0][0] == "new_hit"
+
+
+def test_fresh_source(db: TestDB) -> None:
+    _item(db, "old")
+    _item(db, "f_quiet", created=NOW - timedelta(days=2))
+    _item(db, "f_liked", created=NOW - timedelta(days=3))
+    _item(db, "f_newest", created=NOW - timedelta(hours=1))
+    _event(db, "u1", "f_liked", at=NOW - timedelta(days=1))
+    _event(db, "u1", "old", at=NOW - timedelta(days=1))
+    rows = candidates.run_source(db.conn, "fresh", None, 10)
+    assert _ids(db, rows) == ["f_liked", "f_newest", "f_quiet"]  # engagement, then newest
+    past = candidates.run_source(db.conn, "fresh", None, 10, as_of=NOW - timedelta(days=2, hours=12))
+    assert _ids(db, past) == ["f_liked"]  # the others did not exist yet; its like is in the future
+
+
+# ---------------------------------------------------------------- the union
+
+
+def test_cold_user_gets_a_full_list_from_fallbacks(db: TestDB) -> None:
+    _fan(db, 40)
+    for k in range(40):
+        _event(db, f"w{k % 7}", f"x{k}", "view", at=NOW - timedelta(hours=k + 1))
+    rows = candidates.candidates(db.conn, "nobody", n=25)
+    assert len(rows) == 25
+    assert {s for r in rows for s in r.sources} <= {"trending", "popular", "fresh"}
+    assert len({r.item_key for r in rows}) == 25
+    same = candidates.candidates_by_key(db.conn, None, n=25)
+    assert [r.item_key for r in same] == [r.item_key for r in rows]
+
+
+def test_union_counts_unseen_items_and_keeps_every_source(db: TestDB) -> None:
+    _cooccurring_world(db)
+    for k in range(30):
+        _event(db, "w", f"x{k}", "view", at=NOW - timedelta(days=1, hours=k))
+    for k in range(5):
+        _event(db, "u1", f"x{k}", "view", at=NOW - timedelta(days=1))
+    cooccurrence.build(db.conn)
+    rows = candidates.candidates(db.conn, "u1", n=12)
+    seen = {"x10", "x0", "x1", "x2", "x3", "x4"}
+    unseen = [r for r in rows if r.item_id not in seen]
+    assert len(unseen) == 12
+    assert len({r.item_key for r in rows}) == len(rows)
+    by_id = {r.item_id: r for r in rows}
+    assert "history" in by_id["x20"].sources and by_id["x20"].history_rank == 1
+    assert any("ann" in r.sources for r in rows)
+    for r in rows:
+        for s in candidates.SOURCES:
+            assert (s in r.sources) == (r.rank(s) is not None)
+    # as_of before everything: only items of that time, no history
+    early = candidates.candidates(db.conn, "u1", n=5, as_of=NOW - timedelta(days=2, hours=12))
+    assert all("history" not in r.sources for r in early)
+
+
+def test_surfaces_and_bad_input(db: TestDB) -> None:
+    _fan(db, 10)
+    _event(db, "u1", "x0", at=NOW - timedelta(hours=2))
+    db.conn.execute("INSERT INTO pgrec.surfaces (surface) VALUES ('similar_only')")
+    db.conn.execute("INSERT INTO pgrec.candidate_sources (surface, source, quota, fallback_order) "
+                    "VALUES ('similar_only', 'ann', 1.0, NULL)")
+    rows = candidates.candidates(db.conn, "u1", n=4, surface="similar_only")
+    assert {s for r in rows for s in r.sources} == {"ann"}
+    assert len([r for r in rows if r.item_id != "x0"]) == 4
+    with pytest.raises(InvalidRequest):
+        candidates.candidates(db.conn, "u1", n=0)
+    with pytest.raises(Exception, match="unknown surface"):
+        candidates.candidates(db.conn, "u1", n=5, surface="nope")
+    with pytest.raises(InvalidRequest):
+        candidates.run_source(db.conn, "magic", None, 5)
+    with pytest.raises(NotFound):
+        candidates.similar(db.conn, "no-such-item")
+    assert [i for i, *_ in candidates.similar(db.conn, "x0", 3)] == ["x1", "x2", "x3"]
