@@ -1,3 +1,208 @@
-"""CLI commands for serving (registered on the groups of engine.cli.app)."""
+"""CLI commands for serving: recommend (one user or a file of users), models compile, bench serve, demo."""
 
 from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from engine.cli.app import app, bench_app, console, fail, models_app
+from engine.cli.core import db_connection, progress_bar
+from engine.config import get_settings
+from engine.db import DatabaseError
+from engine.errors import PgrecError
+from engine.ingest import parse_time
+
+AsOf = Annotated[str | None, typer.Option("--as-of", help="a past moment (ISO 8601): only events before it count")]
+
+
+def _as_of(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value, "--as-of", required=True)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+def _read_users(path: Path) -> list[str]:
+    """One user id per line (blank lines and lines starting with # are skipped); a JSONL line may be
+    {"user_id": ...}."""
+    if not path.is_file():
+        raise fail(f"{path}: no such file")
+    users: list[str] = []
+    for n, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                line = str(json.loads(line)["user_id"])
+            except (ValueError, KeyError, TypeError):
+                raise fail(f"{path}:{n}: a JSON line needs a \"user_id\" field") from None
+        if len(line) > 256:
+            raise fail(f"{path}:{n}: user id longer than 256 characters")
+        users.append(line)
+    if not users:
+        raise fail(f"{path}: no user ids")
+    return users
+
+
+def _item_json(it: Any) -> dict[str, Any]:
+    return {"item_id": it.item_id, "score": it.score, "position": it.position, "reasons": it.reasons}
+
+
+@app.command("recommend")
+def recommend_cmd(
+    user: Annotated[str | None, typer.Argument(help="user id (an unknown id is a cold user)")] = None,
+    k: Annotated[int, typer.Option("--k", help="list length")] = 10,
+    surface: Annotated[str, typer.Option("--surface")] = "default",
+    as_of: AsOf = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    users_file: Annotated[Path | None, typer.Option("--users-file", help="one user id per line")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="with --users-file: write JSONL here")] = None,
+    via: Annotated[str, typer.Option("--via", help="python (LightGBM in process) or sql (pgrec.recommend)")] = "python",
+    log: Annotated[bool, typer.Option("--log/--no-log", help="record the lists as impressions")] = True,
+) -> None:
+    """Recommendations for USER, or for every user of --users-file into --output (JSONL, one line per user)."""
+    from engine.pipeline import Recommender
+
+    if (user is None) == (users_file is None):
+        raise fail("give either a USER or --users-file FILE")
+    if users_file is not None and output is None:
+        raise fail("--users-file needs --output FILE (JSONL)")
+    if via not in ("python", "sql"):
+        raise fail("--via must be python or sql")
+    when = _as_of(as_of)
+    if via == "sql":
+        if user is None:
+            raise fail("--via sql serves one USER (the batch mode uses the Python path)")
+        _recommend_sql(user, k, surface, when, log, as_json)
+        return
+    settings = get_settings().model_copy(update={"pool_min_size": 1, "pool_max_size": 2})
+    try:
+        rec = Recommender(settings)
+    except DatabaseError as exc:
+        raise fail(str(exc)) from None
+    try:
+        if users_file is not None:
+            assert output is not None
+            _recommend_file(rec, _read_users(users_file), output, k, surface, when, log)
+            return
+        assert user is not None
+        r = rec.recommend(user, k=k, surface=surface, as_of=when, log=log)
+    except PgrecError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        rec.close()
+    if as_json:
+        print(json.dumps({"request_id": str(r.request_id) if r.request_id else None, "user_id": r.user_id,
+                          "surface": r.surface, "model_version": r.model_version,
+                          "items": [_item_json(i) for i in r.items], "dropped": r.dropped,
+                          "timings_ms": r.timings_ms}, default=str))
+        return
+    t = Table(title=f"{r.user_id} on {r.surface}: model {r.model_version or 'none (fallback score)'}, "
+                    f"request {r.request_id}")
+    for col in ("#", "item", "score", "reasons"):
+        t.add_column(col, justify="right" if col in ("#", "score") else "left")
+    for it in r.items:
+        t.add_row(str(it.position), it.item_id, f"{it.score:.4f}", json.dumps(it.reasons, default=str)[:100])
+    console.print(t)
+    console.print("timings ms: " + ", ".join(f"{k_} {v:.1f}" for k_, v in r.timings_ms.items()))
+
+
+def _recommend_sql(user: str, k: int, surface: str, as_of: datetime | None, log: bool, as_json: bool) -> None:
+    from engine.sql import query
+
+    with db_connection() as conn:
+        rows = conn.execute(query("serving.recommend_sql"), {
+            "user_id": user, "k": k, "surface": surface, "context": "{}", "as_of": as_of, "model_version": None,
+            "policy_set": None, "variant": None, "log": log}).fetchall()
+    if as_json:
+        print(json.dumps({"request_id": str(rows[0][0]) if rows and rows[0][0] else None, "user_id": user,
+                          "items": [{"item_id": r[2], "score": r[3], "position": r[1], "reasons": r[4]}
+                                    for r in rows]}, default=str))
+        return
+    t = Table(title=f"{user} on {surface} (pgrec.recommend), request {rows[0][0] if rows else None}")
+    for col in ("#", "item", "score", "reasons"):
+        t.add_column(col, justify="right" if col in ("#", "score") else "left")
+    for r in rows:
+        t.add_row(str(r[1]), r[2], f"{r[3]:.4f}", json.dumps(r[4], default=str)[:100])
+    console.print(t)
+
+
+def _recommend_file(rec: Any, users: list[str], output: Path, k: int, surface: str, as_of: datetime | None,
+                    log: bool) -> None:
+    from engine.pipeline import BATCH
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(output.suffix + ".part")
+    with tmp.open("w") as fh, progress_bar() as bar:
+        task = bar.add_task("recommend", total=len(users))
+        for start in range(0, len(users), BATCH):
+            chunk = users[start:start + BATCH]
+            for r in rec.recommend_many(chunk, k=k, surface=surface, as_of=as_of, log=log):
+                fh.write(json.dumps({"user_id": r.user_id, "request_id": str(r.request_id) if r.request_id else None,
+                                     "items": [_item_json(i) for i in r.items]}, default=str) + "\n")
+            bar.advance(task, len(chunk))
+    tmp.replace(output)  # all or nothing: a failed run leaves no half-written file behind
+    console.print(f"{len(users)} users -> {output}")
+
+
+@models_app.command("compile")
+def models_compile(version: Annotated[int, typer.Argument(help="model version (pgrec.models)")]) -> None:
+    """Compile a ranker model to SQL (pgrec.ranker_score_v<version>) for pgrec.recommend."""
+    from engine.ranking.compile import install_compiled_model
+
+    with db_connection() as conn:
+        try:
+            c = install_compiled_model(conn, version)
+        except PgrecError as exc:
+            raise fail(str(exc)) from None
+    console.print(f"model {version}: {c.num_trees} trees, {len(c.features)} features -> pgrec.{c.function_name}"
+                  f" ({len(c.sql):,} characters of SQL)")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    items: Annotated[int, typer.Option(help="generated items")] = 100_000,
+    users: Annotated[int, typer.Option(help="generated users")] = 20_000,
+    events: Annotated[int, typer.Option(help="generated events")] = 2_000_000,
+    requests: Annotated[int, typer.Option(help="timed requests per path")] = 300,
+    k: Annotated[int, typer.Option("--k")] = 10,
+    reuse: Annotated[bool, typer.Option("--reuse/--fresh", help="reuse data of the same size if present")] = True,
+    write: Annotated[Path | None, typer.Option("--write", help="update this benchmarks file (section Serving)")] = None,
+) -> None:
+    """p50/p95/p99 of the Python path and of the SQL-only path, per stage, beside a bare HNSW top-100 probe."""
+    from engine.bench.serve import BenchConfig, run
+
+    cfg = BenchConfig(items=items, users=users, events=events, requests=requests, k=k, reuse=reuse)
+    try:
+        for line in run(get_settings(), cfg, write=write, say=console.print):
+            console.print(line)
+    except (DatabaseError, PgrecError) as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("demo")
+def demo_cmd(
+    movielens: Annotated[Path | None, typer.Option("--movielens", help="a MovieLens folder instead of synthetic data")]
+    = None,
+    users: Annotated[int, typer.Option(help="synthetic users")] = 1_500,
+    items: Annotated[int, typer.Option(help="synthetic items")] = 1_000,
+    events: Annotated[int, typer.Option(help="synthetic events")] = 60_000,
+    report: Annotated[Path, typer.Option("--report", help="where the HTML report goes")] = Path("out/demo/report.html"),
+    database: Annotated[str, typer.Option("--database", help="database name on the embedded server")] = "pgrec_demo",
+) -> None:
+    """The whole thing on a fresh machine: data, training, evaluation against baselines, recommendations."""
+    from engine.demo import DemoConfig, run
+
+    cfg = DemoConfig(movielens=movielens, users=users, items=items, events=events, report=report, database=database)
+    try:
+        run(get_settings(), cfg, console)
+    except (DatabaseError, PgrecError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None

@@ -1,0 +1,286 @@
+"""The funnel for one request, from Python: candidates + features (one round trip), LightGBM in process,
+policies + impressions (one round trip).
+
+The SQL-only path (``pgrec.recommend``) runs the same stages inside PostgreSQL with the ranker compiled to SQL
+(:mod:`engine.ranking.compile`); both read the candidate count (``pgrec.serving_candidates()``), the fallback
+score (``pgrec.fallback_score``, when no ranker is active) and the tie order (score desc, item_key) from the
+same place, and both finish through ``pgrec.finish_request``, so for the same model, data and ``as_of`` they
+return the same items in the same order with the same scores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+import numpy as np
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from engine.config import Settings
+from engine.db import make_pool
+from engine.errors import InvalidRequest, NotFound, Unavailable
+from engine.ranking.registry import ActiveModel, LoadedModel, load
+from engine.sql import query
+
+MAX_K = 1000
+BATCH = 64  # users per round trip in recommend_many
+
+
+class Variant(Protocol):
+    """An A/B arm (``engine.experiments.Variant``): the model version and policy set a request is served with."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def model_version(self) -> int | None: ...
+    @property
+    def policy_set(self) -> str | None: ...
+
+
+@dataclass
+class RecommendedItem:
+    item_id: str
+    score: float
+    position: int
+    reasons: dict[str, Any]
+
+
+@dataclass
+class Recommendation:
+    """One served list. ``request_id`` is what events cite (None when the request was not logged)."""
+
+    request_id: UUID | None
+    user_id: str
+    surface: str
+    items: list[RecommendedItem]
+    model_version: int | None
+    variant: str | None
+    dropped: dict[str, int]
+    timings_ms: dict[str, float]
+    candidates: dict[str, int] = field(default_factory=dict)  # candidates found per source
+
+
+@dataclass
+class ScoredItem:
+    item_id: str
+    score: float
+
+
+@dataclass
+class _Scored:
+    """Stage 2 output for one user: candidates best first."""
+
+    item_keys: list[int]
+    scores: list[float]
+    sources: list[str]
+
+
+class Recommender:
+    """The serving facade. Thread-safe; holds a connection pool and the active ranker (reloaded when the
+    candidates round trip reports that another version became active)."""
+
+    def __init__(self, settings: Settings, pool: ConnectionPool | None = None) -> None:
+        self.settings = settings
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else make_pool(settings, name="pgrec-serving")
+        # the candidates statement reports the active version on every request: no periodic check needed
+        self._active = ActiveModel(check_every_s=float("inf"))
+        self._pinned: dict[int, LoadedModel] = {}
+
+    def close(self) -> None:
+        if self._own_pool:
+            self.pool.close()
+
+    def __enter__(self) -> Recommender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ public verbs
+
+    def recommend(self, user_id: str, k: int = 10, surface: str = "default", context: dict[str, Any] | None = None,
+                  as_of: datetime | None = None, log: bool = True, variant: Variant | None = None) -> Recommendation:
+        """The final list for a user: best first, each item with its score, position and reasons; logged as
+        impressions (unless ``log`` is false) in the same round trip as the policies."""
+        return self.recommend_many([user_id], k, surface, context, as_of, log, variant)[0]
+
+    def recommend_many(self, user_ids: Sequence[str], k: int = 10, surface: str = "default",
+                       context: dict[str, Any] | None = None, as_of: datetime | None = None, log: bool = True,
+                       variant: Variant | None = None) -> list[Recommendation]:
+        """``recommend`` for many users, in batches: one candidates statement and one LightGBM call per batch,
+        the policy calls pipelined. Returns one Recommendation per user id, in order."""
+        ctx = _check(user_ids, k, surface, context, as_of)
+        out: list[Recommendation] = []
+        with self._connection() as conn:
+            for start in range(0, len(user_ids), BATCH):
+                out.extend(self._serve(conn, list(user_ids[start:start + BATCH]), k, surface, ctx, as_of, log,
+                                       variant))
+        return out
+
+    def similar(self, item_id: str, k: int = 20) -> list[ScoredItem]:
+        """Items like ``item_id`` (item-embedding HNSW neighbours plus co-occurrence). Unknown item: NotFound."""
+        _check_k(k)
+        with self._connection() as conn:
+            rows = conn.execute(query("serving.similar"), {"item_id": item_id, "k": k}).fetchall()
+        return [ScoredItem(r[0], float(r[1])) for r in rows]
+
+    def trending(self, k: int = 20, segment: str | None = None, as_of: datetime | None = None) -> list[ScoredItem]:
+        """Time-decayed popularity, global or in one segment (user property ``segment_property``)."""
+        _check_k(k)
+        with self._connection() as conn:
+            rows = conn.execute(query("serving.trending"), {"segment": segment, "k": k, "as_of": as_of}).fetchall()
+        return [ScoredItem(r[0], float(r[1])) for r in rows]
+
+    # ------------------------------------------------------------ the funnel
+
+    def _serve(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
+               as_of: datetime | None, log: bool, variant: Variant | None) -> list[Recommendation]:
+        t0 = time.perf_counter()
+        model = self._model(conn, variant)
+        rows, cols = self._candidates(conn, user_ids, surface, as_of, model)      # 1. candidates + features
+        if variant is None or variant.model_version is None:
+            active = rows[0][cols["active_model"]] if rows else (model.version if model else None)
+            if active != (model.version if model else None):                    # another model was activated
+                self._active.invalidate()
+                model = self._model(conn, variant)
+                rows, cols = self._candidates(conn, user_ids, surface, as_of, model)
+        t1 = time.perf_counter()
+        scored = _rank(rows, cols, user_ids, model)                               # 2. ranker (or fallback)
+        t2 = time.perf_counter()
+        results = self._finish(conn, user_ids, k, surface, context, as_of, log, variant, model, scored)  # 3.
+        t3 = time.perf_counter()
+        timings = {"candidates_features": (t1 - t0) * 1e3, "rank": (t2 - t1) * 1e3,
+                   "rerank_log": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
+        if len(user_ids) > 1:
+            timings["batch_users"] = float(len(user_ids))
+        out = []
+        for uid, res in zip(user_ids, results, strict=True):
+            items = [RecommendedItem(str(it["item_id"]), float(it["score"]), int(it["position"]),
+                                     dict(it.get("reasons") or {})) for it in res["items"]]
+            found: dict[str, int] = {}
+            for srcs in scored[uid].sources:
+                for s in filter(None, srcs.split(",")):
+                    found[s] = found.get(s, 0) + 1
+            rid = res.get("request_id")
+            out.append(Recommendation(UUID(rid) if rid else None, uid, surface, items, res.get("model_version"),
+                                      variant.name if variant else None, dict(res.get("dropped") or {}),
+                                      dict(timings), found))
+        return out
+
+    def _model(self, conn: psycopg.Connection[Any], variant: Variant | None) -> LoadedModel | None:
+        if variant is not None and variant.model_version is not None:
+            v = int(variant.model_version)
+            if v not in self._pinned:
+                self._pinned[v] = load(conn, v)
+            return self._pinned[v]
+        return self._active.get(conn)
+
+    def _candidates(self, conn: psycopg.Connection[Any], user_ids: list[str], surface: str,
+                    as_of: datetime | None, model: LoadedModel | None) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+        name = "serving.candidate_features_many" if model is not None else "serving.candidates_many"
+        cur = conn.execute(query(name), {"user_ids": user_ids, "surface": surface, "as_of": as_of})
+        rows = cur.fetchall()
+        cols = {d.name: i for i, d in enumerate(cur.description or ())}
+        return rows, cols
+
+    def _finish(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
+                as_of: datetime | None, log: bool, variant: Variant | None, model: LoadedModel | None,
+                scored: dict[str, _Scored]) -> list[dict[str, Any]]:
+        params = [{"user_id": uid, "surface": surface, "k": k, "item_keys": scored[uid].item_keys,
+                   "scores": scored[uid].scores, "sources": scored[uid].sources, "context": context,
+                   "as_of": as_of, "policy_set": variant.policy_set if variant else None,
+                   "model_version": model.version if model else None, "variant": variant.name if variant else None,
+                   "log": log} for uid in user_ids]
+        sql = query("serving.finish_request")
+        if len(params) == 1:
+            row = conn.execute(sql, params[0]).fetchone()
+            return [_json(row[0] if row else None)]
+        with conn.pipeline():
+            curs = [conn.execute(sql, p) for p in params]
+        return [_json(row[0] if (row := c.fetchone()) else None) for c in curs]
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self.pool.connection() as conn:
+                try:
+                    yield conn
+                except psycopg.Error as exc:
+                    raise _translate(exc) from exc
+        except PoolTimeout as exc:
+            raise Unavailable(f"no database connection within {self.settings.pool_timeout_s}s") from exc
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"database unavailable: {exc}") from exc
+
+
+def _rank(rows: list[tuple[Any, ...]], cols: dict[str, int], user_ids: list[str],
+          model: LoadedModel | None) -> dict[str, _Scored]:
+    """Stage 2: score every candidate (the model's raw score, or pgrec.fallback_score), best first."""
+    if model is not None and rows:
+        missing = [f for f in model.features if f not in cols]
+        if missing:
+            raise Unavailable(f"ranker version {model.version} needs features {missing} that "
+                              "pgrec.candidate_features does not return")
+        idx = [cols[f] for f in model.features]
+        x = np.array([[r[i] for i in idx] for r in rows], dtype=np.float64)  # NULL -> NaN = missing
+        scores = np.asarray(model.booster.predict(x, raw_score=True, num_threads=1), dtype=np.float64).tolist()
+    else:
+        scores = [float(r[cols["fallback_score"]]) for r in rows] if rows else []
+    ui, ik, src = cols.get("request_user_id"), cols["item_key"], cols["source_list"]
+    per_user: dict[str, list[tuple[float, int, str]]] = {u: [] for u in user_ids}
+    for r, s in zip(rows, scores, strict=True):
+        per_user[r[ui] if ui is not None else user_ids[0]].append((s, int(r[ik]), r[src]))
+    out = {}
+    for uid, lst in per_user.items():
+        lst.sort(key=lambda t: (-t[0], t[1]))  # the SQL path orders the same way
+        out[uid] = _Scored([t[1] for t in lst], [t[0] for t in lst], [t[2] for t in lst])
+    return out
+
+
+def _json(v: Any) -> dict[str, Any]:
+    if v is None:
+        raise Unavailable("pgrec.finish_request returned nothing")
+    return v if isinstance(v, dict) else dict(json.loads(v))
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise InvalidRequest(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
+
+
+def _check(user_ids: Sequence[str], k: int, surface: str, context: dict[str, Any] | None,
+           as_of: datetime | None) -> str:
+    _check_k(k)
+    for n, uid in enumerate(user_ids):
+        if not isinstance(uid, str) or not uid or len(uid) > 256:
+            raise InvalidRequest(f"user_id #{n + 1} ({uid!r}) must be a non-empty string of at most 256 characters")
+    if not isinstance(surface, str) or not surface:
+        raise InvalidRequest(f"surface must be a non-empty string, got {surface!r}")
+    if context is not None and not isinstance(context, dict):
+        raise InvalidRequest(f"context must be a JSON object (dict), got {type(context).__name__}")
+    if as_of is not None and as_of.tzinfo is None:
+        raise InvalidRequest("as_of must be timezone-aware (for example 2024-01-01T00:00:00+00:00)")
+    try:
+        return json.dumps(context or {})
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"context is not JSON-serialisable: {exc}") from exc
+
+
+def _translate(exc: psycopg.Error) -> Exception:
+    """SQL errors to the public ones: 22023 (bad parameter) -> InvalidRequest, P0002 (unknown id) -> NotFound."""
+    msg = (exc.diag.message_primary if exc.diag else None) or str(exc)
+    if exc.sqlstate in ("22023", "22P02", "22007", "22008"):
+        return InvalidRequest(msg)
+    if exc.sqlstate == "P0002":
+        return NotFound(msg)
+    if isinstance(exc, psycopg.OperationalError) or exc.sqlstate in ("57014", "57P01", "08006", "08003"):
+        return Unavailable(msg)
+    return exc
