@@ -712,59 +712,47 @@ AS $$
 $$;
 COMMENT ON FUNCTION pgrec.policy_keys_mask(pgrec.rerank_row[], bigint[]) IS 'One flag per item: is its key in p_keys.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_floor(p_mask boolean[], p_need int, p_top int, p_positions int[] DEFAULT NULL)
+CREATE OR REPLACE FUNCTION pgrec.policy_floor(p_mask boolean[], p_need int, p_top int)
 RETURNS int[]
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    n       int := coalesce(cardinality(p_mask), 0);
-    top     int := least(p_top, n);
+    top     int := least(p_top, coalesce(cardinality(p_mask), 0));
     have    int;
     extras  int[];
     victims int[];
-    base    int[];
-    pos     int;
     i       int;
     j       int := 1;
     result  int[] := '{}';
 BEGIN
-    -- at least p_need flagged items in the first p_top positions: pull the best flagged ones from below
+    -- at least p_need flagged items in the first p_top positions: the best flagged items from below replace
+    -- the lowest unflagged items of the top, position for position
     SELECT count(*) FILTER (WHERE m) INTO have FROM unnest(p_mask[1:top]) m;
     IF have >= p_need OR top = 0 THEN
         RETURN '{}';
     END IF;
     extras := ARRAY(SELECT o FROM unnest(p_mask) WITH ORDINALITY t(m, o) WHERE m AND o > top ORDER BY o LIMIT p_need - have);
-    IF cardinality(extras) = 0 THEN
+    victims := ARRAY(SELECT o FROM unnest(p_mask[1:top]) WITH ORDINALITY t(m, o) WHERE NOT m
+                      ORDER BY o DESC LIMIT cardinality(extras));
+    IF cardinality(victims) = 0 THEN
         RETURN '{}';
     END IF;
-    IF p_positions IS NULL THEN
-        -- replace the lowest unflagged items of the top, position for position
-        victims := ARRAY(SELECT o FROM unnest(p_mask[1:top]) WITH ORDINALITY t(m, o) WHERE NOT m
-                          ORDER BY o DESC LIMIT cardinality(extras));
-        extras := extras[1:cardinality(victims)];
-        FOR i IN 1..top LOOP
-            IF i = ANY (victims) THEN
-                result := result || extras[j];
-                j := j + 1;
-            ELSE
-                result := result || i;
-            END IF;
-        END LOOP;
-        RETURN result || ARRAY(SELECT v FROM unnest(victims) v ORDER BY v);
-    END IF;
-    -- insert the pulled items at the target positions
-    base := ARRAY(SELECT generate_series(1, top));
-    FOR i IN 1..cardinality(extras) LOOP
-        pos := least(coalesce(p_positions[i], top), cardinality(base) + 1);
-        base := base[1:pos - 1] || extras[i] || base[pos:];
+    extras := extras[1:cardinality(victims)];
+    FOR i IN 1..top LOOP
+        IF i = ANY (victims) THEN
+            result := result || extras[j];
+            j := j + 1;
+        ELSE
+            result := result || i;
+        END IF;
     END LOOP;
-    RETURN base;
+    RETURN result || ARRAY(SELECT v FROM unnest(victims) v ORDER BY v);
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_floor(boolean[], int, int, int[]) IS
-    'A new order (prefix of positions) that puts at least p_need flagged items in the first p_top: the best '
-    'flagged items from below replace the lowest unflagged ones, or are inserted at p_positions.';
+COMMENT ON FUNCTION pgrec.policy_floor(boolean[], int, int) IS
+    'A new order (prefix of positions) with at least p_need flagged items in the first p_top: the best flagged '
+    'items from below replace the lowest unflagged ones.';
 
 -- ---------------------------------------------------------------- apply steps: filters (one flag per item: drop it)
 
@@ -953,7 +941,7 @@ BEGIN
         -- (when there are not enough others the cap yields)
         maxn := floor((p ->> 'max_share')::numeric * top);
         p_list := pgrec.policy_pick(p_list, ARRAY(
-            SELECT s.o FROM (SELECT t.o, t.a, row_number() OVER (PARTITION BY t.a ORDER BY t.o) AS rn
+            SELECT s.o::int FROM (SELECT t.o, t.a, row_number() OVER (PARTITION BY t.a ORDER BY t.o) AS rn
                                FROM unnest(m) WITH ORDINALITY t(a, o)) s
              WHERE NOT s.a OR s.rn <= maxn ORDER BY s.o LIMIT top));
         m := pgrec.policy_source_flags(p_list, src);
@@ -1010,8 +998,9 @@ BEGIN
     flat AS (SELECT it.o, x.v, x.n FROM it CROSS JOIN LATERAL unnest(it.vs) WITH ORDINALITY x(v, n)),
     coded AS (SELECT f.o, f.n, dense_rank() OVER (ORDER BY f.v)::int AS id FROM flat f)
     SELECT coalesce((SELECT array_agg(c.id ORDER BY c.o, c.n) FROM coded c), '{}'),
-           (SELECT array_agg((coalesce(sum(cardinality(it.vs)) OVER (ORDER BY it.o), 0) - cardinality(it.vs) + 1)::int
-                             ORDER BY it.o) FROM it),
+           (SELECT array_agg(s.st ORDER BY s.o)
+              FROM (SELECT it.o, (sum(cardinality(it.vs)) OVER (ORDER BY it.o) - cardinality(it.vs) + 1)::int AS st
+                      FROM it) s),
            (SELECT array_agg(cardinality(it.vs) ORDER BY it.o) FROM it),
            coalesce((SELECT max(c.id) FROM coded c), 0)
       INTO vid, st, ln, nvals;
@@ -1152,6 +1141,9 @@ DECLARE
     head  pgrec.rerank_row[] := p_list[1:depth];
     m     boolean[];
     pos   int[];
+    chosen int[];
+    base  int[];
+    i     int;
 BEGIN
     IF top = 0 THEN
         RETURN p_list;
@@ -1173,18 +1165,27 @@ BEGIN
     ELSE
         m := pgrec.policy_mask(p -> 'predicate', head, p_ctx, p_as_of);
     END CASE;
-    -- target positions: params.positions, else the last slots of the top k
-    pos := coalesce(ARRAY(SELECT least(x::int, top) FROM jsonb_array_elements_text(p -> 'positions') x ORDER BY x::int),
-                    ARRAY(SELECT generate_series(greatest(top - slots + 1, 1), top)));
+    -- the best `slots` eligible items go to the target positions (params.positions, else the last slots of the
+    -- top k); an item already placed higher keeps its place
+    chosen := ARRAY(SELECT o FROM unnest(m) WITH ORDINALITY t(a, o) WHERE a ORDER BY o LIMIT slots);
+    pos := ARRAY(SELECT least(x::int, top) FROM jsonb_array_elements_text(p -> 'positions') x ORDER BY x::int);
     IF cardinality(pos) = 0 THEN
         pos := ARRAY(SELECT generate_series(greatest(top - slots + 1, 1), top));
     END IF;
-    RETURN pgrec.policy_pick(p_list, pgrec.policy_floor(m, slots, top, pos));
+    base := ARRAY(SELECT g FROM generate_series(1, depth) g
+                   WHERE NOT g = ANY (ARRAY(SELECT c FROM unnest(chosen, pos) u(c, t) WHERE c > t)));
+    FOR i IN 1..least(cardinality(chosen), cardinality(pos)) LOOP
+        IF chosen[i] > pos[i] THEN
+            base := base[1:pos[i] - 1] || chosen[i] || base[pos[i]:];
+        END IF;
+    END LOOP;
+    RETURN pgrec.policy_pick(p_list, base);
 END
 $$;
 COMMENT ON FUNCTION pgrec.policy_apply_exploration(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
     'exploration: at least params.slots eligible items (fresh, under-exposed or matching a predicate such as a '
-    'provider group) in the top k; missing ones are taken from the first params.depth and inserted at params.positions.';
+    'provider group) in the top k: the best eligible items of the first params.depth move up to params.positions '
+    '(default the last slots of the top k).';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_pin_ids(p jsonb)
 RETURNS text[]
@@ -1457,7 +1458,8 @@ BEGIN
         nl := cardinality(list);
         cnt := 0;
         IF pol.kind = ANY (pgrec.policy_drop_kinds()) THEN
-            IF cardinality(reserve) > 0 THEN
+            -- the reserve goes through the same filters (not the score floor: its scores are not on this scale)
+            IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
                 list := list || reserve;
             END IF;
             m := CASE pol.kind
@@ -1469,7 +1471,7 @@ BEGIN
                 WHEN 'attribute_filter' THEN pgrec.policy_apply_attribute_filter(pol.params, list, user_key, t, ctx, k)
                 WHEN 'relevance_floor' THEN pgrec.policy_apply_relevance_floor(pol.params, list, user_key, t, ctx, k)
                 END;
-            IF cardinality(reserve) > 0 THEN
+            IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
                 mr := m[nl + 1:];
                 m := m[1:nl];
                 list := list[1:nl];

@@ -1,0 +1,490 @@
+"""Stage 3 policies: each kind on a small known list, combinations, scoping, validation, smuggling.
+
+The catalogue: i1..i9 scored 1.0, 0.9, ..., 0.2 (i1 best), i10 unavailable, i11 not a candidate.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import TestDB
+
+from engine import policies
+from engine.errors import InvalidRequest
+
+AS_OF = datetime(2026, 1, 1, tzinfo=UTC)
+
+CATALOGUE: list[tuple[str, list[str], dict[str, Any], int, str]] = [
+    # item, categories, properties, age in days at AS_OF, sources
+    ("i1", ["drama"], {"brand": "a", "age_rating": 18, "tags": ["x", "y"]}, 100, "ann"),
+    ("i2", ["drama"], {"brand": "a", "age_rating": 12}, 50, "ann"),
+    ("i3", ["comedy"], {"brand": "b", "age_rating": 7}, 5, "ann"),
+    ("i4", ["drama"], {"brand": "b"}, 2, "ann"),
+    ("i5", ["comedy"], {"brand": "c", "age_rating": 16}, 200, "ann"),
+    ("i6", ["action"], {"brand": "a", "age_rating": 0}, 1, "trending"),
+    ("i7", ["action"], {"brand": "c"}, 30, "trending"),
+    ("i8", ["drama"], {"brand": "c"}, 40, "trending"),
+    ("i9", ["comedy"], {"brand": "b"}, 60, "ann,trending"),
+    ("i10", ["action"], {}, 10, "fresh"),
+    ("i11", ["comedy"], {"brand": "z"}, 10, ""),
+]
+
+
+def _item_key(db: TestDB, item_id: str) -> int:
+    return int(db.scalar("SELECT item_key FROM pgrec.items WHERE item_id = %s", (item_id,)))
+
+
+@pytest.fixture
+def cat(db: TestDB) -> TestDB:
+    for item_id, cats, props, age, _ in CATALOGUE:
+        db.conn.execute("SELECT pgrec.upsert_item(%s, %s, %s, %s, %s)",
+                        (item_id, cats, psycopg.types.json.Jsonb(props), AS_OF - timedelta(days=age), item_id != "i10"))
+    return db
+
+
+def rr(db: TestDB, k: int = 9, user: str | None = None, **kw: Any) -> policies.Reranked:
+    keys, scores, sources = [], [], []
+    for n, (item_id, _, _, _, src) in enumerate(CATALOGUE[:10]):
+        keys.append(_item_key(db, item_id))
+        scores.append(round(1.0 - 0.1 * n, 2))
+        sources.append(src)
+    user_key = db.scalar("SELECT pgrec.user_key_for(%s)", (user,)) if user else None
+    kw.setdefault("as_of", AS_OF)
+    return policies.rerank(db.conn, user_key, kw.pop("surface", "default"), k, keys, scores, sources, **kw)
+
+
+def event(db: TestDB, user: str, item: str, kind: str, days_ago: float) -> None:
+    db.conn.execute("SELECT pgrec.track_event(%s, %s, %s, %s)", (user, item, kind, AS_OF - timedelta(days=days_ago)))
+
+
+def actions(res: policies.Reranked, item_id: str) -> list[str]:
+    item = next(i for i in res.items if i.item_id == item_id)
+    return [p["action"] for p in item.reasons["policies"]]
+
+
+# ---------------------------------------------------------------- baseline and always-on steps
+
+
+def test_baseline_order_sources_and_unavailable(cat: TestDB) -> None:
+    res = rr(cat, k=20)
+    assert res.item_ids == [f"i{n}" for n in range(1, 10)]
+    assert [i.position for i in res.items] == list(range(1, 10))
+    assert res.dropped == {"unavailable": 1}
+    assert res.items[8].reasons["sources"] == ["ann", "trending"]
+    assert [v["kind"] for v in res.policy_versions] == ["exclude_negative"]  # seeded, on by default
+
+
+def test_ties_broken_by_item_key_and_duplicates_merged(cat: TestDB) -> None:
+    keys = [_item_key(cat, i) for i in ("i3", "i1", "i2", "i1")]
+    res = policies.rerank(cat.conn, None, "default", 5, keys, [0.5, 0.5, 0.5, 0.7], ["a", "b", "c", "d"])
+    assert res.item_ids == ["i1", "i2", "i3"]
+    assert res.items[0].score == 0.7 and res.items[0].reasons["sources"] == ["d"]
+
+
+def test_request_exclude_and_include_only(cat: TestDB) -> None:
+    res = rr(cat, context={"exclude": ["i1", "i2"]})
+    assert res.item_ids[:2] == ["i3", "i4"] and res.dropped["request_exclude"] == 2
+    res = rr(cat, context={"include_only": ["i5", "i2", "i10"]})
+    assert res.item_ids == ["i2", "i5"] and res.dropped["request_include_only"] == 7
+
+
+# ---------------------------------------------------------------- one test per kind
+
+
+def test_exclude_interacted(cat: TestDB) -> None:
+    event(cat, "u1", "i1", "view", 1)
+    event(cat, "u1", "i2", "click", 40)
+    event(cat, "u1", "i3", "purchase", 2)
+    pol = policies.add(cat.conn, "seen", "exclude_interacted", {"event_types": ["view", "click"], "lookback_days": 30})
+    res = rr(cat, user="u1")
+    assert res.item_ids[:3] == ["i2", "i3", "i4"]
+    assert res.dropped[pol.label] == 1
+    # an event after as_of does not count
+    event(cat, "u1", "i4", "view", -0.5)
+    assert "i4" in rr(cat, user="u1").item_ids
+
+
+def test_exclude_negative_seeded_and_neighbours(cat: TestDB) -> None:
+    event(cat, "u1", "i3", "dislike", 3)
+    event(cat, "u1", "i5", "rating", 4)  # no value: neutral type, not negative
+    res = rr(cat, user="u1")
+    assert "i3" not in res.item_ids and "i4" in res.item_ids and "i5" in res.item_ids
+    seeded = policies.get(cat.conn, "exclude-disliked")
+    assert res.dropped == {"unavailable": 1, seeded.label: 1}
+    base = [1.0] + [0.0] * 15
+    near = [0.99, 0.1] + [0.0] * 14
+    far = [0.0, 1.0] + [0.0] * 14
+    for item, vec in (("i3", base), ("i4", near), ("i6", far)):
+        cat.conn.execute("SELECT pgrec.set_item_embedding(%s, %s)", (item, vec))
+    policies.update(cat.conn, "exclude-disliked", params={"neighbours": True, "min_similarity": 0.95})
+    res = rr(cat, user="u1")
+    assert "i4" not in res.item_ids and "i6" in res.item_ids and res.dropped[seeded.label] == 2
+
+
+def test_exclude_served(cat: TestDB) -> None:
+    uk = cat.scalar("SELECT pgrec.user_key_for('u1')")
+    for item, times, ago in (("i1", 3, 1.0), ("i2", 3, 1.0), ("i3", 1, 1.0), ("i4", 3, 9.0)):
+        for n in range(times):
+            cat.conn.execute(
+                "INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, served_at) "
+                "VALUES (%s, %s, 'default', 1, %s, %s)",
+                (uuid.uuid4(), uk, _item_key(cat, item), AS_OF - timedelta(days=ago, hours=n)))
+    event(cat, "u1", "i2", "click", 0.5)  # engaged after being shown: not fatigue
+    pol = policies.add(cat.conn, "fatigue", "exclude_served", {"min_impressions": 3, "window_days": 7})
+    res = rr(cat, user="u1")
+    assert "i1" not in res.item_ids
+    assert {"i2", "i3", "i4"} <= set(res.item_ids)
+    assert res.dropped[pol.label] == 1
+
+
+def test_blocklist_items_sets_categories(cat: TestDB) -> None:
+    policies.put_item_set(cat.conn, "recalled", ["i3", "i3", "nope"])
+    pol = policies.add(cat.conn, "content", "blocklist",
+                       {"items": ["i2"], "item_sets": ["recalled"], "categories": ["action"]})
+    res = rr(cat)
+    assert res.item_ids == ["i1", "i4", "i5", "i8", "i9"]
+    assert res.dropped[pol.label] == 4
+    assert policies.item_sets(cat.conn)["recalled"] == ["i3", "nope"]
+    with pytest.raises(InvalidRequest, match="used by policies content"):
+        policies.delete_item_set(cat.conn, "recalled")
+
+
+def test_freshness(cat: TestDB) -> None:
+    policies.add(cat.conn, "fresh", "freshness", {"max_age_days": 60})
+    assert rr(cat).item_ids == ["i2", "i3", "i4", "i6", "i7", "i8", "i9"]
+
+
+def test_attribute_filter_with_request_parameter(cat: TestDB) -> None:
+    pred = {"property": "age_rating", "op": "range", "max": {"param": "max_age_rating"}}
+    pol = policies.add(cat.conn, "age", "attribute_filter", {"predicate": pred})
+    assert rr(cat, context={"params": {"max_age_rating": 12}}).item_ids == ["i2", "i3", "i6"]
+    res = rr(cat)  # the request has no max_age_rating: the policy is skipped, and says so
+    assert len(res.item_ids) == 9 and pol.label in res.skipped
+    res = rr(cat, context={"params": {"max_age_rating": 12}}, k=1)
+    assert actions(res, "i2") == ["kept"]
+    policies.add(cat.conn, "no-brand-c", "attribute_filter",
+                 {"predicate": {"property": "brand", "op": "in", "values": ["c", "zz"]}, "mode": "drop"})
+    assert rr(cat, context={"params": {"max_age_rating": 18}}).item_ids == ["i1", "i2", "i3", "i6"]
+
+
+def test_predicate_ops_and_combinators(cat: TestDB) -> None:
+    def keep(pred: dict[str, Any], **ctx: Any) -> list[str]:
+        cat.conn.execute("DELETE FROM pgrec.policies WHERE kind = 'attribute_filter'")
+        policies.add(cat.conn, "f", "attribute_filter", {"predicate": pred})
+        return rr(cat, context={"params": ctx}).item_ids
+
+    assert keep({"property": "tags", "op": "contains", "value": "y"}) == ["i1"]
+    assert keep({"property": "age_rating", "op": "exists"}) == ["i1", "i2", "i3", "i5", "i6"]
+    assert keep({"property": "brand", "op": "equals", "value": {"param": "b", "default": "b"}}) == ["i3", "i4", "i9"]
+    assert keep({"field": "categories", "op": "in", "values": ["comedy", "action"]}) == ["i3", "i5", "i6", "i7", "i9"]
+    assert keep({"field": "source", "op": "contains", "value": "trending"}) == ["i6", "i7", "i8", "i9"]
+    assert keep({"field": "age_days", "op": "range", "max": 3}) == ["i4", "i6"]
+    assert keep({"field": "score", "op": "range", "min": 0.75}) == ["i1", "i2", "i3"]
+    assert keep({"all": [{"property": "brand", "op": "equals", "value": "a"},
+                         {"not": {"field": "categories", "op": "contains", "value": "drama"}}]}) == ["i6"]
+    assert keep({"any": [{"field": "item_id", "op": "in", "values": ["i9"]},
+                         {"property": "brand", "op": "contains", "value": "c"}]}) == ["i5", "i7", "i8", "i9"]
+    assert keep({"field": "item_id", "op": "in", "values": {"param": "ids"}}, ids=["i4", "i2"]) == ["i2", "i4"]
+
+
+def test_boost_and_bury(cat: TestDB) -> None:
+    pol = policies.add(cat.conn, "brand-c", "boost",
+                       {"predicate": {"property": "brand", "op": "equals", "value": "c"}, "multiply": 3})
+    res = rr(cat, k=3)
+    assert res.item_ids == ["i5", "i7", "i1"]  # 0.6*3 and 0.4*3 beat 1.0
+    assert res.items[0].score == pytest.approx(1.8)
+    assert res.items[0].reasons["policies"] == [{"policy": pol.label, "action": "boosted"}]
+    policies.set_enabled(cat.conn, "brand-c", False)
+    policies.add(cat.conn, "less-drama", "boost",
+                 {"predicate": {"field": "categories", "op": "contains", "value": "drama"}, "add": -0.5})
+    res = rr(cat, k=20)
+    assert res.item_ids[:4] == ["i3", "i5", "i1", "i6"]  # i1 0.5 ties i6 0.5: item_key decides
+    assert actions(res, "i1") == ["buried"]
+
+
+def test_pin_from_list_and_from_catalogue(cat: TestDB) -> None:
+    pol = policies.add(cat.conn, "featured", "pin", {"items": ["i9", "i11", "i10"], "positions": [1, 3, 4]})
+    res = rr(cat, k=5)
+    # i9 from the list to 1, i11 (not a candidate, available) to 3, i10 unavailable: its slot stays with the list
+    assert res.item_ids == ["i9", "i1", "i11", "i2", "i3"]
+    assert actions(res, "i9") == ["pinned"] and actions(res, "i11") == ["pinned"]
+    assert res.items[2].score == 0.9  # an outside item takes the score of the slot it fills
+    assert pol.label in [f"{v['id']}/{v['kind']}" for v in res.policy_versions]
+    # a blocklist before the pin also keeps the outside item out
+    policies.add(cat.conn, "no-z", "blocklist", {"items": ["i11"]}, priority=1)
+    assert "i11" not in rr(cat, k=5).item_ids
+
+
+def test_promote_share(cat: TestDB) -> None:
+    policies.add(cat.conn, "comedy", "promote",
+                 {"predicate": {"field": "categories", "op": "contains", "value": "comedy"}, "share": 0.5})
+    res = rr(cat, k=4)
+    # i3 is already in the top 4; i5 (the best comedy below) replaces the lowest non-comedy (i4)
+    assert res.item_ids == ["i1", "i2", "i3", "i5"]
+    assert actions(res, "i5") == ["promoted"]
+
+
+def test_diversity_top_and_window(cat: TestDB) -> None:
+    pol = policies.add(cat.conn, "one-per-cat", "diversity", {"max_per_value": 1, "top": 3})
+    res = rr(cat, k=5)
+    assert res.item_ids[:3] == ["i1", "i3", "i6"]
+    assert res.item_ids[3:] == ["i2", "i4"]  # after the capped top, the rest in order
+    assert actions(res, "i6") == ["moved"]
+    policies.delete(cat.conn, str(pol.policy_id))
+    policies.add(cat.conn, "brand-window", "diversity", {"property": "brand", "max_per_value": 1, "window": 2})
+    res = rr(cat, k=6)
+    brands = {i[0]: i[2].get("brand") for i in CATALOGUE}
+    got = [brands[i] for i in res.item_ids]
+    assert all(a != b for a, b in zip(got, got[1:], strict=False)), got
+    assert res.item_ids == ["i1", "i3", "i2", "i4", "i5", "i6"]
+
+
+def test_mmr(cat: TestDB) -> None:
+    vecs = {"i1": [1.0, 0.0], "i2": [0.99, 0.05], "i3": [0.0, 1.0], "i4": [0.7, 0.7]}
+    for item, v in vecs.items():
+        cat.conn.execute("SELECT pgrec.set_item_embedding(%s, %s)", (item, v + [0.0] * 14))
+    keys = [_item_key(cat, i) for i in vecs]
+    policies.add(cat.conn, "mmr", "mmr", {"lambda": 0.5})
+    res = policies.rerank(cat.conn, None, "default", 4, keys, [1.0, 0.95, 0.9, 0.85], None)
+    assert res.item_ids == ["i1", "i3", "i2", "i4"]  # i2 is a near copy of i1: it loses its place to i3
+    policies.update(cat.conn, "mmr", params={"lambda": 1.0})  # relevance only: the input order
+    assert policies.rerank(cat.conn, None, "default", 4, keys, [1.0, 0.95, 0.9, 0.85], None).item_ids == list(vecs)
+
+
+def test_exploration_fresh_at_position(cat: TestDB) -> None:
+    policies.add(cat.conn, "explore", "exploration",
+                 {"eligible": "fresh", "max_age_days": 3, "slots": 1, "positions": [2]})
+    res = rr(cat, k=3)
+    assert res.item_ids == ["i1", "i4", "i2"]
+    assert actions(res, "i4") == ["explored"]
+    # by default the slot is the last of the top k, and an eligible item placed higher keeps its place
+    policies.update(cat.conn, "explore", params={"eligible": "fresh", "max_age_days": 3})
+    assert rr(cat, k=3).item_ids == ["i1", "i2", "i4"]
+    assert rr(cat, k=4).item_ids == ["i1", "i2", "i3", "i4"]
+
+
+def test_exploration_under_exposed_and_provider(cat: TestDB) -> None:
+    # every item but i7 was shown 5 times in the last week (to anyone)
+    for item in ("i1", "i2", "i3", "i4", "i5", "i6", "i8", "i9"):
+        for n in range(5):
+            cat.conn.execute(
+                "INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, served_at) "
+                "VALUES (%s, %s, 'default', 1, %s, %s)",
+                (uuid.uuid4(), 1000 + n, _item_key(cat, item), AS_OF - timedelta(days=1)))
+    policies.add(cat.conn, "under", "exploration", {"eligible": "under_exposed", "max_impressions": 3})
+    assert rr(cat, k=3).item_ids == ["i1", "i2", "i7"]
+    policies.set_enabled(cat.conn, "under", False)
+    policies.add(cat.conn, "provider-b", "exploration",
+                 {"eligible": "predicate", "predicate": {"property": "brand", "op": "equals", "value": "b"},
+                  "slots": 2, "positions": [1, 2]})
+    assert rr(cat, k=3).item_ids == ["i3", "i4", "i1"]
+
+
+def test_source_mix(cat: TestDB) -> None:
+    pol = policies.add(cat.conn, "mix", "source_mix", {"source": "ann", "max_share": 0.34})
+    assert rr(cat, k=3).item_ids == ["i1", "i6", "i7"]
+    policies.delete(cat.conn, str(pol.policy_id))
+    policies.add(cat.conn, "mix2", "source_mix", {"source": "trending", "min_share": 0.5})
+    res = rr(cat, k=4)
+    assert res.item_ids == ["i1", "i2", "i6", "i7"]
+
+
+def test_relevance_floor_short_and_fill(cat: TestDB) -> None:
+    pol = policies.add(cat.conn, "floor", "relevance_floor", {"min_score": 0.75})
+    res = rr(cat)
+    assert res.item_ids == ["i1", "i2", "i3"] and res.dropped[pol.label] == 6
+    # trending from others' positive events before as_of
+    for n, item in enumerate(("i11", "i11", "i8", "i1")):
+        event(cat, f"other{n}", item, "purchase", 1 + n / 10)
+    policies.update(cat.conn, "floor", params={"min_score": 0.75, "fill": "trending"})
+    res = rr(cat, k=5)
+    assert res.item_ids[:3] == ["i1", "i2", "i3"]
+    assert res.item_ids[3:] == ["i11", "i8"]  # the trending items not already listed, best first
+    assert actions(res, "i11") == ["filled"] and res.items[3].score == 0.75
+
+
+def test_holdout(cat: TestDB) -> None:
+    policies.add(cat.conn, "boost-c", "boost",
+                 {"predicate": {"property": "brand", "op": "equals", "value": "c"}, "multiply": 3})
+    policies.add(cat.conn, "no-action", "blocklist", {"categories": ["action"]})
+    pol = policies.add(cat.conn, "control", "holdout", {"percent": 100, "control": "scores"})
+    res = rr(cat, user="u1", k=4)
+    assert res.holdout and res.item_ids == ["i1", "i2", "i3", "i4"]  # no boost, but the blocklist still holds
+    assert "i6" not in rr(cat, user="u1").item_ids
+    assert actions(res, "i1") == ["holdout"]
+    assert not rr(cat, k=4).holdout  # no user, no holdout
+    policies.update(cat.conn, "control", params={"percent": 30, "salt": "s1", "control": "scores"})
+    keys = [cat.scalar("SELECT pgrec.user_key_for(%s)", (f"h{n}",)) for n in range(300)]
+    picked = [policies.rerank(cat.conn, uk, "default", 3, [1], [1.0], None).holdout for uk in keys]
+    again = [policies.rerank(cat.conn, uk, "default", 3, [1], [1.0], None).holdout for uk in keys]
+    assert picked == again and 50 <= sum(picked) <= 130
+    policies.update(cat.conn, "control", params={"percent": 100})
+    res = rr(cat, user="u1")
+    assert res.skipped == {policies.get(cat.conn, "boost-c").label: "holdout"}
+    assert pol.label in [f"{v['id']}/{v['kind']}" for v in res.policy_versions]
+
+
+def test_holdout_trending_control(cat: TestDB) -> None:
+    for n, item in enumerate(("i11", "i11", "i8")):
+        event(cat, f"other{n}", item, "purchase", 1 + n / 10)
+    policies.add(cat.conn, "control", "holdout", {"percent": 100})
+    res = rr(cat, user="u1", k=5)
+    assert res.holdout and res.item_ids == ["i11", "i8"]
+
+
+# ---------------------------------------------------------------- combinations, priorities, scope
+
+
+def test_priority_then_kind_order(cat: TestDB) -> None:
+    policies.add(cat.conn, "pin-i9", "pin", {"items": ["i9"], "positions": [1]}, priority=50)
+    policies.add(cat.conn, "boost-a", "boost",
+                 {"predicate": {"property": "brand", "op": "equals", "value": "a"}, "multiply": 10}, priority=60)
+    # the boost runs after the pin and re-sorts by score: the pin is undone
+    assert rr(cat, k=3).item_ids == ["i1", "i2", "i6"]
+    policies.update(cat.conn, "boost-a", priority=50)  # same priority: kind order puts boost before pin
+    res = rr(cat, k=3)
+    assert res.item_ids == ["i9", "i1", "i2"]
+    assert [v["kind"] for v in res.policy_versions] == ["exclude_negative", "boost", "pin"]
+
+
+def test_time_window_surface_set_and_segment(cat: TestDB) -> None:
+    cat.conn.execute("INSERT INTO pgrec.surfaces (surface) VALUES ('home')")
+    block = {"items": ["i1"]}
+    policies.add(cat.conn, "future", "blocklist", block, starts_at=AS_OF + timedelta(days=1))
+    policies.add(cat.conn, "past", "blocklist", block, ends_at=AS_OF)
+    assert rr(cat).item_ids[0] == "i1"
+    assert rr(cat, as_of=AS_OF + timedelta(days=2)).item_ids[0] == "i2"
+    assert rr(cat, as_of=AS_OF - timedelta(days=2)).item_ids[0] == "i2"
+    cat.conn.execute("DELETE FROM pgrec.policies WHERE kind = 'blocklist'")
+    policies.add(cat.conn, "home-only", "blocklist", block, surface="home")
+    assert rr(cat).item_ids[0] == "i1" and rr(cat, surface="home").item_ids[0] == "i2"
+    cat.conn.execute("DELETE FROM pgrec.policies WHERE kind = 'blocklist'")
+    policies.add(cat.conn, "variant-b", "blocklist", block, policy_set="b")
+    assert rr(cat).item_ids[0] == "i1" and rr(cat, policy_set="b").item_ids[0] == "i2"
+    cat.conn.execute("DELETE FROM pgrec.policies WHERE kind = 'blocklist'")
+    cat.conn.execute("SELECT pgrec.upsert_user('fr1', '{\"country\": \"fr\", \"age\": 15}')")
+    cat.conn.execute("SELECT pgrec.upsert_user('de1', '{\"country\": \"de\", \"age\": 30}')")
+    policies.add(cat.conn, "fr-minors", "blocklist", block,
+                 segment={"all": [{"property": "country", "op": "in", "values": ["fr", "be"]},
+                                  {"property": "age", "op": "range", "max": 17}]})
+    assert rr(cat, user="fr1").item_ids[0] == "i2"
+    assert rr(cat, user="de1").item_ids[0] == "i1"
+    assert rr(cat).item_ids[0] == "i1"  # anonymous: no properties, not in the segment
+
+
+def test_versions_and_audit(cat: TestDB) -> None:
+    pol = policies.add(cat.conn, "f", "freshness", {"max_age_days": 60}, actor="alice")
+    assert pol.version == 1 and pol.created_by == "alice"
+    pol = policies.update(cat.conn, "f", params={"max_age_days": 90}, actor="bob")
+    pol = policies.set_enabled(cat.conn, "f", False)
+    assert pol.version == 3 and pol.created_by == "alice" and not pol.enabled
+    assert policies.set_enabled(cat.conn, "f", False).version == 3  # no change, no version
+    hist = policies.history(cat.conn, "f")
+    assert [h["version"] for h in hist] == [1, 2, 3]
+    assert hist[1]["changed_by"] == "bob" and hist[1]["row"]["params"] == {"max_age_days": 90}
+    policies.set_enabled(cat.conn, "f", True)
+    assert {"id": pol.policy_id, "name": "f", "kind": "freshness", "version": 4} in rr(cat).policy_versions
+
+
+# ---------------------------------------------------------------- bad input
+
+
+MALFORMED: list[tuple[str, dict[str, Any], str]] = [
+    ("boost", {"predicate": {"property": "x", "op": "equals", "value": 1}}, "needs \"multiply\""),
+    ("boost", {"predicate": {"property": "x", "op": "like", "value": 1}, "add": 1}, "params.predicate.op"),
+    ("boost", {"predicate": {"property": "x", "op": "range"}, "add": 1}, "needs \"min\""),
+    ("freshness", {"max_age_days": -1}, "params.max_age_days"),
+    ("freshness", {"max_age_days": "7"}, "params.max_age_days"),
+    ("freshness", {"max_age": 7}, "params.max_age: unknown parameter"),
+    ("diversity", {"max_per_value": 1.5}, "params.max_per_value"),
+    ("mmr", {"lambda": 2}, "params.lambda"),
+    ("exclude_interacted", {"event_types": ["teleport"]}, "unknown event type 'teleport'"),
+    ("blocklist", {"item_sets": ["missing"]}, "unknown item set 'missing'"),
+    ("blocklist", {}, "needs items, item_sets or categories"),
+    ("pin", {"items": ["a"], "item_set": "s"}, "exactly one"),
+    ("attribute_filter", {"predicate": {"all": []}}, "params.predicate.all"),
+    ("attribute_filter", {"predicate": {"any": [{"field": "price", "op": "range", "min": 1}]}},
+     "params.predicate.any[0].field"),
+    ("source_mix", {"source": "ann", "min_share": 0.8, "max_share": 0.2}, "params.min_share"),
+    ("exploration", {"eligible": "fresh"}, "params.max_age_days"),
+    ("teleport", {}, "unknown kind"),
+]
+
+
+def test_malformed_rows_refused_by_the_database(cat: TestDB) -> None:
+    before = cat.scalar("SELECT count(*) FROM pgrec.policies")
+    for kind, params, field in MALFORMED:
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as exc:
+            cat.conn.execute("INSERT INTO pgrec.policies (name, kind, params) VALUES ('bad', %s, %s)",
+                             (kind, psycopg.types.json.Jsonb(params)))
+        assert field in str(exc.value) and "policy 'bad'" in str(exc.value), (kind, params, str(exc.value))
+    pol = policies.add(cat.conn, "good", "freshness", {"max_age_days": 5})
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="params.max_age_days"):
+        cat.conn.execute("UPDATE pgrec.policies SET params = '{\"max_age_days\": null}' WHERE name = 'good'")
+    assert cat.scalar("SELECT count(*) FROM pgrec.policies") == before + 1
+    assert policies.get(cat.conn, "good") == pol
+
+
+def test_malformed_params_refused_by_python_and_update(cat: TestDB) -> None:
+    with pytest.raises(InvalidRequest, match=r"params\.max_age_days"):
+        policies.add(cat.conn, "f", "freshness", {"max_age_days": 0})
+    with pytest.raises(InvalidRequest, match="params.predicate.op"):  # only the database checks predicates
+        policies.add(cat.conn, "b", "boost", {"predicate": {"property": "x", "op": "nope"}, "add": 1})
+    with pytest.raises(InvalidRequest, match="segment"):
+        policies.add(cat.conn, "s", "freshness", {"max_age_days": 1}, segment={"field": "categories", "op": "exists"})
+    with pytest.raises(InvalidRequest, match="unknown surface"):
+        policies.add(cat.conn, "s", "freshness", {"max_age_days": 1}, surface="nowhere")
+    policies.add(cat.conn, "f", "freshness", {"max_age_days": 5})
+    with pytest.raises(InvalidRequest, match="already exists"):
+        policies.add(cat.conn, "f", "freshness", {"max_age_days": 5})
+    with pytest.raises(InvalidRequest):
+        policies.update(cat.conn, "f", params={"max_age_days": "soon"})
+    assert policies.get(cat.conn, "f").params == {"max_age_days": 5}
+    assert policies.get(cat.conn, "f").version == 1
+
+
+def test_bad_requests(cat: TestDB) -> None:
+    with pytest.raises(InvalidRequest, match="k must be"):
+        rr(cat, k=0)
+    with pytest.raises(InvalidRequest, match="unknown surface 'nowhere'"):
+        rr(cat, surface="nowhere")
+    with pytest.raises(InvalidRequest, match="same length"):
+        policies.rerank(cat.conn, None, "default", 3, [1, 2], [1.0], None)
+    with pytest.raises(InvalidRequest, match=r"scores\[2\] is NaN"):
+        policies.rerank(cat.conn, None, "default", 3, [1, 2], [1.0, float("nan")], None)
+    with pytest.raises(InvalidRequest, match="context.exclude"):
+        rr(cat, context={"exclude": "i1"})
+    policies.add(cat.conn, "age", "attribute_filter",
+                 {"predicate": {"property": "age_rating", "op": "range", "max": {"param": "max_age"}}})
+    with pytest.raises(InvalidRequest, match="must be a number"):
+        rr(cat, context={"params": {"max_age": "twelve"}})
+
+
+# ---------------------------------------------------------------- SQL smuggled through parameters stays inert
+
+
+SMUGGLE = "x'); DROP TABLE pgrec.items; --"
+
+
+def test_sql_in_parameters_is_data(cat: TestDB) -> None:
+    cat.conn.execute("SELECT pgrec.upsert_item(%s, ARRAY[%s], %s)",
+                     (SMUGGLE, SMUGGLE, psycopg.types.json.Jsonb({SMUGGLE: SMUGGLE})))
+    policies.put_item_set(cat.conn, "evil", [SMUGGLE, "' OR 1=1 --"])
+    policies.add(cat.conn, "p1", "blocklist", {"items": ["' OR '1'='1"], "categories": ["'; SELECT pg_sleep(10); --"]})
+    policies.add(cat.conn, "p2", "attribute_filter", {
+        "predicate": {"any": [{"property": SMUGGLE, "op": "equals", "value": {"param": "v"}},
+                              {"property": "brand", "op": "in", "values": ["a", "' OR true --"]}]}})
+    policies.add(cat.conn, "p3", "boost", {"predicate": {"property": "brand) OR (true", "op": "exists"}, "multiply": 0})
+    policies.add(cat.conn, "p4", "pin", {"item_set": "evil"})
+    res = rr(cat, k=20, context={"params": {"v": SMUGGLE}, "exclude": ["' OR 1=1 --"]})
+    # literal matching only: brand a (i1, i2, i6) and the smuggled item itself (pinned from the catalogue)
+    assert res.item_ids == [SMUGGLE, "i1", "i2", "i6"]
+    assert cat.scalar("SELECT count(*) FROM pgrec.items") == 12
+    assert cat.scalar("SELECT to_regclass('pgrec.items') IS NOT NULL")
+    with pytest.raises(InvalidRequest):
+        policies.add(cat.conn, "p5", "attribute_filter",
+                     {"predicate": {"property": "a", "op": "equals", "value": {"param": "x'; DROP TABLE y; --"}}})
