@@ -1,0 +1,227 @@
+"""Serving end to end on generated data: the Python path and the SQL-only path agree, both log impressions,
+a least-privilege role can call pgrec.recommend and cannot read the tables, and an event changes the answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import psycopg
+import pytest
+from conftest import TEST_DIM, TestDB, _clone, _drop
+from psycopg import sql as psql
+
+from engine import datasets
+from engine.config import Settings
+from engine.db import connect
+from engine.errors import InvalidRequest, NotFound
+from engine.pipeline import Recommender
+from engine.ranking import registry
+from engine.ranking.compile import install_compiled_model
+from engine.ranking.features import feature_names
+from engine.sql import query
+
+NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)  # the generated events end here
+AS_OF = NOW
+# the migrations seed only exclude-disliked; serving lists here also leave out what the user already had
+EXCLUDE_SEEN = ("INSERT INTO pgrec.policies (name, kind, params, priority, description, created_by, updated_by) "
+                "VALUES ('exclude-seen', 'exclude_interacted', '{}', 10, 'seen items', 'test', 'test')")
+
+
+def _train_small_ranker(conn: psycopg.Connection[Any]) -> int:
+    """A real LightGBM model over the real feature columns (labels: did the user engage with the item later)."""
+    users = [r[0] for r in conn.execute(query("serving.sample_users"), {"n": 6}).fetchall()]
+    cutoff = NOW - timedelta(days=20)
+    cur = conn.execute(query("serving.candidate_features_many"), {"user_ids": users, "surface": "default",
+                                                                   "as_of": cutoff})
+    rows = cur.fetchall()
+    cols = [d.name for d in cur.description or ()]
+    names = feature_names(cur.description or ())
+    later = set(conn.execute("SELECT u.user_id, i.item_key FROM pgrec.events e JOIN pgrec.users u USING (user_key) "
+                             "JOIN pgrec.items i USING (item_key) WHERE e.occurred_at >= %s", (cutoff,)).fetchall())
+    x = np.array([[r[cols.index(n)] for n in names] for r in rows], dtype=np.float64)
+    y = np.array([1.0 if (r[0], r[cols.index("item_key")]) in later else 0.0 for r in rows])
+    booster = lgb.train({"objective": "regression", "num_leaves": 7, "min_data_in_leaf": 5, "verbose": -1,
+                         "num_threads": 1, "seed": 1}, lgb.Dataset(x, y, feature_name=names), num_boost_round=15)
+    version = registry.save(conn, kind="ranker", artifact=booster.model_to_string().encode(), params={},
+                            features=names, metrics={}, data_window={}, activate=True)
+    install_compiled_model(conn, version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def serving_template(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A migrated database with generated data, co-occurrence and an active compiled ranker (cloned per test)."""
+    from engine import cooccurrence
+
+    name, url = _clone(pg_admin_url, template_db)
+    settings = Settings(database_url=url, embedding_dim=TEST_DIM)
+    with connect(settings) as conn:
+        data = datasets.generate(datasets.GeneratorConfig(users=120, items=300, events=5000, days=60, dim=TEST_DIM,
+                                                          seed=3), now=NOW)
+        data.load(conn)
+        cooccurrence.build(conn, as_of=NOW)
+        conn.execute(EXCLUDE_SEEN)
+        _train_small_ranker(conn)
+    try:
+        yield name
+    finally:
+        _drop(pg_admin_url, name)
+
+
+@pytest.fixture
+def sdb(pg_admin_url: str, serving_template: str) -> Iterator[TestDB]:
+    name, url = _clone(pg_admin_url, serving_template)
+    settings = Settings(database_url=url, embedding_dim=TEST_DIM, pool_min_size=1, pool_max_size=2)
+    conn = connect(settings)
+    try:
+        yield TestDB(url, name, settings, conn)
+    finally:
+        conn.close()
+        _drop(pg_admin_url, name)
+
+
+def _sql_recommend(conn: psycopg.Connection[Any], user: str, k: int = 10, as_of: datetime | None = AS_OF,
+                   log: bool = True, context: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    return conn.execute(query("serving.recommend_sql"), {
+        "user_id": user, "k": k, "surface": "default", "context": json.dumps(context or {}), "as_of": as_of,
+        "model_version": None, "policy_set": None, "variant": None, "log": log}).fetchall()
+
+
+def _users(db: TestDB, n: int) -> list[str]:
+    return [r[0] for r in db.conn.execute(query("serving.sample_users"), {"n": n}).fetchall()]
+
+
+def _assert_same(py: Any, sql_rows: list[tuple[Any, ...]]) -> None:
+    assert [i.item_id for i in py.items] == [r[2] for r in sql_rows]
+    assert [i.position for i in py.items] == [r[1] for r in sql_rows]
+    assert np.max(np.abs(np.array([i.score for i in py.items]) - np.array([r[3] for r in sql_rows])),
+                  initial=0.0) <= 1e-9
+
+
+def test_python_and_sql_paths_agree_with_and_without_a_model(sdb: TestDB) -> None:
+    users = [*_users(sdb, 4), "nobody-new"]  # active users and a cold one
+    version = registry.active_version(sdb.conn)
+    assert version is not None
+    with Recommender(sdb.settings) as rec:
+        for u in users:
+            py = rec.recommend(u, k=10, as_of=AS_OF)
+            assert py.model_version == version and len(py.items) == 10
+            _assert_same(py, _sql_recommend(sdb.conn, u))
+        # no active ranker: both fall back to pgrec.fallback_score; the running Recommender notices by itself
+        sdb.conn.execute("UPDATE pgrec.models SET active = false")
+        for u in users[:2]:
+            py = rec.recommend(u, k=10, as_of=AS_OF)
+            assert py.model_version is None and len(py.items) == 10
+            _assert_same(py, _sql_recommend(sdb.conn, u))
+
+
+def test_both_paths_log_impressions_in_the_same_call(sdb: TestDB) -> None:
+    user = _users(sdb, 1)[0]
+    version = registry.active_version(sdb.conn)
+    with Recommender(sdb.settings) as rec:
+        py = rec.recommend(user, k=5, as_of=AS_OF)
+        quiet = rec.recommend(user, k=5, as_of=AS_OF, log=False)
+    sql_rows = _sql_recommend(sdb.conn, user, k=5)
+    assert quiet.request_id is None
+    assert py.request_id is not None and sql_rows[0][0] is not None and py.request_id != sql_rows[0][0]
+    assert len({r[0] for r in sql_rows}) == 1
+    for rid, items in ((py.request_id, [(i.position, i.item_id, i.score) for i in py.items]),
+                       (sql_rows[0][0], [(r[1], r[2], r[3]) for r in sql_rows])):
+        logged = sdb.conn.execute(query("serving.impressions_of_request"), {"request_id": rid}).fetchall()
+        assert [(r[0], r[1], r[2]) for r in logged] == items
+        assert all(r[3] == version and r[7] == "default" and r[4] is not None for r in logged)
+    assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 10
+    # an event may cite the request that showed the item
+    first = py.items[0].item_id
+    assert sdb.scalar("SELECT pgrec.track_event(%s, %s, 'click', %s, NULL, NULL, NULL, %s)",
+                      (user, first, AS_OF + timedelta(seconds=5), py.request_id)) == "stored"
+    assert sdb.scalar("SELECT request_id FROM pgrec.events WHERE request_id IS NOT NULL") == py.request_id
+
+
+def test_an_event_changes_the_next_answer(sdb: TestDB) -> None:
+    user = _users(sdb, 3)[2]
+    with Recommender(sdb.settings) as rec:
+        before = rec.recommend(user, k=10, as_of=AS_OF, log=False)
+        history_before = _history(sdb, user, AS_OF)
+        top = before.items[0].item_id
+        sdb.conn.execute("SELECT pgrec.track_event(%s, %s, 'purchase', %s)", (user, top, AS_OF + timedelta(minutes=1)))
+        later = AS_OF + timedelta(minutes=2)
+        after = rec.recommend(user, k=10, as_of=later, log=False)
+    assert top not in [i.item_id for i in after.items]                       # excluded as seen
+    assert top not in [r[2] for r in _sql_recommend(sdb.conn, user, as_of=later, log=False)]
+    assert _history(sdb, user, later) != history_before                       # the history source moved
+
+
+def _history(db: TestDB, user: str, as_of: datetime) -> list[str]:
+    return [r[0] for r in db.conn.execute(
+        "SELECT item_id FROM pgrec.candidates(%s, 'default', 200, %s) WHERE history_rank IS NOT NULL "
+        "ORDER BY history_rank", (user, as_of)).fetchall()]
+
+
+def test_recommend_many_matches_single_requests(sdb: TestDB) -> None:
+    users = [*_users(sdb, 5), "cold-one"]
+    with Recommender(sdb.settings) as rec:
+        many = rec.recommend_many(users, k=7, as_of=AS_OF, log=False)
+        singles = [rec.recommend(u, k=7, as_of=AS_OF, log=False) for u in users]
+    assert [m.user_id for m in many] == users
+    for m, s in zip(many, singles, strict=True):
+        assert [(i.item_id, i.score) for i in m.items] == [(i.item_id, i.score) for i in s.items]
+    assert set(many[0].timings_ms) >= {"candidates_features", "rank", "rerank_log", "total"}
+
+
+def test_bad_requests_are_refused_and_change_nothing(sdb: TestDB) -> None:
+    user = _users(sdb, 1)[0]
+    with Recommender(sdb.settings) as rec:
+        with pytest.raises(InvalidRequest, match="k must be"):
+            rec.recommend(user, k=0)
+        with pytest.raises(InvalidRequest, match="surface"):
+            rec.recommend(user, surface="no-such-surface", as_of=AS_OF)
+        with pytest.raises(InvalidRequest, match="timezone"):
+            rec.recommend(user, as_of=datetime(2024, 1, 1))
+        with pytest.raises(InvalidRequest, match="context"):
+            rec.recommend(user, context=["not", "an", "object"])  # type: ignore[arg-type]
+        with pytest.raises(NotFound, match="no-such-item"):
+            rec.similar("no-such-item")
+        assert rec.trending(k=5)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="k must be between"):
+        _sql_recommend(sdb.conn, user, k=5000)
+    assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
+    assert sdb.scalar("SELECT count(*) FROM pgrec.users WHERE user_id = 'no-such-surface'") == 0
+
+
+def test_least_privilege_role_can_recommend_and_cannot_read(sdb: TestDB) -> None:
+    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+    user = _users(sdb, 1)[0]
+    try:
+        with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
+            rows = app.execute("SELECT request_id, position, item_id, score, reasons "
+                               "FROM pgrec.recommend(%s, 5, as_of => %s)", (user, AS_OF)).fetchall()
+            assert len(rows) == 5 and rows[0][0] is not None
+            assert app.execute("SELECT count(*) FROM pgrec.similar_items(%s, 3)", (rows[0][2],)).fetchone()
+            assert app.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, NULL, NULL, NULL, %s)",
+                               (user, rows[0][2], AS_OF, rows[0][0])).fetchone() == ("stored",)
+            for forbidden in ("SELECT count(*) FROM pgrec.items", "SELECT count(*) FROM pgrec.impressions",
+                              "SELECT count(*) FROM pgrec.events",
+                              "SELECT pgrec.finish_request('u', 'default', 1, '{}', '{}', '{}')",
+                              "SELECT pgrec.upsert_item('x')",
+                              "SELECT count(*) FROM pgrec.candidate_features('u', 'default', 10, NULL)"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    app.execute(forbidden)
+        # what the role did is logged like any other request
+        assert sdb.scalar("SELECT count(*) FROM pgrec.impressions WHERE request_id = %s", (rows[0][0],)) == 5
+    finally:
+        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
+
+
+def _with_user(url: str, role: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(username=role, password="x").render_as_string(hide_password=False)
