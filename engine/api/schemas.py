@@ -146,7 +146,7 @@ class RecommendedItemOut(BaseModel):
 
 
 class RecommendationOut(BaseModel):
-    request_id: UUID
+    request_id: UUID | None = Field(description="What events cite; null when the request was not logged")
     user_id: str
     surface: str
     items: list[RecommendedItemOut]

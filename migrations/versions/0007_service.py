@@ -63,6 +63,19 @@ ON CONFLICT (key) DO NOTHING;
 """
     )
     sqlfiles.apply("service", 1)
+    # SQL-only apps (role pgrec_app of 0006) may pick their A/B variant themselves
+    op.get_bind().exec_driver_sql(
+        """
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgrec_app') THEN
+        GRANT EXECUTE ON FUNCTION pgrec.assign_variant(text, text), pgrec.variant_bucket(text, text) TO pgrec_app;
+    END IF;
+END
+$$;
+""",
+        execution_options={"no_parameters": True},
+    )
 
 
 def downgrade() -> None:

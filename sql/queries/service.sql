@@ -102,17 +102,19 @@ SELECT surface, variant, position, count(*) AS impressions,
  ORDER BY surface, variant, position NULLS FIRST
 
 -- name: track_event
-SELECT pgrec.track_event(%(user_id)s, %(item_id)s, %(event_type)s, coalesce(%(occurred_at)s::timestamptz, now()),
-                         %(value)s, %(event_id)s, %(properties)s, %(request_id)s)
+SELECT pgrec.track_event(%(user_id)s::text, %(item_id)s::text, %(event_type)s::text,
+                         coalesce(%(occurred_at)s::timestamptz, now()), %(value)s::numeric, %(event_id)s::text,
+                         %(properties)s::jsonb, %(request_id)s::uuid)
 
 -- name: upsert_item
-SELECT pgrec.upsert_item(%(item_id)s, %(categories)s, %(properties)s, %(created_at)s, %(available)s)
+SELECT pgrec.upsert_item(%(item_id)s::text, %(categories)s::text[], %(properties)s::jsonb,
+                         %(created_at)s::timestamptz, %(available)s::boolean)
 
 -- name: upsert_user
-SELECT pgrec.upsert_user(%(user_id)s, %(properties)s)
+SELECT pgrec.upsert_user(%(user_id)s::text, %(properties)s::jsonb)
 
 -- name: set_item_embedding
-SELECT pgrec.set_item_embedding(%(item_id)s, %(vector)s::float8[], %(model_version)s)
+SELECT pgrec.set_item_embedding(%(item_id)s::text, %(vector)s::float8[], %(model_version)s::text)
 
 -- name: get_item
 SELECT item_id, categories, properties, created_at, updated_at, available,
