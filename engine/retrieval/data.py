@@ -20,6 +20,8 @@ import psycopg
 from engine.errors import InvalidRequest
 from engine.sql import query
 
+Ints = Sequence[int] | np.ndarray
+Floats = Sequence[float] | np.ndarray
 GLOBAL_TOKEN = "*"  # every item has it, so an item without features or events still gets a vector
 EXCLUDED_PROPERTIES = frozenset({"title", "name", "description", "url", "image", "image_url"})
 
@@ -44,7 +46,7 @@ def item_tokens(categories: Sequence[str] | None, properties: Mapping[str, Any] 
             if isinstance(v, bool) or isinstance(v, int) or (isinstance(v, str) and 0 < len(v) <= 64):
                 out.append(f"{key}={str(v).lower()}")
             elif isinstance(v, float) and math.isfinite(v):
-                out.append(f"{key}~{int(math.floor(math.log2(abs(v) + 1.0)))}{'-' if v < 0 else ''}")
+                out.append(f"{key}~{math.floor(math.log2(abs(v) + 1.0))}{'-' if v < 0 else ''}")
     return list(dict.fromkeys(out))
 
 
@@ -118,7 +120,7 @@ class RetrievalData:
     def n_users(self) -> int:
         return len(self.user_keys)
 
-    def item_index(self, keys: Sequence[int] | np.ndarray) -> np.ndarray:
+    def item_index(self, keys: Ints) -> np.ndarray:
         """Dense indices of item keys; InvalidRequest names the first unknown key."""
         keys = np.asarray(keys, dtype=np.int64)
         pos = _lookup(self.item_keys, keys)
@@ -127,11 +129,11 @@ class RetrievalData:
         return pos
 
     @classmethod
-    def from_arrays(cls, item_keys: Sequence[int], item_tokens: Sequence[Sequence[str]],
-                    user: Sequence[int], item: Sequence[int], polarity: Sequence[int], weight: Sequence[float],
-                    time: Sequence[float], *, item_created: Sequence[float] | None = None,
+    def from_arrays(cls, item_keys: Ints, item_tokens: Sequence[Sequence[str]],
+                    user: Ints, item: Ints, polarity: Ints, weight: Floats,
+                    time: Floats, *, item_created: Floats | None = None,
                     max_events: int = 50, half_life_days: float = 30.0, as_of: datetime | None = None,
-                    ignored: tuple[Sequence[int], Sequence[int]] | None = None) -> RetrievalData:
+                    ignored: tuple[Ints, Ints] | None = None) -> RetrievalData:
         """Build from raw keys. Events are re-sorted by (user, time, input order); they must name known items."""
         ik = np.asarray(item_keys, dtype=np.int64)
         order_items = np.argsort(ik, kind="stable")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ class TwoTower:
              rng: np.random.Generator, dtype: type = np.float32) -> TwoTower:
         """Id rows start at zero (an item's vector is its features' until its events move it);
         feature rows at random."""
-        ids = np.zeros((n_items, 2 * dim), dtype=dtype)
+        ids: np.ndarray = np.zeros((n_items, 2 * dim), dtype=dtype)
         feats = (rng.normal(size=(n_features, 2 * dim)) / np.sqrt(dim)).astype(dtype)
         return cls(ids, feats, fidx, fw.astype(dtype))
 
@@ -137,9 +138,11 @@ class TwoTower:
 
     # ------------------------------------------------------------ storage
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, **extra: np.ndarray) -> bytes:
+        """The weights as npz bytes (plus ``extra`` arrays, e.g. the item keys of the rows)."""
         buf = io.BytesIO()
-        np.savez_compressed(buf, ids=self.ids, feats=self.feats, fidx=self.fidx, fw=self.fw)
+        arrays: dict[str, Any] = {"ids": self.ids, "feats": self.feats, "fidx": self.fidx, "fw": self.fw} | extra
+        np.savez_compressed(buf, **arrays)
         return buf.getvalue()
 
     @classmethod
@@ -164,7 +167,7 @@ def user_vectors(context: np.ndarray, hist_items: np.ndarray, hist_weights: np.n
     return np.where(n > EPS, u / np.maximum(n, EPS), 0.0)
 
 
-def user_vector(context: Sequence[Sequence[float]] | np.ndarray, weights: Sequence[float],
+def user_vector(context: Sequence[Sequence[float]] | Sequence[np.ndarray] | np.ndarray, weights: Sequence[float],
                 times: Sequence[float], *, max_events: int = 50, half_life_days: float = 30.0) -> np.ndarray | None:
     """The contract's user vector for one history given oldest first: the context vectors of the events,
     the events' weights and times (epoch seconds). The last ``max_events`` count; None when nothing sums."""

@@ -13,11 +13,11 @@ SELECT item_key, categories, properties, extract(epoch FROM created_at)::float8 
  ORDER BY item_key
 
 -- name: events
--- Every event strictly before as_of (NULL: all), in the order the user vector reads them.
+-- Every event strictly before as_of (NULL: all), in the order pgrec.user_vector reads them (ties: item, type).
 SELECT user_key, item_key, polarity, weight::float8, extract(epoch FROM occurred_at)::float8 AS t
   FROM pgrec.events
  WHERE %(as_of)s::timestamptz IS NULL OR occurred_at < %(as_of)s::timestamptz
- ORDER BY user_key, occurred_at, event_key
+ ORDER BY user_key, occurred_at, item_key, type_id
 
 -- name: ignored_impressions
 -- Items shown before as_of that the user never engaged with afterwards (before as_of): extra negatives.
@@ -68,8 +68,16 @@ UPDATE pgrec.models SET active = true, activated_at = now() WHERE version = %(ve
 SELECT version, artifact, params, features, metrics, data_window, created_at
   FROM pgrec.models WHERE kind = 'retrieval' AND active
 
--- name: context_vectors
-SELECT item_key, coalesce(context_embedding, embedding)::real[] FROM pgrec.item_embeddings
+-- name: user_history
+-- One user's positive events strictly before as_of, oldest first (the input of the user vector).
+SELECT item_key, weight::float8, extract(epoch FROM occurred_at)::float8
+  FROM pgrec.events
+ WHERE user_key = %(user_key)s AND polarity = 1 AND occurred_at < %(as_of)s
+ ORDER BY occurred_at, item_key, type_id
+
+-- name: context_vectors_of
+SELECT item_key, coalesce(context_embedding, embedding)::real[]
+  FROM pgrec.item_embeddings WHERE item_key = ANY(%(items)s::bigint[])
 
 -- name: create_eval_index
 -- A private copy of the item vectors with its own HNSW index: evaluation never touches the served vectors.
