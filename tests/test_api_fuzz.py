@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 pytest_plugins = ("api_support",)
 
-EXAMPLES = 25
+EXAMPLES = 15
 
 
 def _seed(api: Api) -> None:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from engine.api import errors
 from engine.api.deps import ServiceConfig, Services
 from engine.api.middleware import ServiceMiddleware
-from engine.api.routes import admin, catalog, events, health, recommend
+from engine.api.routes import admin, catalog, events, health, manage, recommend
 from engine.config import Settings, get_settings
 from engine.db import make_pool
 
@@ -39,7 +39,7 @@ def create_app(settings: Settings, config: ServiceConfig | None = None) -> FastA
 
     app = FastAPI(title="pgrec", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
-    for module in (health, recommend, events, catalog, admin):
+    for module in (health, recommend, events, catalog, admin, manage):
         app.include_router(module.router)
     app.add_middleware(ServiceMiddleware, max_body_bytes=config.max_body_bytes)
     return app

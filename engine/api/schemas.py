@@ -53,7 +53,7 @@ class EventIn(Strict):
     @field_validator("properties")
     @classmethod
     def _finite(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        _check_json(v)
+        check_json(v)
         return v
 
 
@@ -83,7 +83,7 @@ class ItemIn(Strict):
     @field_validator("properties")
     @classmethod
     def _finite(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        _check_json(v)
+        check_json(v)
         return v
 
     @field_validator("created_at")
@@ -102,7 +102,7 @@ class UserIn(Strict):
     @field_validator("properties")
     @classmethod
     def _finite(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        _check_json(v)
+        check_json(v)
         return v
 
 
@@ -129,7 +129,7 @@ class RecommendRequest(Strict):
     @field_validator("context")
     @classmethod
     def _finite(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        _check_json(v)
+        check_json(v)
         return v
 
 
@@ -203,7 +203,7 @@ class Readiness(BaseModel):
     detail: str | None = None
 
 
-def _check_json(v: Any, depth: int = 0) -> None:
+def check_json(v: Any, depth: int = 0) -> None:
     """JSON for jsonb: finite numbers and no NUL characters (PostgreSQL rejects \\u0000 in jsonb)."""
     if depth > 32:
         raise ValueError("is nested too deeply")
@@ -215,7 +215,7 @@ def _check_json(v: Any, depth: int = 0) -> None:
         for k, x in v.items():
             if "\x00" in k:
                 raise ValueError("contains a NUL character")
-            _check_json(x, depth + 1)
+            check_json(x, depth + 1)
     elif isinstance(v, list):
         for x in v:
-            _check_json(x, depth + 1)
+            check_json(x, depth + 1)
