@@ -571,51 +571,6 @@ END
 $$;
 COMMENT ON FUNCTION pgrec.policy_number(jsonb, text) IS 'A resolved range bound as a number (a numeric string is accepted).';
 
--- One condition on one item. Plain SQL so the planner inlines it into the statement that scans the list.
-CREATE OR REPLACE FUNCTION pgrec.policy_leaf(
-    p_field text, p_prop text, p_op text, p_value jsonb, p_values jsonb, p_texts text[], p_min numeric,
-    p_max numeric, p_categories text[], p_properties jsonb, p_item_id text, p_sources text, p_score float8,
-    p_age_days float8)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT CASE p_field
-    WHEN 'property' THEN CASE p_op
-        WHEN 'exists' THEN coalesce(jsonb_typeof(p_properties -> p_prop) <> 'null', false)
-        WHEN 'equals' THEN coalesce(p_properties -> p_prop = p_value, false)
-        WHEN 'in' THEN CASE jsonb_typeof(p_properties -> p_prop)
-            WHEN 'array' THEN EXISTS (SELECT 1 FROM jsonb_array_elements(p_properties -> p_prop) e
-                                       WHERE p_values @> jsonb_build_array(e))
-            WHEN 'null' THEN false
-            ELSE coalesce(p_values @> jsonb_build_array(p_properties -> p_prop), false) END
-        WHEN 'contains' THEN CASE jsonb_typeof(p_properties -> p_prop)
-            WHEN 'array' THEN p_properties -> p_prop @> jsonb_build_array(p_value)
-            WHEN 'string' THEN strpos(p_properties ->> p_prop, p_value #>> '{}') > 0
-            ELSE false END
-        WHEN 'range' THEN CASE WHEN jsonb_typeof(p_properties -> p_prop) = 'number'
-            THEN (p_min IS NULL OR (p_properties -> p_prop)::numeric >= p_min)
-             AND (p_max IS NULL OR (p_properties -> p_prop)::numeric <= p_max)
-            ELSE false END
-        ELSE false END
-    WHEN 'categories' THEN CASE p_op
-        WHEN 'exists' THEN coalesce(cardinality(p_categories), 0) > 0
-        WHEN 'in' THEN coalesce(p_categories && p_texts, false)
-        ELSE coalesce((p_value #>> '{}') = ANY (p_categories), false) END
-    WHEN 'item_id' THEN CASE p_op
-        WHEN 'in' THEN coalesce(p_item_id = ANY (p_texts), false)
-        ELSE coalesce(p_item_id = p_value #>> '{}', false) END
-    WHEN 'source' THEN CASE p_op
-        WHEN 'exists' THEN coalesce(p_sources, '') <> ''
-        WHEN 'in' THEN coalesce(string_to_array(p_sources, ',') && p_texts, false)
-        ELSE coalesce((p_value #>> '{}') = ANY (string_to_array(p_sources, ',')), false) END
-    WHEN 'score' THEN coalesce((p_min IS NULL OR p_score >= p_min) AND (p_max IS NULL OR p_score <= p_max), false)
-    WHEN 'age_days' THEN coalesce((p_min IS NULL OR p_age_days >= p_min) AND (p_max IS NULL OR p_age_days <= p_max), false)
-    ELSE false END
-$$;
-COMMENT ON FUNCTION pgrec.policy_leaf(text, text, text, jsonb, jsonb, text[], numeric, numeric, text[], jsonb, text, text, float8, float8) IS
-    'Does one item match one resolved condition (equals, in, range, contains, exists) on a property, its '
-    'categories, id, sources, score or age in days. Values are data, never SQL.';
-
 CREATE OR REPLACE FUNCTION pgrec.policy_mask(
     p jsonb, p_list pgrec.rerank_row[], p_ctx jsonb, p_as_of timestamptz)
 RETURNS boolean[]
@@ -628,7 +583,13 @@ DECLARE
     m      boolean[];
     acc    boolean[];
     vals   jsonb;
+    val    jsonb;
     texts  text[];
+    field  text;
+    prop   text;
+    op     text;
+    lo     numeric;
+    hi     numeric;
 BEGIN
     IF p ? 'all' OR p ? 'any' THEN
         comb := CASE WHEN p ? 'all' THEN 'all' ELSE 'any' END;
@@ -648,21 +609,54 @@ BEGIN
         m := pgrec.policy_mask(p -> 'not', p_list, p_ctx, p_as_of);
         RETURN (SELECT coalesce(array_agg(NOT a ORDER BY o), '{}') FROM unnest(m) WITH ORDINALITY t(a, o));
     END IF;
+    field := coalesce(p ->> 'field', 'property');
+    prop := p ->> 'property';
+    op := p ->> 'op';
+    val := pgrec.policy_value(p -> 'value', p_ctx);
     vals := pgrec.policy_value(p -> 'values', p_ctx);
     IF vals IS NOT NULL AND jsonb_typeof(vals) <> 'array' THEN
         vals := jsonb_build_array(vals);  -- a request parameter holding one value
     END IF;
     texts := ARRAY(SELECT jsonb_array_elements(vals) #>> '{}');
-    RETURN (
-        SELECT coalesce(array_agg(pgrec.policy_leaf(
-                   coalesce(p ->> 'field', 'property'), p ->> 'property', p ->> 'op',
-                   pgrec.policy_value(p -> 'value', p_ctx), vals, texts,
-                   pgrec.policy_number(pgrec.policy_value(p -> 'min', p_ctx), 'the range minimum'),
-                   pgrec.policy_number(pgrec.policy_value(p -> 'max', p_ctx), 'the range maximum'),
-                   r.categories, r.properties, r.item_id, r.sources, r.score,
-                   extract(epoch FROM p_as_of - r.created_at)::float8 / 86400.0) ORDER BY r.o), '{}')
-          FROM unnest(p_list) WITH ORDINALITY
-               AS r(item_key, item_id, score, sources, categories, properties, created_at, o));
+    lo := pgrec.policy_number(pgrec.policy_value(p -> 'min', p_ctx), 'the range minimum');
+    hi := pgrec.policy_number(pgrec.policy_value(p -> 'max', p_ctx), 'the range maximum');
+    -- one pass over the list, in its order: one condition (equals, in, range, contains, exists) on a property,
+    -- the categories, the id, the sources, the score or the age in days; the values are data, never SQL
+    RETURN ARRAY(
+        SELECT CASE field
+        WHEN 'property' THEN CASE op
+            WHEN 'exists' THEN coalesce(jsonb_typeof(r.properties -> prop) <> 'null', false)
+            WHEN 'equals' THEN coalesce(r.properties -> prop = val, false)
+            WHEN 'in' THEN CASE jsonb_typeof(r.properties -> prop)
+                WHEN 'array' THEN coalesce(r.properties -> prop ?| texts, false)  -- any string element listed
+                WHEN 'null' THEN false
+                ELSE coalesce(vals @> jsonb_build_array(r.properties -> prop), false) END
+            WHEN 'contains' THEN CASE jsonb_typeof(r.properties -> prop)
+                WHEN 'array' THEN r.properties -> prop @> jsonb_build_array(val)
+                WHEN 'string' THEN strpos(r.properties ->> prop, val #>> '{}') > 0
+                ELSE false END
+            WHEN 'range' THEN CASE WHEN jsonb_typeof(r.properties -> prop) = 'number'
+                THEN (lo IS NULL OR (r.properties -> prop)::numeric >= lo)
+                 AND (hi IS NULL OR (r.properties -> prop)::numeric <= hi)
+                ELSE false END
+            ELSE false END
+        WHEN 'categories' THEN CASE op
+            WHEN 'exists' THEN coalesce(cardinality(r.categories), 0) > 0
+            WHEN 'in' THEN coalesce(r.categories && texts, false)
+            ELSE coalesce((val #>> '{}') = ANY (r.categories), false) END
+        WHEN 'item_id' THEN CASE op
+            WHEN 'in' THEN coalesce(r.item_id = ANY (texts), false)
+            ELSE coalesce(r.item_id = val #>> '{}', false) END
+        WHEN 'source' THEN CASE op
+            WHEN 'exists' THEN coalesce(r.sources, '') <> ''
+            WHEN 'in' THEN coalesce(string_to_array(r.sources, ',') && texts, false)
+            ELSE coalesce((val #>> '{}') = ANY (string_to_array(r.sources, ',')), false) END
+        WHEN 'score' THEN coalesce((lo IS NULL OR r.score >= lo) AND (hi IS NULL OR r.score <= hi), false)
+        WHEN 'age_days' THEN coalesce(
+            (lo IS NULL OR extract(epoch FROM p_as_of - r.created_at) >= lo * 86400)
+            AND (hi IS NULL OR extract(epoch FROM p_as_of - r.created_at) <= hi * 86400), false)
+        ELSE false END
+          FROM unnest(p_list) r);
 END
 $$;
 COMMENT ON FUNCTION pgrec.policy_mask(jsonb, pgrec.rerank_row[], jsonb, timestamptz) IS
@@ -670,45 +664,65 @@ COMMENT ON FUNCTION pgrec.policy_mask(jsonb, pgrec.rerank_row[], jsonb, timestam
 
 -- ---------------------------------------------------------------- list helpers
 
-CREATE OR REPLACE FUNCTION pgrec.policy_keep(p_list pgrec.rerank_row[], p_drop boolean[])
+CREATE OR REPLACE FUNCTION pgrec.policy_keep(p_list pgrec.rerank_row[], p_drop bigint[])
 RETURNS pgrec.rerank_row[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(array_agg(ROW(r.item_key, r.item_id, r.score, r.sources, r.categories, r.properties,
-                                  r.created_at)::pgrec.rerank_row ORDER BY r.o)
-                    FILTER (WHERE NOT coalesce(p_drop[r.o], false)), '{}')
-      FROM unnest(p_list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+BEGIN
+    IF p_drop IS NULL OR cardinality(p_drop) = 0 THEN
+        RETURN p_list;
+    END IF;
+    -- a plain scan of the list keeps its order; a hashed sub-plan tests membership
+    RETURN ARRAY(SELECT r FROM unnest(p_list) r WHERE NOT coalesce(r.item_key IN (SELECT unnest(p_drop)), false));
+END
 $$;
-COMMENT ON FUNCTION pgrec.policy_keep(pgrec.rerank_row[], boolean[]) IS 'The items whose drop flag is not set, in order.';
+COMMENT ON FUNCTION pgrec.policy_keep(pgrec.rerank_row[], bigint[]) IS 'The items whose key is not in p_drop, in order.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_pick(p_list pgrec.rerank_row[], p_prefix int[])
 RETURNS pgrec.rerank_row[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    ks bigint[];
+    pk bigint[];
+BEGIN
     -- the items at the positions p_prefix (in that order), then every other item in its current order
-    SELECT coalesce(array_agg(ROW(r.item_key, r.item_id, r.score, r.sources, r.categories, r.properties,
-                                  r.created_at)::pgrec.rerank_row ORDER BY coalesce(x.pos, 1000000 + r.o)), '{}')
-      FROM unnest(p_list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-      LEFT JOIN unnest(p_prefix) WITH ORDINALITY AS x(idx, pos) ON x.idx = r.o
+    IF p_prefix IS NULL OR cardinality(p_prefix) = 0 THEN
+        RETURN p_list;
+    END IF;
+    ks := ARRAY(SELECT r.item_key FROM unnest(p_list) r);
+    pk := ARRAY(SELECT ks[x.i] FROM unnest(p_prefix) WITH ORDINALITY x(i, o) ORDER BY x.o);
+    RETURN ARRAY(SELECT r FROM unnest(p_list) r JOIN unnest(pk) WITH ORDINALITY x(k, o) ON x.k = r.item_key ORDER BY x.o)
+        || ARRAY(SELECT r FROM unnest(p_list) r WHERE NOT r.item_key = ANY (pk));
+END
 $$;
 COMMENT ON FUNCTION pgrec.policy_pick(pgrec.rerank_row[], int[]) IS
     'Reorder a list: the items at positions p_prefix first, in that order, then the rest in their order.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_sort(p_list pgrec.rerank_row[])
 RETURNS pgrec.rerank_row[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(array_agg(r ORDER BY r.score DESC NULLS LAST, r.item_key), '{}') FROM unnest(p_list) r
+BEGIN
+    RETURN ARRAY(SELECT r FROM unnest(p_list) r ORDER BY r.score DESC NULLS LAST, r.item_key);
+END
 $$;
 COMMENT ON FUNCTION pgrec.policy_sort(pgrec.rerank_row[]) IS 'Order by score (descending, NULL last), ties by item_key.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_keys_mask(p_list pgrec.rerank_row[], p_keys bigint[])
 RETURNS boolean[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(array_agg(h.k IS NOT NULL ORDER BY r.o), '{}')
-      FROM unnest(p_list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-      LEFT JOIN (SELECT DISTINCT x FROM unnest(p_keys) x) h(k) ON h.k = r.item_key
+BEGIN
+    IF p_keys IS NULL OR cardinality(p_keys) = 0 THEN
+        RETURN array_fill(false, ARRAY[coalesce(cardinality(p_list), 0)]);
+    END IF;
+    RETURN ARRAY(SELECT coalesce(r.item_key IN (SELECT unnest(p_keys)), false) FROM unnest(p_list) r);
+END
 $$;
 COMMENT ON FUNCTION pgrec.policy_keys_mask(pgrec.rerank_row[], bigint[]) IS 'One flag per item: is its key in p_keys.';
 
@@ -1238,7 +1252,7 @@ BEGIN
     IF cardinality(pins) = 0 THEN
         RETURN p_list;
     END IF;
-    p_list := pgrec.policy_keep(p_list, pgrec.policy_keys_mask(p_list, ARRAY(SELECT q.item_key FROM unnest(pins) q)));
+    p_list := pgrec.policy_keep(p_list, ARRAY(SELECT q.item_key FROM unnest(pins) q));
     FOR i IN SELECT o FROM unnest(pinpos) WITH ORDINALITY u(pp, o) ORDER BY pp, o LOOP
         r := pins[i];
         pos := least(pinpos[i], coalesce(cardinality(p_list), 0) + 1);
@@ -1476,7 +1490,10 @@ BEGIN
                 m := m[1:nl];
                 list := list[1:nl];
                 IF true = ANY (mr) THEN
-                    reserve := pgrec.policy_keep(reserve, mr);
+                    reserve := pgrec.policy_keep(reserve, ARRAY(
+                        SELECT r.item_key FROM unnest(reserve) WITH ORDINALITY
+                               AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+                         WHERE mr[r.o]));
                 END IF;
             END IF;
             hit := ARRAY(SELECT r.item_key FROM unnest(list) WITH ORDINALITY
@@ -1486,7 +1503,7 @@ BEGIN
             IF cnt > 0 THEN
                 dropped := dropped || jsonb_build_object(lbl, cnt);
                 gone := gone || hit;
-                list := pgrec.policy_keep(list, m);
+                list := pgrec.policy_keep(list, hit);
             END IF;
             IF pol.kind = 'attribute_filter' AND coalesce(pol.params ->> 'mode', 'keep') = 'keep' THEN
                 hit := ARRAY(SELECT r.item_key FROM unnest(list) r);
