@@ -90,6 +90,8 @@ def run(settings: Settings, *, candidates: int = 500, k: int = 10, runs: int = 3
             "name": f"bench-blocked-{tag}", "items": [rows[rng.randrange(n_items)][0] for _ in range(50)],
             "description": "benchmark", "actor": "bench"})
         conn.execute("UPDATE pgrec.policies SET enabled = false WHERE enabled")  # rolled back at the end
+        # statistics for the planner (inside the transaction: they go away with the rollback)
+        conn.execute("ANALYZE pgrec.items, pgrec.item_embeddings, pgrec.events, pgrec.impressions, pgrec.users")
         for n, (kind, params) in enumerate(chosen):
             p = json.loads(json.dumps(params).replace("bench-blocked", f"bench-blocked-{tag}")
                            .replace('"bench-3"', f'"bench-{tag}-3"'))
