@@ -1,3 +1,293 @@
-"""CLI commands for ranker (registered on the groups of engine.cli.app)."""
+"""CLI commands for the ranker: ``pgrec train ranker|all``, ``pgrec models ...``, ``pgrec eval``, ``pgrec explain``."""
 
 from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine.cli.app import app, console, eval_app, fail, models_app, train_app
+from engine.cli.core import db_connection
+from engine.errors import InvalidRequest, NotFound
+from engine.ingest import FieldError, parse_time
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value, name, required=True)
+    except (FieldError, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+
+@contextmanager
+def _stages() -> Iterator[Any]:
+    """A progress bar per stage, fed by ``progress(stage, done, total)`` callbacks."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console)
+    tasks: dict[str, TaskID] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    with bar:
+        yield progress
+
+
+def _ranker_config(horizon_days: float, cutoff_count: int, n: int, max_users: int, rounds: int, seed: int,
+                   source: str) -> Any:
+    from engine.ranking.train import RankerConfig
+
+    if source not in ("replay", "impressions"):
+        raise fail(f"--from must be 'replay' or 'impressions', got {source!r}")
+    checks = {"--horizon-days": horizon_days > 0, "--cutoff-count": cutoff_count >= 1, "--n": n >= 1,
+              "--max-users": max_users >= 1, "--rounds": rounds >= 1}
+    for name, ok in checks.items():
+        if not ok:
+            raise fail(f"{name} must be positive")
+    return RankerConfig(horizon_days=horizon_days, cutoffs=cutoff_count, n_candidates=n,
+                        max_users_per_cutoff=max_users, num_boost_round=rounds, seed=seed, source=source)
+
+
+HorizonDays = Annotated[float, typer.Option("--horizon-days", help="label window after each cutoff (days)")]
+CutoffCount = Annotated[int, typer.Option("--cutoff-count", help="training cutoffs (plus one for validation)")]
+N = Annotated[int, typer.Option("--n", help="candidates per user")]
+MaxUsers = Annotated[int, typer.Option("--max-users", help="users sampled per cutoff")]
+Rounds = Annotated[int, typer.Option("--rounds", help="boosting rounds at most (early stopping)")]
+Seed = Annotated[int, typer.Option("--seed")]
+
+
+def _print_trained(version: int, trained: Any, activated: bool) -> None:
+    m = trained.metrics
+    valid = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("valid_") and isinstance(v, float))
+    console.print(f"ranker v{version}{' active' if activated else ''}: {m['train_groups']} training groups "
+                  f"({m['train_rows']:,} rows), {m['valid_groups']} validation groups; best iteration "
+                  f"{m['best_iteration']}{'; ' + valid if valid else ''}; {m['seconds']:.1f}s")
+    top = list(trained.importance.items())[:8]
+    console.print("top features (gain share): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+
+
+@train_app.command("ranker")
+def train_ranker_cmd(
+    cutoffs: Annotated[str | None, typer.Option("--cutoffs", help="comma-separated ISO times; the last validates")] = None,
+    source: Annotated[str, typer.Option("--from", help="replay (the event log) or impressions")] = "replay",
+    until: Annotated[str | None, typer.Option("--until", help="no label from events at or after this time")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="impressions: served from this time")] = None,
+    horizon_days: HorizonDays = 14.0,
+    cutoff_count: CutoffCount = 3,
+    n: N = 200,
+    max_users: MaxUsers = 2000,
+    rounds: Rounds = 400,
+    seed: Seed = 42,
+    no_activate: Annotated[bool, typer.Option("--no-activate", help="store without activating")] = False,
+) -> None:
+    """Train the LightGBM lambdarank ranker and store it in the registry (active unless --no-activate)."""
+    from engine.ranking.train import train_ranker
+
+    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, source)
+    cuts = None
+    if cutoffs:
+        cuts = [t for t in (_time(c.strip(), "--cutoffs") for c in cutoffs.split(",") if c.strip()) if t]
+    with db_connection() as conn:
+        try:
+            with _stages() as progress:
+                trained = train_ranker(conn, config, until=_time(until, "--until"), cutoffs=cuts,
+                                       since=_time(since, "--since"), progress=progress)
+            version = trained.save(conn, activate=not no_activate)
+        except InvalidRequest as exc:
+            raise fail(str(exc)) from None
+    _print_trained(version, trained, not no_activate)
+
+
+@train_app.command("all")
+def train_all_cmd(
+    horizon_days: HorizonDays = 14.0,
+    cutoff_count: CutoffCount = 3,
+    n: N = 200,
+    max_users: MaxUsers = 2000,
+    rounds: Rounds = 400,
+    seed: Seed = 42,
+    epochs: Annotated[int, typer.Option("--epochs", help="retrieval: at most this many epochs")] = 30,
+) -> None:
+    """Co-occurrence, then the retrieval model, then the ranker, in that order (each becomes active)."""
+    from engine import cooccurrence
+    from engine.ranking.train import train_ranker
+    from engine.retrieval.store import schema_dim, train_and_store
+    from engine.retrieval.train import RetrievalConfig
+
+    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, "replay")
+    with db_connection() as conn:
+        try:
+            with _stages() as progress:
+                b = cooccurrence.build(conn, progress=lambda d, t: progress("co-occurrence", d, t))
+                console.print(f"co-occurrence build #{b.build_id}: {b.pairs:,} pairs, {b.items:,} items")
+                rcfg = RetrievalConfig(dim=schema_dim(conn), epochs=epochs, seed=seed)
+                stored = train_and_store(conn, rcfg, on_epoch=lambda s, _b: progress("retrieval epochs", s.epoch,
+                                                                                     epochs))
+                console.print(f"retrieval model v{stored.version}: {stored.items:,} item vectors")
+                trained = train_ranker(conn, config, progress=progress)
+            version = trained.save(conn, activate=True)
+        except InvalidRequest as exc:
+            raise fail(str(exc)) from None
+    _print_trained(version, trained, True)
+
+
+# ---------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list(
+    kind: Annotated[str | None, typer.Option("--kind", help="ranker, retrieval, ... (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Every stored model, newest first."""
+    from engine.ranking import registry
+
+    with db_connection() as conn:
+        models = registry.list_models(conn, kind)
+    if as_json:
+        print(json.dumps([{**m.__dict__, "created_at": m.created_at.isoformat(),
+                           "activated_at": m.activated_at.isoformat() if m.activated_at else None}
+                          for m in models], default=str))
+        return
+    t = Table(title="models")
+    for col in ("version", "kind", "active", "created", "features", "metrics", "data window"):
+        t.add_column(col)
+    for m in models:
+        metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in m.metrics.items() if not isinstance(v, dict | list))[:80]
+        window = ", ".join(f"{k} {v}" for k, v in m.data_window.items() if not isinstance(v, list))[:80]
+        t.add_row(str(m.version), m.kind, "yes" if m.active else "", f"{m.created_at:%Y-%m-%d %H:%M}",
+                  str(len(m.features)), metrics, window)
+    console.print(t)
+
+
+@models_app.command("activate")
+def models_activate(version: Annotated[int, typer.Argument(help="the model version")]) -> None:
+    """Make VERSION the active model of its kind (serving processes switch within seconds)."""
+    from engine.ranking import registry
+
+    with db_connection() as conn:
+        try:
+            info = registry.activate(conn, version)
+        except (NotFound, InvalidRequest) as exc:
+            raise fail(str(exc)) from None
+    console.print(f"{info.kind} v{info.version} is active")
+
+
+@models_app.command("rollback")
+def models_rollback(kind: Annotated[str, typer.Option("--kind")] = "ranker") -> None:
+    """Re-activate the model that was active before the current one."""
+    from engine.ranking import registry
+
+    with db_connection() as conn:
+        try:
+            info = registry.rollback(conn, kind)
+        except (NotFound, InvalidRequest) as exc:
+            raise fail(str(exc)) from None
+    console.print(f"rolled back: {info.kind} v{info.version} is active")
+
+
+# ---------------------------------------------------------------- eval, explain
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_cmd(
+    ctx: typer.Context,
+    split_at: Annotated[str | None, typer.Option("--split-at", help="split time (ISO 8601)")] = None,
+    split_fraction: Annotated[float | None, typer.Option("--split-fraction", help="share of events before the split")] = None,
+    horizon_days: Annotated[float | None, typer.Option("--test-days", help="test window after the split (default: all)")] = None,
+    n: N = 200,
+    max_users: Annotated[int | None, typer.Option("--max-users", help="evaluate a sample of the test users")] = None,
+    ranker_horizon: Annotated[float, typer.Option("--ranker-horizon-days", help="ranker label window")] = 14.0,
+    cutoff_count: CutoffCount = 3,
+    no_retrieval: Annotated[bool, typer.Option("--no-retrieval", help="keep the stored item vectors")] = False,
+    output: Annotated[Path, typer.Option("--output", help="folder for report.html/json and the PNGs")] = Path("out/eval"),
+    seed: Seed = 42,
+) -> None:
+    """The full funnel beside popularity, EASE and each candidate source, on a temporal split.
+
+    Retrains co-occurrence and retrieval of this database as of the split (run `pgrec train all` afterwards
+    to serve from every event again)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from engine.evaluation import funnel, report
+    from engine.ranking.train import RankerConfig
+
+    if split_at is not None and split_fraction is not None:
+        raise fail("give --split-at or --split-fraction, not both")
+    rc = replace(RankerConfig(), horizon_days=ranker_horizon, cutoffs=cutoff_count, n_candidates=n, seed=seed)
+    config = funnel.EvalConfig(split_at=_time(split_at, "--split-at"), split_fraction=split_fraction,
+                               horizon_days=horizon_days, n_candidates=n, max_users=max_users,
+                               retrieval=not no_retrieval, ranker=rc, seed=seed)
+    with db_connection() as conn:
+        try:
+            with _stages() as progress:
+                result, _ = funnel.run(conn, config, progress=progress)
+        except InvalidRequest as exc:
+            raise fail(str(exc)) from None
+    paths = report.write(result, output, command="pgrec " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    t = Table(title=f"split at {result.split['cutoff']}: {result.split['users']} users "
+                    f"({result.split['users_with_history']} with history), n={n}")
+    t.add_column("method")
+    for metric in report.METRICS:
+        t.add_column(metric, justify="right")
+    for name, vals in result.methods.items():
+        style = "bold red" if name == "funnel" else None
+        t.add_row(name, *(f"{vals.get(mt, 0.0):.4f}" for mt in report.METRICS), style=style)
+    console.print(t)
+    s = result.as_dict()["summary"]
+    ratio = f"{s['ratio']:.3f}" if s["ratio"] is not None else "n/a"
+    console.print(f"funnel NDCG@10 {s['funnel_ndcg@10']:.4f} / best baseline ({s['best_baseline']}) "
+                  f"{s['best_baseline_ndcg@10']:.4f} = {ratio}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"report: {paths['html']} (and {paths['json'].name}, PNGs)")
+
+
+@app.command("explain")
+def explain_cmd(
+    user: Annotated[str, typer.Argument(help="user id")],
+    item: Annotated[str, typer.Argument(help="item id")],
+    as_of: Annotated[str | None, typer.Option("--as-of", help="features as of this time (ISO 8601)")] = None,
+    version: Annotated[int | None, typer.Option("--version", help="model version (default: the active ranker)")] = None,
+    n: N = 500,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The ranker's features for USER and ITEM and each one's contribution to the score (pred_contrib)."""
+    from engine.ranking import explain, registry
+
+    with db_connection() as conn:
+        try:
+            v = version if version is not None else registry.active_version(conn)
+            if v is None:
+                raise fail("no ranker is active: run `pgrec train ranker` or give --version")
+            model = registry.load(conn, v)
+            ex = explain.explain(conn, model, user, item, as_of=_time(as_of, "--as-of"), n=n)
+        except (NotFound, InvalidRequest) as exc:
+            raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps({**ex.__dict__, "as_of": ex.as_of.isoformat() if ex.as_of else None,
+                          "contributions": [c.__dict__ for c in ex.contributions]}))
+        return
+    t = Table(title=f"{user} x {item}: score {ex.score:.4f} (base {ex.base:.4f}), ranker v{ex.model_version}, "
+                    f"sources {','.join(ex.sources) or '-'}")
+    t.add_column("feature")
+    t.add_column("value", justify="right")
+    t.add_column("contribution", justify="right")
+    for c in ex.contributions:
+        t.add_row(c.name, "NaN" if c.value is None else f"{c.value:.4g}", f"{c.contribution:+.4f}")
+    console.print(t)

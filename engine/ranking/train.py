@@ -136,12 +136,19 @@ def importance(booster: lgb.Booster) -> dict[str, float]:
 
 
 def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, cutoffs: Sequence[datetime],
-               progress: Progress | None = None) -> tuple[TrainingSet, TrainingSet]:
-    """Replay at every cutoff: all but the last train, the last validates (one cutoff: no validation)."""
+               progress: Progress | None = None,
+               prepare: Callable[[datetime], None] | None = None) -> tuple[TrainingSet, TrainingSet]:
+    """Replay at every cutoff: all but the last train, the last validates (one cutoff: no validation).
+
+    ``prepare(cutoff)`` runs before each replay (an evaluation rebuilds the stage-1 models as of the cutoff
+    there, so the candidate sources never saw the label window)."""
     h = timedelta(days=config.horizon_days)
-    sets = [dataset.replay(conn, c, h, n=config.n_candidates, surface=config.surface,
-                           max_users=config.max_users_per_cutoff, seed=config.seed, progress=progress)
-            for c in cutoffs]
+    sets = []
+    for c in cutoffs:
+        if prepare is not None:
+            prepare(c)
+        sets.append(dataset.replay(conn, c, h, n=config.n_candidates, surface=config.surface,
+                                   max_users=config.max_users_per_cutoff, seed=config.seed, progress=progress))
     if len(sets) == 1:
         return sets[0], TrainingSet.empty(sets[0].names)
     train = sets[0]
@@ -152,7 +159,8 @@ def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, cutoffs: Seq
 
 def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = None, *,
                  until: datetime | None = None, cutoffs: Sequence[datetime] | None = None,
-                 since: datetime | None = None, progress: Progress | None = None) -> TrainedRanker:
+                 since: datetime | None = None, progress: Progress | None = None,
+                 prepare: Callable[[datetime], None] | None = None) -> TrainedRanker:
     """Build training data (replay at ``cutoffs`` or from impressions in ``[since, until)``) and fit.
 
     ``until``: no label may come from events at or after it (the split, in an evaluation); default the
@@ -172,7 +180,7 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
         late = [c for c in cuts if c + h > end]
         if cutoffs and late and until is not None:
             raise InvalidRequest(f"cutoff {late[0].isoformat()} + horizon reaches past {end.isoformat()}")
-        train, valid = build_sets(conn, config, cuts, progress)
+        train, valid = build_sets(conn, config, cuts, progress, prepare)
         window = {"source": "replay", "cutoffs": [c.isoformat() for c in cuts], "horizon_days": config.horizon_days,
                   "validation_cutoff": cuts[-1].isoformat() if len(cuts) > 1 else None, "until": end.isoformat()}
     elif config.source == "impressions":
