@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql as psql
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from engine import datasets, migrate
@@ -28,6 +29,8 @@ from engine.config import Settings
 from engine.db import connect, database_url, is_embedded
 from engine.errors import InvalidRequest
 from engine.sql import query
+
+METRIC_COLUMNS = ("ndcg@10", "recall@10", "recall@50", "map@10", "coverage@10", "diversity@10")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class DemoConfig:
     show_users: int = 3
     seed: int = 7
     ranker_trees: int = 150              # a compact ranker: the SQL path evaluates every tree per candidate
+    eval_users: int = 600                # evaluate a seeded sample of the test users
+    retrieval_epochs: int = 10
 
 
 @dataclass
@@ -87,15 +92,14 @@ def _fresh_database(settings: Settings, name: str) -> Settings:
 
 def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]:
     """Run the demo; returns what it measured (metrics, timings, the lists shown)."""
-    from engine import cooccurrence
-    from engine.evaluation.split import resolve_cutoff
+    from engine import cooccurrence, policies
+    from engine.evaluation import funnel
     from engine.pipeline import Recommender
     from engine.ranking.compile import install_compiled_model
-    from engine.ranking.train import RankerConfig, train_ranker
+    from engine.ranking.train import RankerConfig
 
-    funnel = _optional("engine.evaluation.funnel")
     retrieval = _optional("engine.retrieval.store")
-    step = _Step(0, 8, console, {})
+    step = _Step(0, 7, console, {})
     out: dict[str, Any] = {"seconds": step.seconds}
     t_start = time.perf_counter()
 
@@ -110,8 +114,6 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
             if cfg.movielens is not None:
                 res = datasets.load_movielens(conn, cfg.movielens)
                 console.print(", ".join(f"{k}: {r.stored:,}" for k, r in res.items()) + f" from {cfg.movielens}")
-                console.print("[yellow]MovieLens has no item vectors: the ann source starts once the retrieval "
-                              "model has been trained[/]")
             else:
                 data = datasets.generate(datasets.GeneratorConfig(users=cfg.users, items=cfg.items,
                                                                   events=cfg.events, seed=cfg.seed,
@@ -120,82 +122,101 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
                 console.print(f"synthetic: {len(data.items):,} items, {len(data.users):,} users, "
                               f"{len(data.events):,} events (taste clusters, local hits, dislikes, new items)")
             conn.execute("ANALYZE")
-            cutoff = resolve_cutoff(conn, None, 0.1)
-            out["cutoff"] = cutoff.isoformat()
-            console.print(f"temporal split: models learn from events before {cutoff:%Y-%m-%d %H:%M}, "
-                          "the evaluation looks after it")
 
-        with step("co-occurrence neighbours (history source)"):
-            r = cooccurrence.build(conn, as_of=cutoff)
-            console.print(f"{r.pairs:,} pairs, neighbours for {r.items:,} items")
+        with step("evaluation on a temporal split: the funnel against the baselines"):
+            ecfg = funnel.EvalConfig(max_users=cfg.eval_users, seed=cfg.seed,
+                                     ranker=RankerConfig(num_boost_round=cfg.ranker_trees))
+            with _progress(console) as progress:
+                report, trained = funnel.run(conn, ecfg, progress=progress)
+            out["evaluation"] = report.as_dict()
+            _print_metrics(console, report)
 
-        with step("retrieval model (two-tower, ann source)"):
-            if retrieval is not None and hasattr(retrieval, "train_and_store"):
-                info = retrieval.train_and_store(conn, as_of=cutoff)
-                console.print(str(info))
-            else:
-                console.print("[yellow]the retrieval trainer is not in this checkout: the ann source uses the "
-                              "item vectors that came with the data[/]")
-
-        with step("ranker (LightGBM lambdarank), compiled to SQL"):
-            trained = train_ranker(conn, RankerConfig(num_boost_round=cfg.ranker_trees), until=cutoff)
+        with step("models for serving: ranker (compiled to SQL), co-occurrence, retrieval"):
             version = trained.save(conn, activate=True)
             compiled = install_compiled_model(conn, version)
-            m = {k: v for k, v in trained.metrics.items() if isinstance(v, int | float)}
-            console.print(f"model version {version}: {compiled.num_trees} trees over {len(trained.names)} features; "
-                          + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
             out["model_version"] = version
+            console.print(f"ranker version {version}: {compiled.num_trees} trees over {len(trained.names)} "
+                          f"features, active; pgrec.{compiled.function_name} for the SQL path")
+            r = cooccurrence.build(conn)
+            console.print(f"co-occurrence on every event: {r.pairs:,} pairs, neighbours for {r.items:,} items")
+            if retrieval is not None and hasattr(retrieval, "train_and_store"):
+                from engine.retrieval.train import RetrievalConfig
 
-        with step("evaluation against the baselines"):
-            if funnel is not None and hasattr(funnel, "evaluate_funnel"):
-                result = funnel.evaluate_funnel(conn, cutoff=cutoff)
-                out["evaluation"] = result
-                _print_metrics(console, result)
-            else:
-                console.print("[yellow]the funnel evaluation is not in this checkout yet[/]")
+                stored = retrieval.train_and_store(conn, RetrievalConfig(dim=settings.embedding_dim,
+                                                                         epochs=cfg.retrieval_epochs))
+                console.print(f"retrieval model: {stored}")
+            elif cfg.movielens is not None:
+                console.print("[yellow]no retrieval trainer in this checkout and MovieLens has no item vectors: "
+                              "the ann source stays empty[/]")
+            policies.add(conn, "exclude-seen", "exclude_interacted", {}, priority=10, actor="pgrec demo",
+                         description="items the user already had an event with are not recommended again")
+            console.print("policies: exclude-disliked (seeded), exclude-seen (added by the demo)")
 
         with step("recommendations"):
             users = [u[0] for u in conn.execute(query("serving.sample_users"), {"n": 200}).fetchall()]
             shown = users[:: max(1, len(users) // cfg.show_users)][: cfg.show_users]
             lists = []
             with Recommender(settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2})) as rec:
+                now = datetime.now(UTC)
                 for u in shown:
-                    r_ = rec.recommend(u, k=10, log=False)
+                    r_ = rec.recommend(u, k=10, as_of=now, log=False)
                     lists.append(r_)
                     _print_list(console, r_)
-                sql_rows = conn.execute(query("serving.recommend_sql"), {
-                    "user_id": shown[0], "k": 10, "surface": "default", "context": "{}", "as_of": None,
-                    "model_version": None, "policy_set": None, "variant": None, "log": False}).fetchall()
-            same = [x[2] for x in sql_rows] == [i.item_id for i in lists[0].items]
+            sql_rows = conn.execute(query("serving.recommend_sql"), {
+                "user_id": shown[0], "k": 10, "surface": "default", "context": "{}", "as_of": now,
+                "model_version": None, "policy_set": None, "variant": None, "log": False}).fetchall()
+            same = [(x[2], round(x[3], 9)) for x in sql_rows] == [(i.item_id, round(i.score, 9))
+                                                                  for i in lists[0].items]
             console.print(f"SQL-only path (pgrec.recommend) for {shown[0]}: "
-                          + ("[green]the same list[/]" if same else "[red]a different list[/]"))
+                          + ("[green]the same list and scores[/]" if same else "[red]a different list[/]"))
             out["lists"] = [{"user_id": x.user_id, "items": [(i.item_id, i.score) for i in x.items]} for x in lists]
             out["sql_path_same"] = same
 
         with step("HTML report"):
-            path = _report(cfg.report, out, lists, funnel)
+            path = _report(cfg.report, out, lists, report)
             console.print(f"written to {path}")
     finally:
         conn.close()
     total = time.perf_counter() - t_start
+    out["total_s"] = total
     console.print(f"[bold green]demo finished in {total:.0f}s.[/] Explore it: "
                   + (f"export PGREC_DATABASE_NAME={settings.database_name}; " if is_embedded(settings) else "")
                   + f"pgrec recommend {shown[0]}")
     return out
 
 
-def _print_metrics(console: Console, result: Any) -> None:
-    rows = getattr(result, "rows", None) or (result.get("rows") if isinstance(result, dict) else None) or []
-    if not rows:
-        console.print(str(result))
-        return
-    cols = list(rows[0].keys())
-    t = Table(title="offline evaluation after the cutoff")
+@contextmanager
+def _progress(console: Console) -> Iterator[Callable[[str, int, int], None]]:
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)
+    tasks: dict[str, TaskID] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def _print_metrics(console: Console, report: Any) -> None:
+    t = Table(title=f"offline evaluation: {report.split.get('users')} users with new items after "
+                    f"{str(report.split.get('cutoff'))[:16]}")
+    cols = METRIC_COLUMNS
+    t.add_column("method")
     for c in cols:
-        t.add_column(str(c), justify="left" if c == cols[0] else "right")
-    for r in rows:
-        t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
+        t.add_column(c, justify="right")
+    for name, vals in sorted(report.methods.items(), key=lambda kv: -kv[1].get("ndcg@10", 0.0)):
+        t.add_row(f"[bold]{name}[/]" if name == "funnel" else name,
+                  *(f"{vals[c]:.4f}" if c in vals else "" for c in cols))
     console.print(t)
+    best, value = report.best_baseline()
+    f = report.methods.get("funnel", {}).get("ndcg@10", 0.0)
+    console.print(f"funnel NDCG@10 {f:.4f} vs best baseline ({best}) {value:.4f}"
+                  + (f": {f / value:.2f}x" if value else ""))
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
 
 
 def _print_list(console: Console, r: Any) -> None:
@@ -218,20 +239,36 @@ def _why(reasons: dict[str, Any]) -> str:
     return "; ".join(parts)[:90]
 
 
-def _report(path: Path, out: dict[str, Any], lists: list[Any], funnel: Any | None) -> Path:
-    writer: Callable[..., Path] | None = getattr(funnel, "write_report", None) if funnel is not None else None
-    if writer is not None and "evaluation" in out:
-        return writer(out["evaluation"], path)
+def _report(path: Path, out: dict[str, Any], lists: list[Any], report: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     esc = html.escape
-    body = [f"<h1>pgrec demo</h1><p>{esc(datetime.now().isoformat(timespec='seconds'))}; cutoff "
-            f"{esc(str(out.get('cutoff')))}; ranker version {esc(str(out.get('model_version')))}</p>",
+    head = ("<tr><th>method</th>" + "".join(f"<th>{esc(c)}</th>" for c in METRIC_COLUMNS) + "</tr>")
+    rows = "".join(
+        f"<tr><td>{esc(n)}</td>" + "".join(f"<td>{v.get(c, float('nan')):.4f}</td>" for c in METRIC_COLUMNS) + "</tr>"
+        for n, v in sorted(report.methods.items(), key=lambda kv: -kv[1].get("ndcg@10", 0.0)))
+    rvc = report.recall_vs_candidates
+    body = [f"<h1>pgrec demo</h1><p>{esc(datetime.now(UTC).isoformat(timespec='seconds'))}; split at "
+            f"{esc(str(report.split.get('cutoff')))}; {esc(str(report.split.get('users')))} test users; ranker "
+            f"version {esc(str(out.get('model_version')))}</p>",
+            f"<h2>Offline evaluation</h2><table>{head}{rows}</table>",
+            "<h2>Recall of the candidate union (seen items excluded)</h2><table><tr><th>candidates</th>"
+            "<th>recall</th></tr>" + "".join(f"<tr><td>{int(n)}</td><td>{r:.4f}</td></tr>"
+                                            for n, r in zip(rvc.get("n", []), rvc.get("recall", []), strict=False))
+            + "</table>",
+            "<h2>Feature importance (gain)</h2><table>" + "".join(
+                f"<tr><td>{esc(k)}</td><td>{v:.1f}</td></tr>"
+                for k, v in sorted(report.importance.items(), key=lambda kv: -kv[1])[:20]) + "</table>",
             "<h2>Time per step</h2><table>" + "".join(
                 f"<tr><td>{esc(k)}</td><td>{v:.1f} s</td></tr>" for k, v in out["seconds"].items()) + "</table>"]
     for r in lists:
-        body.append(f"<h2>{esc(r.user_id)}</h2><table><tr><th>#</th><th>item</th><th>score</th><th>why</th></tr>"
-                    + "".join(f"<tr><td>{i.position}</td><td>{esc(i.item_id)}</td><td>{i.score:.4f}</td>"
-                              f"<td>{esc(_why(i.reasons))}</td></tr>" for i in r.items) + "</table>")
-    path.write_text("<!doctype html><meta charset=utf-8><title>pgrec demo</title><style>body{font-family:sans-serif}"
-                    "td,th{padding:2px 8px;text-align:left}</style>" + "".join(body))
+        body.append(f"<h2>Recommendations for {esc(r.user_id)}</h2><table><tr><th>#</th><th>item</th><th>score</th>"
+                    "<th>why</th></tr>" + "".join(
+                        f"<tr><td>{i.position}</td><td>{esc(i.item_id)}</td><td>{i.score:.4f}</td>"
+                        f"<td>{esc(_why(i.reasons))}</td></tr>" for i in r.items) + "</table>")
+    if report.notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report.notes) + "</ul>")
+    path.write_text("<!doctype html><meta charset=utf-8><title>pgrec demo</title><style>body{font-family:sans-serif;"
+                    "max-width:60em;margin:2em auto}table{border-collapse:collapse}td,th{padding:2px 10px;"
+                    "text-align:right;border-bottom:1px solid #ddd}td:first-child,th:first-child{text-align:left}"
+                    "</style>" + "".join(body))
     return path

@@ -225,3 +225,43 @@ def _with_user(url: str, role: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).set(username=role, password="x").render_as_string(hide_password=False)
+
+
+def test_cli_batch_file_and_single_user(sdb: TestDB, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import engine.cli
+    from engine.config import get_settings
+
+    monkeypatch.setenv("PGREC_DATABASE_URL", sdb.url)
+    monkeypatch.setenv("PGREC_EMBEDDING_DIM", str(TEST_DIM))
+    get_settings.cache_clear()
+    try:
+        users = [*_users(sdb, 3), "someone-new"]
+        src = tmp_path / "users.txt"
+        src.write_text("# campaign\n" + "\n".join(users) + "\n\n")
+        out = tmp_path / "recs.jsonl"
+        runner = CliRunner()
+        res = runner.invoke(engine.cli.app, ["recommend", "--users-file", str(src), "--k", "5", "--as-of",
+                                             AS_OF.isoformat(), "--output", str(out), "--no-log"])
+        assert res.exit_code == 0, res.output
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [x["user_id"] for x in lines] == users
+        for x in lines:
+            assert len(x["items"]) == 5 and [i["position"] for i in x["items"]] == [1, 2, 3, 4, 5]
+            scores = [i["score"] for i in x["items"]]
+            assert scores == sorted(scores, reverse=True)
+            seen = {r[0] for r in sdb.conn.execute(
+                "SELECT i.item_id FROM pgrec.events e JOIN pgrec.items i USING (item_key) "
+                "JOIN pgrec.users u USING (user_key) WHERE u.user_id = %s", (x["user_id"],)).fetchall()}
+            assert not seen & {i["item_id"] for i in x["items"]}
+        res = runner.invoke(engine.cli.app, ["recommend", users[0], "--k", "3", "--as-of", AS_OF.isoformat(),
+                                             "--json", "--via", "sql", "--no-log"])
+        assert res.exit_code == 0, res.output
+        assert [i["item_id"] for i in json.loads(res.output)["items"]] == [i["item_id"] for i in lines[0]["items"][:3]]
+        res = runner.invoke(engine.cli.app, ["recommend", "--users-file", str(tmp_path / "missing.txt"),
+                                             "--output", str(out)])
+        assert res.exit_code == 1 and "missing.txt: no such file" in " ".join(res.output.split())
+        assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
+    finally:
+        get_settings.cache_clear()

@@ -83,6 +83,7 @@ def recommend_cmd(
             raise fail("--via sql serves one USER (the batch mode uses the Python path)")
         _recommend_sql(user, k, surface, when, log, as_json)
         return
+    wanted = _read_users(users_file) if users_file is not None else []
     settings = get_settings().model_copy(update={"pool_min_size": 1, "pool_max_size": 2})
     try:
         rec = Recommender(settings)
@@ -91,7 +92,7 @@ def recommend_cmd(
     try:
         if users_file is not None:
             assert output is not None
-            _recommend_file(rec, _read_users(users_file), output, k, surface, when, log)
+            _recommend_file(rec, wanted, output, k, surface, when, log)
             return
         assert user is not None
         r = rec.recommend(user, k=k, surface=surface, as_of=when, log=log)
