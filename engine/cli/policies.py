@@ -248,11 +248,12 @@ def bench_policies(
     k: Annotated[int, typer.Option()] = 10,
     runs: Annotated[int, typer.Option()] = 300,
     kinds: Annotated[str | None, typer.Option(help="comma-separated subset of the ten benchmark policies")] = None,
+    neighbours: Annotated[bool, typer.Option("--neighbours", help="exclude_negative also drops close neighbours")] = False,
 ) -> None:
     """Re-ranking speed: pgrec.rerank of N scored candidates to k with ten active policies (p50/p95/p99).
     Runs in a transaction that is rolled back: nothing is left behind."""
     from engine.bench import policies as bench
 
     for line in bench.run(get_settings(), candidates=candidates, k=k, runs=runs,
-                          kinds=kinds.split(",") if kinds is not None else None):
+                          kinds=kinds.split(",") if kinds is not None else None, neighbours=neighbours):
         console.print(line)

@@ -799,18 +799,22 @@ AS $$
                                          '-infinity')
          GROUP BY e.item_key
     ),
+    dv AS MATERIALIZED (
+        -- the vectors of the latest dislikes (computed once, not per candidate)
+        SELECT de.embedding
+          FROM (SELECT n.item_key FROM neg n ORDER BY n.at DESC, n.item_key
+                 LIMIT coalesce((p ->> 'max_dislikes')::int, 20)) d
+          JOIN pgrec.item_embeddings de ON de.item_key = d.item_key
+         WHERE coalesce((p ->> 'neighbours')::boolean, false)
+    ),
     near AS (
-        -- close neighbours of the latest dislikes, among the listed items (cosine similarity >= min_similarity)
+        -- close neighbours of the latest dislikes among the listed items (cosine similarity >= min_similarity)
         SELECT c.item_key
           FROM unnest(p_list) c
           JOIN pgrec.item_embeddings ce ON ce.item_key = c.item_key
-         WHERE coalesce((p ->> 'neighbours')::boolean, false)
-           AND EXISTS (
-               SELECT 1 FROM (SELECT n.item_key FROM neg n ORDER BY n.at DESC, n.item_key
-                               LIMIT coalesce((p ->> 'max_dislikes')::int, 20)) d
-                 JOIN pgrec.item_embeddings de ON de.item_key = d.item_key
-                WHERE 1 - (de.embedding OPERATOR(public.<=>) ce.embedding)
-                      >= coalesce((p ->> 'min_similarity')::float8, 0.9))
+         WHERE EXISTS (SELECT 1 FROM dv LIMIT 1)
+           AND EXISTS (SELECT 1 FROM dv WHERE 1 - (dv.embedding OPERATOR(public.<=>) ce.embedding)
+                                              >= coalesce((p ->> 'min_similarity')::float8, 0.9))
     )
     SELECT pgrec.policy_keys_mask(p_list, ARRAY(SELECT item_key FROM neg UNION ALL SELECT item_key FROM near))
 $$;
