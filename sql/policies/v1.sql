@@ -1331,6 +1331,8 @@ DECLARE
     missing    text;
     bad        int;
     acts       text[];
+    t_step     timestamptz := clock_timestamp();
+    kept_by    text[] := '{}';
 BEGIN
     -- ---- the request
     max_k := coalesce((SELECT (c.value #>> '{}')::int FROM pgrec.config c WHERE c.key = 'policy_max_k'), 1000);
@@ -1400,7 +1402,9 @@ BEGIN
     IF c_incl > 0 THEN dropped := dropped || jsonb_build_object('request_include_only', c_incl); END IF;
     IF debug IS NOT NULL THEN
         steps := steps || jsonb_build_array(jsonb_build_object('policy', 'input', 'kind', 'input',
-            'dropped', c_unknown + c_unavail + c_excl + c_incl, 'items', pgrec.policy_snapshot(list, debug)));
+            'dropped', c_unknown + c_unavail + c_excl + c_incl, 'items', pgrec.policy_snapshot(list, debug),
+            'ms', round(extract(epoch FROM clock_timestamp() - t_step) * 1000, 3)));
+        t_step := clock_timestamp();
     END IF;
 
     -- ---- the policies in force: enabled, surface, time window, policy set; then segment and request params
@@ -1510,10 +1514,8 @@ BEGIN
                 list := pgrec.policy_keep(list, hit);
             END IF;
             IF pol.kind = 'attribute_filter' AND coalesce(pol.params ->> 'mode', 'keep') = 'keep' THEN
-                hit := ARRAY(SELECT r.item_key FROM unnest(list) r);
-                eff_key := eff_key || hit;
-                eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
-                eff_act := eff_act || array_fill('kept'::text, ARRAY[cardinality(hit)]);
+                -- every item listed in the end passed it (items from outside the candidates too)
+                kept_by := kept_by || lbl;
             END IF;
             IF pol.kind = 'relevance_floor' AND pol.params ->> 'fill' = 'trending' AND NOT in_holdout
                AND cardinality(list) < k THEN
@@ -1587,7 +1589,9 @@ BEGIN
         END IF;
         IF debug IS NOT NULL THEN
             steps := steps || jsonb_build_array(jsonb_build_object('policy', lbl, 'name', pol.name, 'kind', pol.kind,
-                'dropped', cnt, 'items', pgrec.policy_snapshot(list, debug)));
+                'dropped', cnt, 'items', pgrec.policy_snapshot(list, debug),
+                'ms', round(extract(epoch FROM clock_timestamp() - t_step) * 1000, 3)));
+            t_step := clock_timestamp();
         END IF;
     END LOOP;
 
@@ -1599,8 +1603,11 @@ BEGIN
                        'item_key', r.item_key, 'item_id', r.item_id, 'score', r.score, 'position', r.o,
                        'reasons', jsonb_build_object(
                            'sources', to_jsonb(coalesce(string_to_array(nullif(r.sources, ''), ','), '{}'::text[])),
-                           'policies', coalesce(e.pols, '[]'::jsonb))) ORDER BY r.o)
+                           'policies', coalesce(e.pols, '[]'::jsonb) || kept)) ORDER BY r.o)
               FROM unnest(list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+              CROSS JOIN (SELECT coalesce(jsonb_agg(jsonb_build_object('policy', kb.lbl, 'action', 'kept') ORDER BY kb.n),
+                                          '[]'::jsonb) AS kept
+                            FROM unnest(kept_by) WITH ORDINALITY kb(lbl, n)) kb
               LEFT JOIN (
                   SELECT x.key, jsonb_agg(jsonb_build_object('policy', x.pol, 'action', x.act) ORDER BY x.n) AS pols
                     FROM unnest(eff_key, eff_pol, eff_act) WITH ORDINALITY x(key, pol, act, n)
@@ -1617,5 +1624,6 @@ COMMENT ON FUNCTION pgrec.rerank(bigint, text, int, bigint[], float8[], text[], 
     'Stage 3: apply the policies in force (surface, segment, time window, policy set) to a scored list, by '
     'priority then kind, and return {"items": [{item_key, item_id, score, position, reasons: {sources, policies}}], '
     '"dropped": {"<policy id>/<kind>": n}, "policy_versions": [...], "skipped": {...}, "holdout": bool}. '
-    'context: {"exclude": [item ids], "include_only": [item ids], "params": {...}, "debug": n}. '
+    'context: {"exclude": [item ids], "include_only": [item ids], "params": {...}, "debug": n} (debug: "steps" '
+    'holds the first n items and the milliseconds after the input and after each policy). '
     'Deterministic: ties are broken by item_key.';
