@@ -712,20 +712,6 @@ END
 $$;
 COMMENT ON FUNCTION pgrec.policy_sort(pgrec.rerank_row[]) IS 'Order by score (descending, NULL last), ties by item_key.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_keys_mask(p_list pgrec.rerank_row[], p_keys bigint[])
-RETURNS boolean[]
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF p_keys IS NULL OR cardinality(p_keys) = 0 THEN
-        RETURN array_fill(false, ARRAY[coalesce(cardinality(p_list), 0)]);
-    END IF;
-    RETURN ARRAY(SELECT coalesce(r.item_key IN (SELECT unnest(p_keys)), false) FROM unnest(p_list) r);
-END
-$$;
-COMMENT ON FUNCTION pgrec.policy_keys_mask(pgrec.rerank_row[], bigint[]) IS 'One flag per item: is its key in p_keys.';
-
 CREATE OR REPLACE FUNCTION pgrec.policy_floor(p_mask boolean[], p_need int, p_top int)
 RETURNS int[]
 LANGUAGE plpgsql IMMUTABLE
@@ -768,28 +754,29 @@ COMMENT ON FUNCTION pgrec.policy_floor(boolean[], int, int) IS
     'A new order (prefix of positions) with at least p_need flagged items in the first p_top: the best flagged '
     'items from below replace the lowest unflagged ones.';
 
--- ---------------------------------------------------------------- apply steps: filters (one flag per item: drop it)
+-- ---------------------------------------------------------------- apply steps: filters (the keys of the listed items to drop)
 
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_exclude_interacted(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS boolean[]
+RETURNS bigint[]
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
-    SELECT pgrec.policy_keys_mask(p_list, ARRAY(
-        SELECT e.item_key FROM pgrec.events e
+    SELECT ARRAY(
+        SELECT DISTINCT e.item_key FROM pgrec.events e
          WHERE e.user_key = p_user AND e.occurred_at < p_as_of
+           AND e.item_key IN (SELECT c.item_key FROM unnest(p_list) c)
            AND e.occurred_at >= coalesce(p_as_of - make_interval(secs => (p ->> 'lookback_days')::float8 * 86400),
                                          '-infinity')
            AND (p -> 'event_types' IS NULL OR e.type_id IN (
                 SELECT t.type_id FROM pgrec.event_types t
-                 WHERE t.name IN (SELECT jsonb_array_elements_text(p -> 'event_types'))))))
+                 WHERE t.name IN (SELECT jsonb_array_elements_text(p -> 'event_types')))))
 $$;
 COMMENT ON FUNCTION pgrec.policy_apply_exclude_interacted(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
     'exclude_interacted: drop items the user had events of params.event_types with in the lookback before as_of.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_exclude_negative(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS boolean[]
+RETURNS bigint[]
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     WITH neg AS (
@@ -816,7 +803,8 @@ AS $$
            AND EXISTS (SELECT 1 FROM dv WHERE 1 - (dv.embedding OPERATOR(public.<=>) ce.embedding)
                                               >= coalesce((p ->> 'min_similarity')::float8, 0.9))
     )
-    SELECT pgrec.policy_keys_mask(p_list, ARRAY(SELECT item_key FROM neg UNION ALL SELECT item_key FROM near))
+    SELECT ARRAY(SELECT n.item_key FROM neg n WHERE n.item_key IN (SELECT c.item_key FROM unnest(p_list) c)
+                 UNION SELECT item_key FROM near)
 $$;
 COMMENT ON FUNCTION pgrec.policy_apply_exclude_negative(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
     'exclude_negative: drop items the user disliked (polarity -1) and, with params.neighbours, items whose '
@@ -824,7 +812,7 @@ COMMENT ON FUNCTION pgrec.policy_apply_exclude_negative(jsonb, pgrec.rerank_row[
 
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_exclude_served(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS boolean[]
+RETURNS bigint[]
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     WITH served AS (
@@ -836,7 +824,7 @@ AS $$
          GROUP BY im.item_key
         HAVING count(DISTINCT im.request_id) >= (p ->> 'min_impressions')::int
     )
-    SELECT pgrec.policy_keys_mask(p_list, ARRAY(
+    SELECT ARRAY(
         SELECT s.item_key FROM served s
          WHERE NOT EXISTS (
                SELECT 1 FROM pgrec.events e
@@ -844,7 +832,7 @@ AS $$
                   AND e.occurred_at >= s.first_at AND e.occurred_at < p_as_of
                   AND CASE WHEN p -> 'engagement_types' IS NULL THEN e.polarity = 1
                            ELSE e.type_id IN (SELECT t.type_id FROM pgrec.event_types t WHERE t.name IN (
-                                    SELECT jsonb_array_elements_text(p -> 'engagement_types'))) END)))
+                                    SELECT jsonb_array_elements_text(p -> 'engagement_types'))) END))
 $$;
 COMMENT ON FUNCTION pgrec.policy_apply_exclude_served(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
     'exclude_served: drop items shown to the user in >= params.min_impressions requests during the last '
@@ -852,7 +840,7 @@ COMMENT ON FUNCTION pgrec.policy_apply_exclude_served(jsonb, pgrec.rerank_row[],
 
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_blocklist(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS boolean[]
+RETURNS bigint[]
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     WITH ids AS (
@@ -862,37 +850,36 @@ AS $$
          WHERE s.name IN (SELECT jsonb_array_elements_text(coalesce(p -> 'item_sets', '[]')))
     ),
     cats AS (SELECT ARRAY(SELECT jsonb_array_elements_text(coalesce(p -> 'categories', '[]'))) AS c)
-    SELECT coalesce(array_agg((r.item_id IN (SELECT item_id FROM ids)) OR (r.categories && cats.c) ORDER BY r.o), '{}')
-      FROM cats, unnest(p_list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+    SELECT ARRAY(SELECT r.item_key FROM cats, unnest(p_list) r
+                  WHERE r.item_id IN (SELECT item_id FROM ids) OR r.categories && cats.c)
 $$;
 COMMENT ON FUNCTION pgrec.policy_apply_blocklist(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
     'blocklist: drop params.items, the items of params.item_sets and items in params.categories.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_freshness(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS boolean[]
+RETURNS bigint[]
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
-    SELECT coalesce(array_agg(
-               r.created_at < p_as_of - make_interval(secs => (p ->> 'max_age_days')::float8 * 86400) ORDER BY r.o), '{}')
-      FROM unnest(p_list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+    SELECT ARRAY(SELECT r.item_key FROM unnest(p_list) r
+                  WHERE r.created_at < p_as_of - make_interval(secs => (p ->> 'max_age_days')::float8 * 86400))
 $$;
 COMMENT ON FUNCTION pgrec.policy_apply_freshness(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
     'freshness: drop items created more than params.max_age_days before as_of.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_attribute_filter(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS boolean[]
+RETURNS bigint[]
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    m boolean[] := pgrec.policy_mask(p -> 'predicate', p_list, p_ctx, p_as_of);
+    m    boolean[] := pgrec.policy_mask(p -> 'predicate', p_list, p_ctx, p_as_of);
+    drop boolean := coalesce(p ->> 'mode', 'keep') = 'drop';
 BEGIN
-    IF coalesce(p ->> 'mode', 'keep') = 'drop' THEN
-        RETURN m;
-    END IF;
-    RETURN (SELECT coalesce(array_agg(NOT a ORDER BY o), '{}') FROM unnest(m) WITH ORDINALITY t(a, o));
+    RETURN ARRAY(SELECT r.item_key FROM unnest(p_list) WITH ORDINALITY
+                        AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+                  WHERE m[r.o] = drop);
 END
 $$;
 COMMENT ON FUNCTION pgrec.policy_apply_attribute_filter(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
@@ -900,14 +887,37 @@ COMMENT ON FUNCTION pgrec.policy_apply_attribute_filter(jsonb, pgrec.rerank_row[
 
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_relevance_floor(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS boolean[]
+RETURNS bigint[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT coalesce(array_agg(coalesce(r.score < (p ->> 'min_score')::float8, true) ORDER BY r.o), '{}')
-      FROM unnest(p_list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+    SELECT ARRAY(SELECT r.item_key FROM unnest(p_list) r WHERE coalesce(r.score < (p ->> 'min_score')::float8, true))
 $$;
 COMMENT ON FUNCTION pgrec.policy_apply_relevance_floor(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
     'relevance_floor: drop items scored under params.min_score (the fill from trending is done by pgrec.rerank).';
+
+CREATE OR REPLACE FUNCTION pgrec.policy_drop_keys(
+    p_kind text, p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
+RETURNS bigint[]
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF coalesce(cardinality(p_list), 0) = 0 THEN
+        RETURN '{}';
+    END IF;
+    RETURN CASE p_kind
+        WHEN 'exclude_interacted' THEN pgrec.policy_apply_exclude_interacted(p, p_list, p_user, p_as_of, p_ctx, p_k)
+        WHEN 'exclude_negative' THEN pgrec.policy_apply_exclude_negative(p, p_list, p_user, p_as_of, p_ctx, p_k)
+        WHEN 'exclude_served' THEN pgrec.policy_apply_exclude_served(p, p_list, p_user, p_as_of, p_ctx, p_k)
+        WHEN 'blocklist' THEN pgrec.policy_apply_blocklist(p, p_list, p_user, p_as_of, p_ctx, p_k)
+        WHEN 'freshness' THEN pgrec.policy_apply_freshness(p, p_list, p_user, p_as_of, p_ctx, p_k)
+        WHEN 'attribute_filter' THEN pgrec.policy_apply_attribute_filter(p, p_list, p_user, p_as_of, p_ctx, p_k)
+        WHEN 'relevance_floor' THEN pgrec.policy_apply_relevance_floor(p, p_list, p_user, p_as_of, p_ctx, p_k)
+        END;
+END
+$$;
+COMMENT ON FUNCTION pgrec.policy_drop_keys(text, jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
+    'The apply step of a filter kind: the keys of the listed items it drops.';
 
 -- ---------------------------------------------------------------- apply steps: scores
 
@@ -1317,9 +1327,6 @@ DECLARE
     holdout_control text;
     need_trending boolean := false;
     pin_ids    text[] := '{}';
-    m          boolean[];
-    mr         boolean[];
-    nl         int;
     cnt        int;
     new_scores float8[];
     before     bigint[];
@@ -1477,41 +1484,18 @@ BEGIN
         END IF;
         versions := versions || jsonb_build_array(jsonb_build_object(
             'id', pol.policy_id, 'name', pol.name, 'kind', pol.kind, 'version', pol.version));
-        nl := cardinality(list);
         cnt := 0;
         IF pol.kind = ANY (pgrec.policy_drop_kinds()) THEN
-            -- the reserve goes through the same filters (not the score floor: its scores are not on this scale)
-            IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
-                list := list || reserve;
-            END IF;
-            m := CASE pol.kind
-                WHEN 'exclude_interacted' THEN pgrec.policy_apply_exclude_interacted(pol.params, list, user_key, t, ctx, k)
-                WHEN 'exclude_negative' THEN pgrec.policy_apply_exclude_negative(pol.params, list, user_key, t, ctx, k)
-                WHEN 'exclude_served' THEN pgrec.policy_apply_exclude_served(pol.params, list, user_key, t, ctx, k)
-                WHEN 'blocklist' THEN pgrec.policy_apply_blocklist(pol.params, list, user_key, t, ctx, k)
-                WHEN 'freshness' THEN pgrec.policy_apply_freshness(pol.params, list, user_key, t, ctx, k)
-                WHEN 'attribute_filter' THEN pgrec.policy_apply_attribute_filter(pol.params, list, user_key, t, ctx, k)
-                WHEN 'relevance_floor' THEN pgrec.policy_apply_relevance_floor(pol.params, list, user_key, t, ctx, k)
-                END;
-            IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
-                mr := m[nl + 1:];
-                m := m[1:nl];
-                list := list[1:nl];
-                IF true = ANY (mr) THEN
-                    reserve := pgrec.policy_keep(reserve, ARRAY(
-                        SELECT r.item_key FROM unnest(reserve) WITH ORDINALITY
-                               AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-                         WHERE mr[r.o]));
-                END IF;
-            END IF;
-            hit := ARRAY(SELECT r.item_key FROM unnest(list) WITH ORDINALITY
-                              AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-                          WHERE m[r.o]);
+            hit := pgrec.policy_drop_keys(pol.kind, pol.params, list, user_key, t, ctx, k);
             cnt := cardinality(hit);
             IF cnt > 0 THEN
                 dropped := dropped || jsonb_build_object(lbl, cnt);
                 gone := gone || hit;
                 list := pgrec.policy_keep(list, hit);
+            END IF;
+            -- the reserve goes through the same filters (not the score floor: its scores are not on this scale)
+            IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
+                reserve := pgrec.policy_keep(reserve, pgrec.policy_drop_keys(pol.kind, pol.params, reserve, user_key, t, ctx, k));
             END IF;
             IF pol.kind = 'attribute_filter' AND coalesce(pol.params ->> 'mode', 'keep') = 'keep' THEN
                 -- every item listed in the end passed it (items from outside the candidates too)
