@@ -248,8 +248,18 @@ class Policy:
         return f"{self.policy_id}/{self.kind}"
 
 
+_CHECKS = {
+    "policies_name_check": "name: lowercase letters, digits, '_', '.', '-' (at most 63, starting with a letter or digit)",
+    "policies_policy_set_check": "policy_set: lowercase letters, digits, '_', '.', '-' (at most 63)",
+    "policies_window": "starts_at must be before ends_at",
+    "item_sets_name_check": "item set name: lowercase letters, digits, '_', '.', '-' (at most 63)",
+}
+
+
 def _db_error(exc: psycopg.Error) -> InvalidRequest:
     msg = exc.diag.message_primary or str(exc)
+    if isinstance(exc, psycopg.errors.CheckViolation):
+        return InvalidRequest(_CHECKS.get(exc.diag.constraint_name or "", msg))
     if isinstance(exc, psycopg.errors.UniqueViolation):
         return InvalidRequest(f"already exists: {exc.diag.message_detail or msg}")
     if isinstance(exc, psycopg.errors.ForeignKeyViolation):

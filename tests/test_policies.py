@@ -352,6 +352,12 @@ def test_holdout(cat: TestDB) -> None:
 
 
 def test_holdout_trending_control(cat: TestDB) -> None:
+    policies.add(cat.conn, "control", "holdout", {"percent": 100})
+    policies.add(cat.conn, "boost-c", "boost",
+                 {"predicate": {"property": "brand", "op": "equals", "value": "c"}, "multiply": 3})
+    res = rr(cat, user="u1", k=3)  # nothing trends yet: the control is the input order, without the boost
+    assert res.holdout and res.item_ids == ["i1", "i2", "i3"]
+    cat.conn.execute("DELETE FROM pgrec.policies WHERE name IN ('control', 'boost-c')")
     for n, item in enumerate(("i11", "i11", "i8")):
         event(cat, f"other{n}", item, "purchase", 1 + n / 10)
     policies.add(cat.conn, "control", "holdout", {"percent": 100})
@@ -461,6 +467,10 @@ def test_malformed_params_refused_by_python_and_update(cat: TestDB) -> None:
         policies.add(cat.conn, "s", "freshness", {"max_age_days": 1}, segment={"field": "categories", "op": "exists"})
     with pytest.raises(InvalidRequest, match="unknown surface"):
         policies.add(cat.conn, "s", "freshness", {"max_age_days": 1}, surface="nowhere")
+    with pytest.raises(InvalidRequest, match="name: lowercase"):
+        policies.add(cat.conn, "Bad Name", "freshness", {"max_age_days": 1})
+    with pytest.raises(InvalidRequest, match="starts_at must be before ends_at"):
+        policies.add(cat.conn, "w", "freshness", {"max_age_days": 1}, starts_at=AS_OF, ends_at=AS_OF)
     policies.add(cat.conn, "f", "freshness", {"max_age_days": 5})
     with pytest.raises(InvalidRequest, match="already exists"):
         policies.add(cat.conn, "f", "freshness", {"max_age_days": 5})

@@ -32,7 +32,7 @@ COMMENT ON FUNCTION pgrec.policy_drop_kinds() IS
 
 CREATE OR REPLACE FUNCTION pgrec.policy_fail(p_where text, p_msg text)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -44,7 +44,7 @@ COMMENT ON FUNCTION pgrec.policy_fail(text, text) IS 'Raise a policy validation 
 
 CREATE OR REPLACE FUNCTION pgrec.policy_check_keys(p jsonb, p_allowed text[], p_where text)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -68,7 +68,7 @@ CREATE OR REPLACE FUNCTION pgrec.policy_num(
     p jsonb, p_key text, p_where text, p_required boolean, p_lo numeric DEFAULT NULL, p_hi numeric DEFAULT NULL,
     p_integer boolean DEFAULT false, p_lo_open boolean DEFAULT false)
 RETURNS numeric
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -100,7 +100,7 @@ COMMENT ON FUNCTION pgrec.policy_num(jsonb, text, text, boolean, numeric, numeri
 
 CREATE OR REPLACE FUNCTION pgrec.policy_strings(p jsonb, p_key text, p_where text, p_required boolean)
 RETURNS text[]
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -127,7 +127,7 @@ COMMENT ON FUNCTION pgrec.policy_strings(jsonb, text, text, boolean) IS 'A list-
 CREATE OR REPLACE FUNCTION pgrec.policy_choice(
     p jsonb, p_key text, p_where text, p_choices text[], p_required boolean DEFAULT false)
 RETURNS text
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -151,7 +151,7 @@ COMMENT ON FUNCTION pgrec.policy_choice(jsonb, text, text, text[], boolean) IS '
 
 CREATE OR REPLACE FUNCTION pgrec.policy_check_value(v jsonb, p_where text, p_kind text)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -183,7 +183,7 @@ COMMENT ON FUNCTION pgrec.policy_check_value(jsonb, text, text) IS
 
 CREATE OR REPLACE FUNCTION pgrec.policy_check_predicate(p jsonb, p_where text, p_user_side boolean)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -278,7 +278,7 @@ COMMENT ON FUNCTION pgrec.policy_check_predicate(jsonb, text, boolean) IS
 
 CREATE OR REPLACE FUNCTION pgrec.policy_validate(p_kind text, p jsonb, p_segment jsonb, p_where text)
 RETURNS void
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -553,7 +553,7 @@ COMMENT ON FUNCTION pgrec.policy_missing_param(jsonb, jsonb) IS
 
 CREATE OR REPLACE FUNCTION pgrec.policy_number(v jsonb, p_where text)
 RETURNS numeric
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -574,7 +574,7 @@ COMMENT ON FUNCTION pgrec.policy_number(jsonb, text) IS 'A resolved range bound 
 CREATE OR REPLACE FUNCTION pgrec.policy_mask(
     p jsonb, p_list pgrec.rerank_row[], p_ctx jsonb, p_as_of timestamptz)
 RETURNS boolean[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -666,7 +666,7 @@ COMMENT ON FUNCTION pgrec.policy_mask(jsonb, pgrec.rerank_row[], jsonb, timestam
 
 CREATE OR REPLACE FUNCTION pgrec.policy_keep(p_list pgrec.rerank_row[], p_drop bigint[])
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -681,7 +681,7 @@ COMMENT ON FUNCTION pgrec.policy_keep(pgrec.rerank_row[], bigint[]) IS 'The item
 
 CREATE OR REPLACE FUNCTION pgrec.policy_pick(p_list pgrec.rerank_row[], p_prefix int[])
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -703,7 +703,7 @@ COMMENT ON FUNCTION pgrec.policy_pick(pgrec.rerank_row[], int[]) IS
 
 CREATE OR REPLACE FUNCTION pgrec.policy_sort(p_list pgrec.rerank_row[])
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -714,7 +714,7 @@ COMMENT ON FUNCTION pgrec.policy_sort(pgrec.rerank_row[]) IS 'Order by score (de
 
 CREATE OR REPLACE FUNCTION pgrec.policy_floor(p_mask boolean[], p_need int, p_top int)
 RETURNS int[]
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -870,7 +870,7 @@ COMMENT ON FUNCTION pgrec.policy_apply_freshness(jsonb, pgrec.rerank_row[], bigi
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_attribute_filter(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
 RETURNS bigint[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -898,7 +898,7 @@ COMMENT ON FUNCTION pgrec.policy_apply_relevance_floor(jsonb, pgrec.rerank_row[]
 CREATE OR REPLACE FUNCTION pgrec.policy_drop_keys(
     p_kind text, p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
 RETURNS bigint[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -924,7 +924,7 @@ COMMENT ON FUNCTION pgrec.policy_drop_keys(text, jsonb, pgrec.rerank_row[], bigi
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_boost(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
 RETURNS float8[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -955,7 +955,7 @@ COMMENT ON FUNCTION pgrec.policy_source_flags(pgrec.rerank_row[], text) IS 'One 
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_source_mix(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -987,7 +987,7 @@ COMMENT ON FUNCTION pgrec.policy_apply_source_mix(jsonb, pgrec.rerank_row[], big
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_diversity(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1080,7 +1080,7 @@ COMMENT ON FUNCTION pgrec.policy_apply_diversity(jsonb, pgrec.rerank_row[], bigi
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_mmr(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1142,7 +1142,7 @@ COMMENT ON FUNCTION pgrec.policy_apply_mmr(jsonb, pgrec.rerank_row[], bigint, ti
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_promote(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1159,7 +1159,7 @@ COMMENT ON FUNCTION pgrec.policy_apply_promote(jsonb, pgrec.rerank_row[], bigint
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_exploration(
     p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1236,7 +1236,7 @@ COMMENT ON FUNCTION pgrec.policy_snapshot(pgrec.rerank_row[], int) IS 'The first
 CREATE OR REPLACE FUNCTION pgrec.policy_apply_pin(
     p jsonb, p_list pgrec.rerank_row[], p_reserve pgrec.rerank_row[], p_k int)
 RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1519,10 +1519,10 @@ BEGIN
             END IF;
         ELSIF pol.kind = 'holdout' THEN
             in_holdout := true;
-            IF holdout_control = 'trending' THEN
+            IF holdout_control = 'trending' AND EXISTS (SELECT 1 FROM unnest(reserve) r WHERE r.sources = 'trending') THEN
                 list := ARRAY(SELECT r FROM unnest(reserve) r WHERE r.sources = 'trending'
                                ORDER BY r.score DESC, r.item_key);
-            END IF;
+            END IF;  -- no trending items (a quiet catalogue): the control is the input order
             hit := ARRAY(SELECT r.item_key FROM unnest(list) r);
             eff_key := eff_key || hit;
             eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
