@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine.cli.app import app, console, eval_app, fail, models_app, train_app
+from engine.cli.app import app, bench_app, console, eval_app, fail, models_app, train_app
 from engine.cli.core import db_connection
 from engine.errors import InvalidRequest, NotFound
 from engine.ingest import FieldError, parse_time
@@ -87,8 +87,8 @@ def train_ranker_cmd(
     until: Annotated[str | None, typer.Option("--until", help="no label from events at or after this time")] = None,
     since: Annotated[str | None, typer.Option("--since", help="impressions: served from this time")] = None,
     horizon_days: HorizonDays = 14.0,
-    cutoff_count: CutoffCount = 3,
-    n: N = 200,
+    cutoff_count: CutoffCount = 4,
+    n: N = 300,
     max_users: MaxUsers = 2000,
     rounds: Rounds = 400,
     seed: Seed = 42,
@@ -115,8 +115,8 @@ def train_ranker_cmd(
 @train_app.command("all")
 def train_all_cmd(
     horizon_days: HorizonDays = 14.0,
-    cutoff_count: CutoffCount = 3,
-    n: N = 200,
+    cutoff_count: CutoffCount = 4,
+    n: N = 300,
     max_users: MaxUsers = 2000,
     rounds: Rounds = 400,
     seed: Seed = 42,
@@ -210,10 +210,10 @@ def eval_cmd(
     split_at: Annotated[str | None, typer.Option("--split-at", help="split time (ISO 8601)")] = None,
     split_fraction: Annotated[float | None, typer.Option("--split-fraction", help="share of events before the split")] = None,
     horizon_days: Annotated[float | None, typer.Option("--test-days", help="test window after the split (default: all)")] = None,
-    n: N = 200,
+    n: N = 300,
     max_users: Annotated[int | None, typer.Option("--max-users", help="evaluate a sample of the test users")] = None,
     ranker_horizon: Annotated[float, typer.Option("--ranker-horizon-days", help="ranker label window")] = 14.0,
-    cutoff_count: CutoffCount = 3,
+    cutoff_count: CutoffCount = 4,
     no_retrieval: Annotated[bool, typer.Option("--no-retrieval", help="keep the stored item vectors")] = False,
     output: Annotated[Path, typer.Option("--output", help="folder for report.html/json and the PNGs")] = Path("out/eval"),
     seed: Seed = 42,
@@ -291,3 +291,19 @@ def explain_cmd(
     for c in ex.contributions:
         t.add_row(c.name, "NaN" if c.value is None else f"{c.value:.4g}", f"{c.contribution:+.4f}")
     console.print(t)
+
+
+@bench_app.command("ranker")
+def bench_ranker(
+    users: Annotated[int, typer.Option("--users", help="sampled users")] = 50,
+    n: Annotated[int, typer.Option("--n", help="candidates per user")] = 500,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="features as of this time (ISO 8601)")] = None,
+) -> None:
+    """Request-path cost of stage 2 on the loaded data: candidates, candidates + features, predict."""
+    from engine.bench.ranking import run
+
+    if users < 1 or n < 1:
+        raise fail("--users and --n must be positive")
+    with db_connection() as conn:
+        for line in run(conn, users=users, n=n, as_of=_time(as_of, "--as-of")):
+            console.print(line)

@@ -42,7 +42,7 @@ class EvalConfig:
     split_at: datetime | None = None
     split_fraction: float | None = None        # None and no split_at: 0.9 of the events lie before the split
     horizon_days: float | None = None          # test window after the split (None: every later event)
-    n_candidates: int = 200                    # candidates the ranker orders per user
+    n_candidates: int = 300                    # candidates the ranker orders per user
     k: int = 10
     candidate_counts: tuple[int, ...] = (25, 50, 100, 200, 500)
     max_users: int | None = None               # evaluate a seeded sample of the test users

@@ -28,16 +28,17 @@ class RankerConfig:
     """How the ranker is trained. Every field has the default the CLI uses."""
 
     horizon_days: float = 14.0          # label window after each cutoff
-    cutoffs: int = 3                    # training cutoffs (plus one validation cutoff after them)
-    n_candidates: int = 200             # candidates per group (the serving n should match)
+    cutoffs: int = 4                    # training cutoffs (plus one validation cutoff after them)
+    n_candidates: int = 300             # candidates per group (the serving n should match)
     max_users_per_cutoff: int = 2000    # sampled (seeded) when more users are active after a cutoff
     surface: str = "default"
-    num_leaves: int = 31
+    num_leaves: int = 15
     learning_rate: float = 0.05
     num_boost_round: int = 400
     early_stopping_rounds: int = 40
-    min_data_in_leaf: int = 20
-    feature_fraction: float = 0.9
+    min_data_in_leaf: int = 50
+    feature_fraction: float = 0.8
+    lambda_l2: float = 1.0
     lambdarank_truncation_level: int = 20
     eval_at: tuple[int, ...] = (10,)
     num_threads: int = 2
@@ -77,6 +78,7 @@ def _lgb_params(config: RankerConfig) -> dict[str, Any]:
         "learning_rate": config.learning_rate,
         "min_data_in_leaf": config.min_data_in_leaf,
         "feature_fraction": config.feature_fraction,
+        "lambda_l2": config.lambda_l2,
         "lambdarank_truncation_level": config.lambdarank_truncation_level,
         "num_threads": config.num_threads,
         "seed": config.seed,

@@ -123,18 +123,22 @@ BEGIN
     RETURN QUERY
     WITH cand AS MATERIALIZED (
         SELECT c.* FROM pgrec.candidates_by_key(p_user_key, p_surface, p_n, t) c
-    ), rws AS MATERIALIZED (
+    ), base AS (
         SELECT c.item_key, c.item_id, c.sources, c.ann_score, c.ann_rank, c.history_score, c.history_rank,
                c.trending_score, c.trending_rank, c.fresh_score, c.fresh_rank, c.popular_score, c.popular_rank
           FROM cand c WHERE p_item_keys IS NULL
         UNION ALL
-        SELECT i.item_key, i.item_id, coalesce(c.sources, '{}'::text[]), c.ann_score, c.ann_rank, c.history_score,
+        SELECT k.item_key, NULL, coalesce(c.sources, '{}'::text[]), c.ann_score, c.ann_rank, c.history_score,
                c.history_rank, c.trending_score, c.trending_rank, c.fresh_score, c.fresh_rank, c.popular_score,
                c.popular_rank
           FROM (SELECT DISTINCT k.item_key FROM unnest(p_item_keys) AS k(item_key)) k
-          JOIN pgrec.items i ON i.item_key = k.item_key
           LEFT JOIN cand c ON c.item_key = k.item_key
          WHERE p_item_keys IS NOT NULL
+    ), rws AS MATERIALIZED (
+        -- item attributes by one index lookup per row (a hash join would scan the whole catalog)
+        SELECT b.*, it.item_id AS id, it.categories, it.created_at
+          FROM base b CROSS JOIN LATERAL (SELECT i.item_id, i.categories, i.created_at FROM pgrec.items i
+                                           WHERE i.item_key = b.item_key LIMIT 1) it
     ), hist AS MATERIALIZED (
         SELECT e.item_key, e.occurred_at, e.polarity FROM pgrec.events e
          WHERE e.user_key = p_user_key AND e.occurred_at < t
@@ -147,7 +151,9 @@ BEGIN
           FROM hist h
     ), ucat AS (
         SELECT x.cat, count(*) FILTER (WHERE h.polarity = 1)::float8 AS npos, max(h.occurred_at) AS last_at
-          FROM hist h JOIN pgrec.items i ON i.item_key = h.item_key CROSS JOIN LATERAL unnest(i.categories) AS x(cat)
+          FROM hist h
+         CROSS JOIN LATERAL (SELECT i.categories FROM pgrec.items i WHERE i.item_key = h.item_key LIMIT 1) i
+         CROSS JOIN LATERAL unnest(i.categories) AS x(cat)
          GROUP BY x.cat
     ), recent AS MATERIALIZED (
         SELECT r.item_key, ie.embedding
@@ -172,8 +178,7 @@ BEGIN
     ), icat AS (
         SELECT r.item_key, sum(uc.npos) / nullif((SELECT u.npos FROM utot u), 0) AS aff,
                extract(epoch FROM t - max(uc.last_at))::float8 / 86400 AS since
-          FROM rws r JOIN pgrec.items i ON i.item_key = r.item_key
-         CROSS JOIN LATERAL unnest(i.categories) AS x(cat)
+          FROM rws r CROSS JOIN LATERAL unnest(r.categories) AS x(cat)
           JOIN ucat uc ON uc.cat = x.cat
          GROUP BY r.item_key
     ), isim AS (
@@ -190,7 +195,7 @@ BEGIN
          WHERE nb.neighbor_key IN (SELECT r.item_key FROM rws r)
          GROUP BY nb.neighbor_key
     )
-    SELECT r.item_key, r.item_id, r.sources, r.ann_score, r.ann_rank, r.history_score, r.history_rank,
+    SELECT r.item_key, r.id, r.sources, r.ann_score, r.ann_rank, r.history_score, r.history_rank,
            r.trending_score, r.trending_rank, r.fresh_score, r.fresh_rank, r.popular_score, r.popular_rank,
            r.ann_score, r.ann_rank::float8, r.history_score, r.history_rank::float8,
            r.trending_score, r.trending_rank::float8, r.fresh_score, r.fresh_rank::float8,
@@ -198,7 +203,7 @@ BEGIN
            coalesce(p.pop_1d, 0), coalesce(p.pop_7d, 0), coalesce(p.pop_30d, 0), coalesce(p.pop_365d, 0),
            (coalesce(p.pos, 0) + 1) / (coalesce(p.pop_365d, 0) + 2),
            (coalesce(p.neg, 0) + 0.1) / (coalesce(p.pop_365d, 0) + 1),
-           extract(epoch FROM t - i.created_at)::float8 / 86400,
+           extract(epoch FROM t - r.created_at)::float8 / 86400,
            coalesce(p.trend_all, 0), coalesce(p.trend_seg, 0),
            CASE WHEN seg IS NULL THEN NULL ELSE (coalesce(p.trend_seg, 0) + 0.1) / (coalesce(p.trend_all, 0) + 1) END,
            u.n, u.n30, (u.npos + 1) / (u.n + 2), u.since,
@@ -206,7 +211,6 @@ BEGIN
            s.dot, s.sim_max, s.sim_mean,
            CASE WHEN EXISTS (SELECT 1 FROM recent) THEN coalesce(co.s, 0) END, co.m
       FROM rws r
-      JOIN pgrec.items i ON i.item_key = r.item_key
      CROSS JOIN utot u
       LEFT JOIN ipop p ON p.item_key = r.item_key
       LEFT JOIN icat ic ON ic.item_key = r.item_key

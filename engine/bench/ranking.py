@@ -1,0 +1,66 @@
+"""Stage 2 speed on the loaded data: candidates alone, candidates + features, and the ranker's predict."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from engine.ranking import features, registry
+
+
+def _ms(xs: list[float]) -> str:
+    a = np.array(xs) * 1000
+    return f"p50 {np.percentile(a, 50):.1f} ms, p95 {np.percentile(a, 95):.1f} ms"
+
+
+def run(conn: psycopg.Connection[Any], *, users: int = 50, n: int = 500, as_of: datetime | None = None,
+        seed: int = 0) -> Iterator[str]:
+    """Time ``users`` sampled users (with history): the features' own cost is the difference of the two calls."""
+    items, events = conn.execute("SELECT (SELECT count(*) FROM pgrec.items), (SELECT count(*) FROM pgrec.events)"
+                                 ).fetchone() or (0, 0)
+    yield (f"machine: {platform.machine()}, {os.cpu_count()} cores; data: {items:,} items, {events:,} events; "
+           f"n={n}, as_of={'now' if as_of is None else as_of.isoformat()}")
+    keys = [int(r[0]) for r in conn.execute(
+        "SELECT user_key FROM pgrec.users ORDER BY md5(user_key::text || %s) LIMIT %s", (str(seed), users))]
+    if not keys:
+        yield "no users: load data first"
+        return
+    for k in keys[:3]:  # warm the caches
+        features.for_user_key(conn, k, n=n, as_of=as_of)
+    cand: list[float] = []
+    feat: list[float] = []
+    rows: list[int] = []
+    frames = []
+    for k in keys:
+        t0 = time.perf_counter()
+        conn.execute("SELECT count(*) FROM pgrec.candidates_by_key(%s, 'default', %s, %s)", (k, n, as_of)).fetchone()
+        t1 = time.perf_counter()
+        cf = features.for_user_key(conn, k, n=n, as_of=as_of)
+        t2 = time.perf_counter()
+        cand.append(t1 - t0)
+        feat.append(t2 - t1)
+        rows.append(len(cf))
+        frames.append(cf)
+    extra = [f - c for f, c in zip(feat, cand, strict=True)]
+    yield f"candidates_by_key:            {_ms(cand)} ({np.mean(rows):.0f} rows on average)"
+    yield f"candidate_features_by_key:    {_ms(feat)} (candidates + {len(frames[0].names)} features, to numpy)"
+    yield f"features alone (difference):  {_ms(extra)}"
+    version = registry.active_version(conn)
+    if version is None:
+        yield "no active ranker: predict not timed"
+        return
+    model = registry.load(conn, version)
+    pred = []
+    for cf in frames:
+        x = cf.matrix(model.features)
+        t0 = time.perf_counter()
+        model.predict(x)
+        pred.append(time.perf_counter() - t0)
+    yield f"ranker v{version} predict:    {_ms(pred)} ({model.booster.num_trees()} trees, 1 thread)"
