@@ -91,7 +91,7 @@ CREATE TABLE pgrec.cooccurrence_builds (
 -- Trending and popularity, kept up by a statement-level trigger on pgrec.events.
 -- trending_scores: one running exponentially-decayed sum per (horizon, segment, item), stored scaled to an epoch
 -- (score * 2^((t - epoch) / half_life)), so the ranking at any later time is ORDER BY score (one index scan).
--- trending_buckets: hourly sums, for as_of in the past (evaluation, replay). segment '' = global.
+-- segment '' = global. For as_of in the past the functions recount from pgrec.events instead.
 CREATE TABLE pgrec.trending_scores (
     horizon  text NOT NULL CHECK (horizon IN ('trending', 'popular')),
     segment  text NOT NULL,
@@ -105,14 +105,6 @@ CREATE TABLE pgrec.trending_epochs (
     epoch   timestamptz NOT NULL,
     half_life_s float8 NOT NULL
 );
-CREATE TABLE pgrec.trending_buckets (
-    segment  text NOT NULL,
-    hour     timestamptz NOT NULL,
-    item_key bigint NOT NULL,
-    score    real NOT NULL,
-    PRIMARY KEY (segment, hour, item_key)
-);
-CREATE INDEX trending_buckets_item ON pgrec.trending_buckets (item_key, hour) WHERE segment = '';
 """
     )
     for key, value, description in CONFIG:
@@ -131,7 +123,7 @@ def downgrade() -> None:
     bind = op.get_bind()
     bind.exec_driver_sql(
         """
-DROP TABLE IF EXISTS pgrec.trending_buckets, pgrec.trending_epochs, pgrec.trending_scores,
+DROP TABLE IF EXISTS pgrec.trending_epochs, pgrec.trending_scores,
     pgrec.cooccurrence_builds, pgrec.item_neighbors, pgrec.cooccurrence_pairs, pgrec.cooccurrence_items,
     pgrec.candidate_sources CASCADE;
 """

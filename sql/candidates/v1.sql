@@ -17,15 +17,13 @@ COMMENT ON FUNCTION pgrec.candidates_setting(text, float8) IS
 
 CREATE OR REPLACE FUNCTION pgrec.pow2_safe(p_exponent float8)
 RETURNS float8
-LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
-SET search_path = pg_catalog, pg_temp
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    -- 2^x without float8 underflow/overflow errors (PostgreSQL raises on both)
-    SELECT CASE WHEN p_exponent < -1000 THEN 0::float8
-                WHEN p_exponent > 1000 THEN 'Infinity'::float8
-                ELSE power(2::float8, p_exponent) END
+    -- 2^x with x clamped to [-1000, 1000]: PostgreSQL raises on float8 underflow/overflow. No SET clause and
+    -- one reference to the argument, so the planner inlines it (it runs per row); it names only pg_catalog.
+    SELECT pg_catalog.power(2::float8, pg_catalog.float8larger(-1000, pg_catalog.float8smaller(1000, p_exponent)))
 $$;
-COMMENT ON FUNCTION pgrec.pow2_safe(float8) IS '2^x, 0 below 2^-1000 (no underflow error).';
+COMMENT ON FUNCTION pgrec.pow2_safe(float8) IS '2^x for x clamped to [-1000, 1000] (no underflow/overflow error).';
 
 -- ---------------------------------------------------------------- the user vector (docs/contracts.md)
 
@@ -173,6 +171,7 @@ DECLARE
     t      timestamptz := coalesce(p_as_of, now());
     ep     pgrec.trending_epochs%ROWTYPE;
     factor float8;
+    prop   text;
 BEGIN
     IF p_k IS NULL OR p_k <= 0 OR p_segment IS NULL THEN
         RETURN;
@@ -192,25 +191,31 @@ BEGIN
          ORDER BY s.score DESC, s.item_key
          LIMIT p_k;
     ELSE
-        -- the past: complete hourly buckets before as_of within 10 half-lives (the partial hour is left out,
-        -- so nothing at or after as_of leaks in)
+        -- the past (evaluation, replay): recount the positive events in [as_of - 10 half-lives, as_of) from
+        -- pgrec.events (partition pruning on occurred_at); the segment is the user's current one
+        IF p_segment <> '' THEN
+            SELECT c.value #>> '{}' INTO prop FROM pgrec.config c WHERE c.key = 'segment_property';
+        END IF;
         RETURN QUERY
-        SELECT b.item_key,
-               sum(b.score * pgrec.pow2_safe(-(extract(epoch FROM t - b.hour) - 1800) / ep.half_life_s)) AS sc
-          FROM pgrec.trending_buckets b JOIN pgrec.items i ON i.item_key = b.item_key
-         WHERE b.segment = p_segment
-           AND b.hour >= t - make_interval(secs => 10 * ep.half_life_s)
-           AND b.hour + interval '1 hour' <= t
-           AND i.available AND i.created_at < t AND (p_categories IS NULL OR i.categories && p_categories)
-         GROUP BY b.item_key
-         ORDER BY sc DESC, b.item_key
+        SELECT x.item_key, x.sc
+          FROM (SELECT e.item_key,
+                       sum(e.weight * pgrec.pow2_safe(-extract(epoch FROM t - e.occurred_at) / ep.half_life_s)) AS sc
+                  FROM pgrec.events e
+                 WHERE e.polarity = 1
+                   AND e.occurred_at >= t - make_interval(secs => 10 * ep.half_life_s) AND e.occurred_at < t
+                   AND (p_segment = '' OR EXISTS (SELECT 1 FROM pgrec.users u
+                                                   WHERE u.user_key = e.user_key AND u.properties ->> prop = p_segment))
+                 GROUP BY e.item_key) x
+          JOIN pgrec.items i ON i.item_key = x.item_key
+         WHERE i.available AND i.created_at < t AND (p_categories IS NULL OR i.categories && p_categories)
+         ORDER BY x.sc DESC, x.item_key
          LIMIT p_k;
     END IF;
 END
 $$;
 COMMENT ON FUNCTION pgrec.decayed_popularity(text, text, int, timestamptz, text[]) IS
     'Top-k items by time-decayed sum of positive event weights (horizon trending or popular, segment '''' = global) '
-    'at as_of: the trigger-maintained running sums for now, hourly buckets for the past.';
+    'at as_of: the trigger-maintained running sums for now; a recount of the events before as_of for the past.';
 
 CREATE OR REPLACE FUNCTION pgrec.user_segment(p_user_key bigint)
 RETURNS text
@@ -352,17 +357,19 @@ BEGIN
          ORDER BY i.created_at DESC
          LIMIT scan
     ), eng AS (
-        -- early engagement: positive event weight since the item appeared (decayed running sum now,
-        -- complete hourly buckets before as_of in the past)
+        -- early engagement: positive event weight since the item appeared (the decayed running sum now;
+        -- in the past a count of the events before as_of, all of which fall in the fresh window)
         SELECT n.item_key, n.created_at,
                CASE WHEN now_ THEN coalesce((SELECT s.score FROM pgrec.trending_scores s
                                               WHERE s.horizon = 'popular' AND s.segment = '' AND s.item_key = n.item_key), 0) * factor
-                    ELSE coalesce((SELECT sum(b.score) FROM pgrec.trending_buckets b
-                                    WHERE b.segment = '' AND b.item_key = n.item_key
-                                      AND b.hour >= date_trunc('hour', n.created_at, 'UTC')
-                                      AND b.hour + interval '1 hour' <= t), 0)
+                    ELSE coalesce(p.w, 0)
                END AS sc
           FROM newest n
+          LEFT JOIN (SELECT e.item_key, sum(e.weight)::float8 AS w
+                       FROM pgrec.events e
+                      WHERE NOT now_ AND e.polarity = 1
+                        AND e.occurred_at >= t - make_interval(secs => days * 86400) AND e.occurred_at < t
+                      GROUP BY e.item_key) p ON p.item_key = n.item_key
     )
     SELECT x.item_key, 'fresh'::text, x.sc, (row_number() OVER (ORDER BY x.sc DESC, x.created_at DESC, x.item_key))::int
       FROM (SELECT * FROM eng ORDER BY eng.sc DESC, eng.created_at DESC, eng.item_key LIMIT p_k) x;
@@ -631,15 +638,6 @@ BEGIN
     END IF;
     PERFORM pgrec.trending_prepare(latest);
     SELECT c.value #>> '{}' INTO prop FROM pgrec.config c WHERE c.key = 'segment_property';
-    INSERT INTO pgrec.trending_buckets AS b (segment, hour, item_key, score)
-    SELECT s.segment, date_trunc('hour', ev.occurred_at, 'UTC'), ev.item_key, sum(ev.weight)
-      FROM (SELECT n.item_key, n.occurred_at, n.weight, nullif(u.properties ->> prop, '') AS segment
-              FROM new_events n LEFT JOIN pgrec.users u ON u.user_key = n.user_key
-             WHERE n.polarity = 1) ev
-     CROSS JOIN LATERAL (VALUES (''::text), (ev.segment)) s(segment)
-     WHERE s.segment IS NOT NULL
-     GROUP BY 1, 2, 3
-    ON CONFLICT (segment, hour, item_key) DO UPDATE SET score = b.score + excluded.score;
     INSERT INTO pgrec.trending_scores AS ts (horizon, segment, item_key, score)
     SELECT e.horizon, s.segment, ev.item_key,
            sum(ev.weight * pgrec.pow2_safe(extract(epoch FROM ev.occurred_at - e.epoch) / e.half_life_s))
@@ -672,9 +670,8 @@ DECLARE
     prop   text;
     n      bigint;
 BEGIN
-    LOCK TABLE pgrec.trending_scores, pgrec.trending_buckets IN EXCLUSIVE MODE;
+    LOCK TABLE pgrec.trending_scores IN EXCLUSIVE MODE;
     DELETE FROM pgrec.trending_scores;
-    DELETE FROM pgrec.trending_buckets;
     DELETE FROM pgrec.trending_epochs;
     SELECT max(e.occurred_at) INTO latest FROM pgrec.events e WHERE e.polarity = 1;
     IF latest IS NULL THEN
@@ -682,25 +679,23 @@ BEGIN
     END IF;
     PERFORM pgrec.trending_prepare(latest);
     SELECT c.value #>> '{}' INTO prop FROM pgrec.config c WHERE c.key = 'segment_property';
-    INSERT INTO pgrec.trending_buckets (segment, hour, item_key, score)
-    SELECT s.segment, date_trunc('hour', e.occurred_at, 'UTC'), e.item_key, sum(e.weight)
-      FROM pgrec.events e LEFT JOIN pgrec.users u ON u.user_key = e.user_key
-     CROSS JOIN LATERAL (VALUES (''::text), (nullif(u.properties ->> prop, ''))) s(segment)
+    INSERT INTO pgrec.trending_scores (horizon, segment, item_key, score)
+    SELECT ep.horizon, s.segment, e.item_key,
+           sum(e.weight * pgrec.pow2_safe(extract(epoch FROM e.occurred_at - ep.epoch) / ep.half_life_s))
+      FROM pgrec.events e
+      LEFT JOIN pgrec.users u ON u.user_key = e.user_key
+     CROSS JOIN pgrec.trending_epochs ep
+     CROSS JOIN LATERAL (VALUES (''::text),
+                                (CASE WHEN ep.horizon = 'trending' THEN nullif(u.properties ->> prop, '') END)) s(segment)
      WHERE e.polarity = 1 AND s.segment IS NOT NULL
      GROUP BY 1, 2, 3;
     GET DIAGNOSTICS n = ROW_COUNT;
-    INSERT INTO pgrec.trending_scores (horizon, segment, item_key, score)
-    SELECT ep.horizon, b.segment, b.item_key,
-           sum(b.score * pgrec.pow2_safe((extract(epoch FROM b.hour - ep.epoch) + 1800) / ep.half_life_s))
-      FROM pgrec.trending_buckets b CROSS JOIN pgrec.trending_epochs ep
-     WHERE ep.horizon = 'trending' OR b.segment = ''
-     GROUP BY 1, 2, 3;
     RETURN n;
 END
 $$;
 COMMENT ON FUNCTION pgrec.rebuild_trending() IS
-    'Recount the trending aggregates from pgrec.events (after changing a half-life or the segment property). '
-    'Returns the number of hourly buckets. The running sums use bucket mid-points (within half an hour).';
+    'Recount the running trending/popular sums from pgrec.events (after changing a half-life or the segment '
+    'property). Returns the number of (horizon, segment, item) rows.';
 
 -- ---------------------------------------------------------------- one source by name (the registry)
 
