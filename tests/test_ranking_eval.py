@@ -83,3 +83,22 @@ def test_models_and_explain_commands(db: TestDB, monkeypatch: pytest.MonkeyPatch
         assert out.exit_code == 1 and "no-such-item" in out.output
     finally:
         get_settings.cache_clear()
+
+
+def test_train_all_keeps_label_windows_out_of_the_ranker_features(db: TestDB) -> None:
+    from engine.ranking.train import default_cutoffs, train_all
+
+    _world(db)
+    rc = RankerConfig(horizon_days=7, cutoffs=1, n_candidates=20, max_users_per_cutoff=15, num_boost_round=10,
+                      min_data_in_leaf=5, num_threads=1)
+    result = train_all(db.conn, rc, retrieval=True, retrieval_epochs=2)
+    builds = [r[0] for r in db.conn.execute("SELECT as_of FROM pgrec.cooccurrence_builds ORDER BY build_id")]
+    last = db.scalar("SELECT max(occurred_at) FROM pgrec.events")
+    cutoffs = default_cutoffs(last + timedelta(microseconds=1), rc)
+    # one co-occurrence build as of each ranker cutoff, then one from every event for serving
+    assert builds[:-1] == cutoffs and builds[-1] > last
+    windows = [r[0] for r in db.conn.execute(
+        "SELECT data_window ->> 'as_of' FROM pgrec.models WHERE kind = 'retrieval' ORDER BY version")]
+    assert windows == [cutoffs[0].isoformat(), None]  # as of the first cutoff, then on everything
+    assert db.scalar("SELECT active FROM pgrec.models WHERE version = %s", (result.retrieval_version,))
+    assert result.ranker.metrics["train_groups"] > 0

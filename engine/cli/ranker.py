@@ -122,26 +122,23 @@ def train_all_cmd(
     seed: Seed = 42,
     epochs: Annotated[int, typer.Option("--epochs", help="retrieval: at most this many epochs")] = 30,
 ) -> None:
-    """Co-occurrence, then the retrieval model, then the ranker, in that order (each becomes active)."""
-    from engine import cooccurrence
-    from engine.ranking.train import train_ranker
-    from engine.retrieval.store import schema_dim, train_and_store
-    from engine.retrieval.train import RetrievalConfig
+    """Co-occurrence, then the retrieval model, then the ranker (each becomes active).
+
+    The ranker's training replay sees co-occurrence rebuilt as of each of its cutoffs and the retrieval model
+    trained as of the first one (no label window leaks into its features); both are then rebuilt from every
+    event for serving."""
+    from engine.ranking.train import train_all
 
     config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, "replay")
     with db_connection() as conn:
         try:
             with _stages() as progress:
-                b = cooccurrence.build(conn, progress=lambda d, t: progress("co-occurrence", d, t))
-                console.print(f"co-occurrence build #{b.build_id}: {b.pairs:,} pairs, {b.items:,} items")
-                rcfg = RetrievalConfig(dim=schema_dim(conn), epochs=epochs, seed=seed)
-                stored = train_and_store(conn, rcfg, on_epoch=lambda s, _b: progress("retrieval epochs", s.epoch,
-                                                                                     epochs))
-                console.print(f"retrieval model v{stored.version}: {stored.items:,} item vectors")
-                trained = train_ranker(conn, config, progress=progress)
+                result = train_all(conn, config, retrieval_epochs=epochs, progress=progress)
+            trained = result.ranker
             version = trained.save(conn, activate=True)
         except InvalidRequest as exc:
             raise fail(str(exc)) from None
+    console.print(f"co-occurrence build #{result.cooccurrence_build}, retrieval model v{result.retrieval_version}")
     _print_trained(version, trained, True)
 
 

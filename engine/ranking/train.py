@@ -205,3 +205,45 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
     imp = importance(booster)
     metrics["importance"] = imp
     return TrainedRanker(booster, train.names, params, metrics, window, imp)
+
+
+@dataclass
+class TrainedAll:
+    cooccurrence_build: int
+    retrieval_version: int | None
+    ranker: TrainedRanker
+
+
+def train_all(conn: psycopg.Connection[Any], config: RankerConfig | None = None, *, retrieval: bool = True,
+              retrieval_epochs: int = 30, progress: Progress | None = None) -> TrainedAll:
+    """Co-occurrence, retrieval, ranker, in that order, without leaking a label window into the ranker's
+    features: the ranker's replay sees co-occurrence rebuilt as of each cutoff and the retrieval model trained
+    as of the first cutoff; then both are rebuilt from every event for serving. The ranker is not saved."""
+    from engine import cooccurrence
+
+    config = config or RankerConfig()
+    row = conn.execute(query("ranking.event_range")).fetchone()
+    if row is None or not row[2]:
+        raise InvalidRequest("there are no events to train on")
+    end: datetime = row[1] + timedelta(microseconds=1)
+    cuts = default_cutoffs(end, config)
+
+    def _retrieval(as_of: datetime | None) -> int | None:
+        if not retrieval:
+            return None
+        from engine.retrieval.store import schema_dim, train_and_store
+        from engine.retrieval.train import RetrievalConfig
+
+        rcfg = RetrievalConfig(dim=schema_dim(conn), epochs=retrieval_epochs, seed=config.seed)
+        on_epoch = (lambda s, _b: progress("retrieval epochs", s.epoch, retrieval_epochs)) if progress else None
+        return train_and_store(conn, rcfg, as_of=as_of, on_epoch=on_epoch).version
+
+    def prepare(c: datetime) -> None:
+        cooccurrence.build(conn, as_of=c)
+        if c == cuts[0]:
+            _retrieval(c)
+
+    ranker = train_ranker(conn, config, cutoffs=cuts, progress=progress, prepare=prepare)
+    build = cooccurrence.build(conn, progress=(lambda d, t: progress("co-occurrence", d, t)) if progress else None)
+    version = _retrieval(None)
+    return TrainedAll(build.build_id, version, ranker)
