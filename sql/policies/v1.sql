@@ -689,8 +689,9 @@ DECLARE
     pk bigint[];
 BEGIN
     -- the items at the positions p_prefix (in that order), then every other item in its current order
-    IF p_prefix IS NULL OR cardinality(p_prefix) = 0 THEN
-        RETURN p_list;
+    IF p_prefix IS NULL OR cardinality(p_prefix) = 0
+       OR p_prefix = ARRAY(SELECT generate_series(1, cardinality(p_prefix))) THEN
+        RETURN p_list;  -- nothing moves
     END IF;
     ks := ARRAY(SELECT r.item_key FROM unnest(p_list) r);
     pk := ARRAY(SELECT ks[x.i] FROM unnest(p_prefix) WITH ORDINALITY x(i, o) ORDER BY x.o);
@@ -700,17 +701,6 @@ END
 $$;
 COMMENT ON FUNCTION pgrec.policy_pick(pgrec.rerank_row[], int[]) IS
     'Reorder a list: the items at positions p_prefix first, in that order, then the rest in their order.';
-
-CREATE OR REPLACE FUNCTION pgrec.policy_sort(p_list pgrec.rerank_row[])
-RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RETURN ARRAY(SELECT r FROM unnest(p_list) r ORDER BY r.score DESC NULLS LAST, r.item_key);
-END
-$$;
-COMMENT ON FUNCTION pgrec.policy_sort(pgrec.rerank_row[]) IS 'Order by score (descending, NULL last), ties by item_key.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_floor(p_mask boolean[], p_need int, p_top int)
 RETURNS int[]
@@ -1340,6 +1330,7 @@ DECLARE
     acts       text[];
     t_step     timestamptz := clock_timestamp();
     kept_by    text[] := '{}';
+    pending    bigint[] := '{}';
 BEGIN
     -- ---- the request
     max_k := coalesce((SELECT (c.value #>> '{}')::int FROM pgrec.config c WHERE c.key = 'policy_max_k'), 1000);
@@ -1485,13 +1476,25 @@ BEGIN
         versions := versions || jsonb_build_array(jsonb_build_object(
             'id', pol.policy_id, 'name', pol.name, 'kind', pol.kind, 'version', pol.version));
         cnt := 0;
+        IF cardinality(pending) > 0 AND NOT (pol.kind = ANY (pgrec.policy_drop_kinds())) THEN
+            list := pgrec.policy_keep(list, pending);
+            pending := '{}';
+        END IF;
         IF pol.kind = ANY (pgrec.policy_drop_kinds()) THEN
+            -- consecutive filters share one compaction of the list: a filter's drops wait in `pending`
             hit := pgrec.policy_drop_keys(pol.kind, pol.params, list, user_key, t, ctx, k);
+            IF cardinality(pending) > 0 AND cardinality(hit) > 0 THEN
+                hit := ARRAY(SELECT x FROM unnest(hit) x WHERE NOT coalesce(x IN (SELECT unnest(pending)), false));
+            END IF;
             cnt := cardinality(hit);
             IF cnt > 0 THEN
                 dropped := dropped || jsonb_build_object(lbl, cnt);
                 gone := gone || hit;
-                list := pgrec.policy_keep(list, hit);
+                pending := pending || hit;
+            END IF;
+            IF cardinality(pending) > 0 AND (debug IS NOT NULL OR pol.kind = 'relevance_floor') THEN
+                list := pgrec.policy_keep(list, pending);
+                pending := '{}';
             END IF;
             -- the reserve goes through the same filters (not the score floor: its scores are not on this scale)
             IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
@@ -1538,11 +1541,12 @@ BEGIN
                 eff_key := eff_key || hit;
                 eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
                 eff_act := eff_act || acts;
-                list := pgrec.policy_sort(ARRAY(
+                list := ARRAY(
                     SELECT ROW(r.item_key, r.item_id, new_scores[r.o], r.sources, r.categories, r.properties,
                                r.created_at)::pgrec.rerank_row
                       FROM unnest(list) WITH ORDINALITY
-                           AS r(item_key, item_id, score, sources, categories, properties, created_at, o)));
+                           AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+                     ORDER BY new_scores[r.o] DESC NULLS LAST, r.item_key);
             END IF;
         ELSE
             before := ARRAY(SELECT r.item_key FROM unnest(list) r);
@@ -1580,6 +1584,9 @@ BEGIN
     END LOOP;
 
     -- ---- the answer: the top k with reasons
+    IF cardinality(pending) > 0 THEN
+        list := pgrec.policy_keep(list, pending);
+    END IF;
     list := list[1:k];
     RETURN jsonb_build_object(
         'items', coalesce((
