@@ -19,7 +19,8 @@ Kinds and parameters (also in docs/policies.md):
 
 =================== ============================================================================================
 holdout             percent (0-100], salt = "", control = "trending" | "scores": a stable share of users (hash of
-                    the user key and salt) gets the control list; later policies other than filters are skipped
+                    the user key and salt) gets the control list; later policies other than content filters
+                    are skipped
 exclude_interacted  event_types = all, lookback_days = all time: items the user had such events with
 exclude_negative    lookback_days, neighbours = false, min_similarity = 0.9, max_dislikes = 20: items the user
                     disliked, and with neighbours the items close to one of the latest dislikes (seeded, on)

@@ -355,9 +355,11 @@ def test_holdout_trending_control(cat: TestDB) -> None:
     policies.add(cat.conn, "control", "holdout", {"percent": 100})
     policies.add(cat.conn, "boost-c", "boost",
                  {"predicate": {"property": "brand", "op": "equals", "value": "c"}, "multiply": 3})
-    res = rr(cat, user="u1", k=3)  # nothing trends yet: the control is the input order, without the boost
+    policies.add(cat.conn, "floor", "relevance_floor", {"min_score": 0.95})
+    res = rr(cat, user="u1", k=3)  # nothing trends yet: the control is the input order, without boost or floor
     assert res.holdout and res.item_ids == ["i1", "i2", "i3"]
-    cat.conn.execute("DELETE FROM pgrec.policies WHERE name IN ('control', 'boost-c')")
+    assert set(res.skipped.values()) == {"holdout"} and len(res.skipped) == 2
+    cat.conn.execute("DELETE FROM pgrec.policies WHERE name IN ('control', 'boost-c', 'floor')")
     for n, item in enumerate(("i11", "i11", "i8")):
         event(cat, f"other{n}", item, "purchase", 1 + n / 10)
     policies.add(cat.conn, "control", "holdout", {"percent": 100})

@@ -26,7 +26,7 @@ AS $$
                  'attribute_filter', 'relevance_floor']::text[]
 $$;
 COMMENT ON FUNCTION pgrec.policy_drop_kinds() IS
-    'Kinds that only drop items; the only ones that still run for a user in a holdout.';
+    'Kinds that only drop items; all but relevance_floor still run for a user in a holdout.';
 
 -- ---------------------------------------------------------------- validation helpers
 
@@ -1469,7 +1469,8 @@ BEGIN
     -- ---- apply, in order
     FOREACH pol IN ARRAY active LOOP
         lbl := pol.policy_id || '/' || pol.kind;
-        IF in_holdout AND NOT (pol.kind = ANY (pgrec.policy_drop_kinds())) THEN
+        -- a holdout user gets the control list with the content filters only (no score floor: other scale)
+        IF in_holdout AND (NOT (pol.kind = ANY (pgrec.policy_drop_kinds())) OR pol.kind = 'relevance_floor') THEN
             skipped := skipped || jsonb_build_object(lbl, 'holdout');
             CONTINUE;
         END IF;
