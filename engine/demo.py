@@ -39,13 +39,16 @@ class DemoConfig:
     users: int = 1_500                   # synthetic sizes: small enough for a few minutes on 2 cores
     items: int = 1_000
     events: int = 60_000
-    report: Path = Path("out/demo/report.html")
+    out_dir: Path = Path("out/demo")     # report.html (the offline evaluation) and demo.html (the lists)
     database: str = "pgrec_demo"         # on the embedded server; dropped and made again by every run
     show_users: int = 3
     seed: int = 7
     ranker_trees: int = 150              # a compact ranker: the SQL path evaluates every tree per candidate
-    eval_users: int = 600                # evaluate a seeded sample of the test users
+    eval_users: int = 200                # evaluate a seeded sample of the test users
+    ranker_cutoffs: int = 2              # replay cutoffs for the ranker's training data (plus one to validate)
+    ranker_users: int = 250              # users sampled per cutoff
     retrieval_epochs: int = 10
+    command: str = "pgrec demo"
 
 
 @dataclass
@@ -124,8 +127,9 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
             conn.execute("ANALYZE")
 
         with step("evaluation on a temporal split: the funnel against the baselines"):
-            ecfg = funnel.EvalConfig(max_users=cfg.eval_users, seed=cfg.seed,
-                                     ranker=RankerConfig(num_boost_round=cfg.ranker_trees))
+            ecfg = funnel.EvalConfig(max_users=cfg.eval_users, seed=cfg.seed, candidate_counts=(50, 100, 200),
+                                     ranker=RankerConfig(num_boost_round=cfg.ranker_trees, cutoffs=cfg.ranker_cutoffs,
+                                                         max_users_per_cutoff=cfg.ranker_users))
             with _progress(console) as progress:
                 report, trained = funnel.run(conn, ecfg, progress=progress)
             out["evaluation"] = report.as_dict()
@@ -173,8 +177,12 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
             out["sql_path_same"] = same
 
         with step("HTML report"):
-            path = _report(cfg.report, out, lists, report)
-            console.print(f"written to {path}")
+            from engine.evaluation import report as eval_report
+
+            paths = eval_report.write(report, cfg.out_dir, command=cfg.command)
+            page = _report(cfg.out_dir / "demo.html", out, lists, report)
+            out["report"] = str(paths["html"])
+            console.print(f"evaluation report: {paths['html']}; recommendations and timings: {page}")
     finally:
         conn.close()
     total = time.perf_counter() - t_start
@@ -267,6 +275,7 @@ def _report(path: Path, out: dict[str, Any], lists: list[Any], report: Any) -> P
                         f"<td>{esc(_why(i.reasons))}</td></tr>" for i in r.items) + "</table>")
     if report.notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report.notes) + "</ul>")
+    body.append('<p>The full offline evaluation with plots: <a href="report.html">report.html</a></p>')
     path.write_text("<!doctype html><meta charset=utf-8><title>pgrec demo</title><style>body{font-family:sans-serif;"
                     "max-width:60em;margin:2em auto}table{border-collapse:collapse}td,th{padding:2px 10px;"
                     "text-align:right;border-bottom:1px solid #ddd}td:first-child,th:first-child{text-align:left}"

@@ -93,7 +93,7 @@ def _prepare(settings: Settings, cfg: BenchConfig, say: Callable[[str], None]) -
             t0 = time.perf_counter()
             say(f"training a ranker ({cfg.num_trees} trees x {cfg.num_leaves} leaves) ...")
             rc = RankerConfig(num_boost_round=cfg.num_trees, early_stopping_rounds=cfg.num_trees,
-                              num_leaves=cfg.num_leaves, max_users_per_cutoff=500, cutoffs=2,
+                              num_leaves=cfg.num_leaves, max_users_per_cutoff=150, cutoffs=1,
                               n_candidates=_serving_n(conn))
             version = train_ranker(conn, rc).save(conn, activate=True)
             say(f"  ranker version {version} in {time.perf_counter() - t0:.0f}s")

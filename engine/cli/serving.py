@@ -196,13 +196,16 @@ def demo_cmd(
     users: Annotated[int, typer.Option(help="synthetic users")] = 1_500,
     items: Annotated[int, typer.Option(help="synthetic items")] = 1_000,
     events: Annotated[int, typer.Option(help="synthetic events")] = 60_000,
-    report: Annotated[Path, typer.Option("--report", help="where the HTML report goes")] = Path("out/demo/report.html"),
+    out_dir: Annotated[Path, typer.Option("--out", help="where the HTML reports go")] = Path("out/demo"),
     database: Annotated[str, typer.Option("--database", help="database name on the embedded server")] = "pgrec_demo",
 ) -> None:
     """The whole thing on a fresh machine: data, training, evaluation against baselines, recommendations."""
     from engine.demo import DemoConfig, run
 
-    cfg = DemoConfig(movielens=movielens, users=users, items=items, events=events, report=report, database=database)
+    command = "pgrec demo" + (f" --movielens {movielens}" if movielens else f" --users {users} --items {items} "
+                                                                          f"--events {events}")
+    cfg = DemoConfig(movielens=movielens, users=users, items=items, events=events, out_dir=out_dir, database=database,
+                     command=command)
     try:
         run(get_settings(), cfg, console)
     except (DatabaseError, PgrecError, FileNotFoundError) as exc:
