@@ -227,6 +227,8 @@ def itemset_list() -> None:
     """The item sets."""
     with db_connection() as conn:
         sets = policies.item_sets(conn)
+    if not sets:
+        console.print("no item sets")
     for name, items in sets.items():
         console.print(f"{name} ({len(items)}): {' '.join(items[:20])}{' …' if len(items) > 20 else ''}")
 
