@@ -32,6 +32,7 @@ class RetrievalConfig:
     weight_decay: float = 0.0            # decoupled (AdamW), on the rows a batch touches
     log_q: bool = True                   # subtract log(item frequency) from the logits (sampling-bias correction)
     extra_negatives: int = 128           # at most this many shown-but-ignored / disliked items per batch
+    random_negatives: int = 0            # uniformly drawn items added to every batch (mixed negative sampling)
     patience: int = 3                    # epochs without a better validation recall before stopping
     validation_fraction: float = 0.1     # latest share of positive events held out for early stopping (0: none)
     validation_users: int = 2000         # at most this many users scored per validation
@@ -48,6 +49,7 @@ class RetrievalConfig:
             "lr": self.lr > 0, "temperature": self.temperature > 0, "weight_decay": self.weight_decay >= 0,
             "patience": self.patience >= 1, "validation_fraction": 0 <= self.validation_fraction < 1,
             "extra_negatives": self.extra_negatives >= 0, "validation_k": self.validation_k >= 1,
+            "random_negatives": self.random_negatives >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -101,7 +103,7 @@ class Adam:
 
     def step(self, g: Gradients) -> None:
         self.t += 1
-        lr = self.lr * np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+        lr = float(self.lr * np.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t))
         rows = g.rows
         m = self.b1 * self.m_ids[rows] + (1 - self.b1) * g.ids
         v = self.b2 * self.v_ids[rows] + (1 - self.b2) * g.ids * g.ids
@@ -266,7 +268,9 @@ def _fit(result: TrainResult, data: RetrievalData, pos: Positives, pairs: np.nda
                               np.concatenate([data.ignored_item, data.ev_item[neg]]))
     rng = np.random.default_rng(cfg.seed + (1 if phase == "refit" else 0))
     counts = np.bincount(pos.item[pairs], minlength=data.n_items).astype(np.float64)
-    log_q = np.log(np.maximum(counts, 1.0) / max(1.0, counts.sum())) if cfg.log_q else None
+    # log of the expected number of times an item is among a batch's candidates (in-batch + uniform draws)
+    expected = cfg.batch_size * counts / max(1.0, counts.sum()) + cfg.random_negatives / data.n_items
+    log_q = np.log(np.maximum(expected, 1e-6)) if cfg.log_q else None
     opt = Adam(model, cfg.lr, cfg.weight_decay)
     n_batches = max(1, len(pairs) // cfg.batch_size)
     best: tuple[np.ndarray, np.ndarray] | None = None
@@ -279,6 +283,8 @@ def _fit(result: TrainResult, data: RetrievalData, pos: Positives, pairs: np.nda
                 order[b * cfg.batch_size:]
             hi, hw = pos.histories(pos.hist_end[idx], pos.block_start[idx], data.max_events, data.half_life_days)
             negatives = hard.sample(np.unique(pos.user[idx]), cfg.extra_negatives, rng)
+            if cfg.random_negatives:
+                negatives = np.concatenate([negatives, rng.integers(0, data.n_items, cfg.random_negatives)])
             loss, grads = model.loss_and_grad(Batch(hi, hw, pos.item[idx], negatives), cfg.temperature, log_q)
             assert grads is not None
             opt.step(grads)
