@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timedelta
 
 import lightgbm as lgb
@@ -119,3 +120,21 @@ def test_planted_signal_is_ranked_first(db: TestDB) -> None:
     assert abs(ex.score - (ex.base + sum(c.contribution for c in ex.contributions))) < 1e-9
     with pytest.raises(NotFound):
         explain.explain(db.conn, model, uid, "no-such-item")
+
+
+def test_label_windows_hold_equal_shares_of_events(db: TestDB) -> None:
+    from engine.ranking.train import plan_windows
+
+    datasets.generate(datasets.GeneratorConfig(users=60, items=50, events=1000, days=60, dim=16, seed=2),
+                      now=NOW).load(db.conn)
+    until = NOW - timedelta(days=5)
+    before = db.scalar("SELECT count(*) FROM pgrec.events WHERE occurred_at < %s", (until,))
+    windows = plan_windows(db.conn, until, RankerConfig(cutoffs=3, window_share=0.1))
+    assert len(windows) == 4 and windows[-1][1] == until
+    for (_, e), (nxt, _) in itertools.pairwise(windows):
+        assert e == nxt  # consecutive, no overlap, the last (validation) ends at until
+    for c, e in windows:
+        n = db.scalar("SELECT count(*) FROM pgrec.events WHERE occurred_at >= %s AND occurred_at < %s", (c, e))
+        assert abs(n - 0.1 * before) <= 2
+    with pytest.raises(InvalidRequest, match="window_share"):
+        plan_windows(db.conn, until, RankerConfig(cutoffs=3, window_share=0.3))

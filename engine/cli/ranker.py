@@ -47,22 +47,25 @@ def _stages() -> Iterator[Any]:
         yield progress
 
 
-def _ranker_config(horizon_days: float, cutoff_count: int, n: int, max_users: int, rounds: int, seed: int,
-                   source: str) -> Any:
+def _ranker_config(horizon_days: float | None, cutoff_count: int, n: int, max_users: int, rounds: int, seed: int,
+                   source: str, window_share: float = 0.025) -> Any:
     from engine.ranking.train import RankerConfig
 
     if source not in ("replay", "impressions"):
         raise fail(f"--from must be 'replay' or 'impressions', got {source!r}")
-    checks = {"--horizon-days": horizon_days > 0, "--cutoff-count": cutoff_count >= 1, "--n": n >= 1,
+    checks = {"--horizon-days": horizon_days is None or horizon_days > 0, "--cutoff-count": cutoff_count >= 1,
+              "--window-share": 0 < window_share * (cutoff_count + 1) < 1, "--n": n >= 1,
               "--max-users": max_users >= 1, "--rounds": rounds >= 1}
     for name, ok in checks.items():
         if not ok:
-            raise fail(f"{name} must be positive")
-    return RankerConfig(horizon_days=horizon_days, cutoffs=cutoff_count, n_candidates=n,
+            raise fail(f"{name}: out of range")
+    return RankerConfig(horizon_days=horizon_days, window_share=window_share, cutoffs=cutoff_count, n_candidates=n,
                         max_users_per_cutoff=max_users, num_boost_round=rounds, seed=seed, source=source)
 
 
-HorizonDays = Annotated[float, typer.Option("--horizon-days", help="label window after each cutoff (days)")]
+HorizonDays = Annotated[float | None, typer.Option(
+    "--horizon-days", help="label window after each cutoff in days (default: windows of --window-share events)")]
+WindowShare = Annotated[float, typer.Option("--window-share", help="share of the events in each label window")]
 CutoffCount = Annotated[int, typer.Option("--cutoff-count", help="training cutoffs (plus one for validation)")]
 N = Annotated[int, typer.Option("--n", help="candidates per user")]
 MaxUsers = Annotated[int, typer.Option("--max-users", help="users sampled per cutoff")]
@@ -86,7 +89,8 @@ def train_ranker_cmd(
     source: Annotated[str, typer.Option("--from", help="replay (the event log) or impressions")] = "replay",
     until: Annotated[str | None, typer.Option("--until", help="no label from events at or after this time")] = None,
     since: Annotated[str | None, typer.Option("--since", help="impressions: served from this time")] = None,
-    horizon_days: HorizonDays = 14.0,
+    horizon_days: HorizonDays = None,
+    window_share: WindowShare = 0.025,
     cutoff_count: CutoffCount = 4,
     n: N = 300,
     max_users: MaxUsers = 2000,
@@ -97,7 +101,7 @@ def train_ranker_cmd(
     """Train the LightGBM lambdarank ranker and store it in the registry (active unless --no-activate)."""
     from engine.ranking.train import train_ranker
 
-    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, source)
+    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, source, window_share)
     cuts = None
     if cutoffs:
         cuts = [t for t in (_time(c.strip(), "--cutoffs") for c in cutoffs.split(",") if c.strip()) if t]
@@ -114,7 +118,8 @@ def train_ranker_cmd(
 
 @train_app.command("all")
 def train_all_cmd(
-    horizon_days: HorizonDays = 14.0,
+    horizon_days: HorizonDays = None,
+    window_share: WindowShare = 0.025,
     cutoff_count: CutoffCount = 4,
     n: N = 300,
     max_users: MaxUsers = 2000,
@@ -129,7 +134,7 @@ def train_all_cmd(
     event for serving."""
     from engine.ranking.train import train_all
 
-    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, "replay")
+    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, "replay", window_share)
     with db_connection() as conn:
         try:
             with _stages() as progress:
@@ -209,7 +214,9 @@ def eval_cmd(
     horizon_days: Annotated[float | None, typer.Option("--test-days", help="test window after the split (default: all)")] = None,
     n: N = 300,
     max_users: Annotated[int | None, typer.Option("--max-users", help="evaluate a sample of the test users")] = None,
-    ranker_horizon: Annotated[float, typer.Option("--ranker-horizon-days", help="ranker label window")] = 14.0,
+    ranker_horizon: Annotated[float | None, typer.Option("--ranker-horizon-days",
+                                                         help="ranker label window (default: by event share)")] = None,
+    window_share: WindowShare = 0.025,
     cutoff_count: CutoffCount = 4,
     no_retrieval: Annotated[bool, typer.Option("--no-retrieval", help="keep the stored item vectors")] = False,
     output: Annotated[Path, typer.Option("--output", help="folder for report.html/json and the PNGs")] = Path("out/eval"),
@@ -226,7 +233,8 @@ def eval_cmd(
 
     if split_at is not None and split_fraction is not None:
         raise fail("give --split-at or --split-fraction, not both")
-    rc = replace(RankerConfig(), horizon_days=ranker_horizon, cutoffs=cutoff_count, n_candidates=n, seed=seed)
+    rc = replace(RankerConfig(), horizon_days=ranker_horizon, window_share=window_share, cutoffs=cutoff_count,
+                 n_candidates=n, seed=seed)
     config = funnel.EvalConfig(split_at=_time(split_at, "--split-at"), split_fraction=split_fraction,
                                horizon_days=horizon_days, n_candidates=n, max_users=max_users,
                                retrieval=not no_retrieval, ranker=rc, seed=seed)

@@ -29,7 +29,7 @@ from engine.evaluation import metrics as m
 from engine.evaluation.split import Split, resolve_cutoff, temporal_split
 from engine.ranking import features
 from engine.ranking.features import CandidateFeatures
-from engine.ranking.train import RankerConfig, TrainedRanker, default_cutoffs, train_ranker
+from engine.ranking.train import RankerConfig, TrainedRanker, plan_windows, train_ranker
 
 Progress = Callable[[str, int, int], None]
 SOURCES = ("ann", "history", "trending", "fresh", "popular")
@@ -215,7 +215,7 @@ def run(conn: psycopg.Connection[Any], config: EvalConfig | None = None, *,
 
     # 1. the ranker, on cutoffs before the split; co-occurrence / retrieval rebuilt as of each cutoff
     rc = config.ranker
-    cutoffs = default_cutoffs(cutoff, rc)
+    cutoffs = [c for c, _ in plan_windows(conn, cutoff, rc)]
     # co-occurrence at every cutoff (cheap), the retrieval model once, as of the first cutoff (stale for the
     # later ones but blind to every label window)
     def prepare(c: datetime) -> None:

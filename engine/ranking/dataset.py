@@ -81,15 +81,20 @@ def _seen(conn: psycopg.Connection[Any], users: Sequence[int], before: datetime)
     return {int(u): {int(i) for i in items} for u, items in rows}
 
 
-def replay(conn: psycopg.Connection[Any], cutoff: datetime, horizon: timedelta, *, n: int = 200,
+def replay(conn: psycopg.Connection[Any], cutoff: datetime, horizon: timedelta | None = None, *,
+           end: datetime | None = None, n: int = 200,
            surface: str = "default", max_users: int | None = 2000, seed: int = 42, batch: int = 50,
            keep_seen: bool = False, progress: Progress | None = None) -> TrainingSet:
-    """Groups for the users with a positive event in ``[cutoff, cutoff + horizon)``.
+    """Groups for the users with a positive event in ``[cutoff, end)`` (``end`` = cutoff + horizon if not given).
 
     Candidates the user had any event with before the cutoff are dropped (the policy stage excludes them at
     serving) unless ``keep_seen``; groups without a relevant candidate are dropped (no ranking signal).
     """
-    labels = _labels(conn, cutoff, cutoff + horizon)
+    if end is None:
+        if horizon is None:
+            raise ValueError("replay needs a horizon or an end")
+        end = cutoff + horizon
+    labels = _labels(conn, cutoff, end)
     users = sorted(u for u, items in labels.items() if any(g > 0 for g in items.values()))
     if max_users is not None and len(users) > max_users:
         users = sorted(random.Random(seed).sample(users, max_users))

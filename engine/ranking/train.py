@@ -1,8 +1,9 @@
 """``pgrec train ranker``: LightGBM lambdarank on replayed (or served) lists, early stopping on a later window.
 
-Cutoffs: with an end time ``until`` (default: the newest event) and a label window ``horizon``, the last
-cutoff is ``until - horizon`` and is used only for early stopping (validation); the training cutoffs lie
-before it, spaced by the horizon, so no label window overlaps another or the validation window.
+Label windows: with an end time ``until`` (default: the newest event), the windows are consecutive and end at
+``until``: by default each holds the same share of the events (``window_share``), so a sparse stretch of the log
+gets a longer window; with ``horizon_days`` each is that many days. The last window is used only for early
+stopping (validation, a later time than every training label); no label window overlaps another.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from engine.sql import query
 class RankerConfig:
     """How the ranker is trained. Every field has the default the CLI uses."""
 
-    horizon_days: float = 14.0          # label window after each cutoff
+    horizon_days: float | None = None   # label window after each cutoff (None: windows of window_share events)
+    window_share: float = 0.025         # share of the events before `until` in each label window
     cutoffs: int = 4                    # training cutoffs (plus one validation cutoff after them)
     n_candidates: int = 300             # candidates per group (the serving n should match)
     max_users_per_cutoff: int = 2000    # sampled (seeded) when more users are active after a cutoff
@@ -64,9 +66,40 @@ class TrainedRanker:
 
 
 def default_cutoffs(until: datetime, config: RankerConfig) -> list[datetime]:
-    """``cutoffs`` training cutoffs then the validation cutoff, oldest first."""
-    h = timedelta(days=config.horizon_days)
+    """Fixed ``horizon_days``: ``cutoffs`` training cutoffs then the validation cutoff, oldest first."""
+    h = timedelta(days=config.horizon_days or 14.0)
     return [until - h * (k + 1) for k in range(config.cutoffs, -1, -1)]
+
+
+Window = tuple[datetime, datetime]
+
+
+def plan_windows(conn: psycopg.Connection[Any], until: datetime, config: RankerConfig,
+                 cutoffs: Sequence[datetime] | None = None) -> list[Window]:
+    """The (cutoff, label end) windows, oldest first; the last one validates.
+
+    Given cutoffs: each window runs to the next cutoff (or ``horizon_days``, whichever is first), the last to
+    ``until``. Otherwise ``cutoffs + 1`` windows end at ``until``: each ``horizon_days`` long, or by default
+    each holding ``window_share`` of the events before ``until``."""
+    if cutoffs:
+        cuts = sorted(cutoffs)
+    elif config.horizon_days is not None:
+        cuts = default_cutoffs(until, config)
+    else:
+        if not 0 < config.window_share * (config.cutoffs + 1) < 1:
+            raise InvalidRequest(f"window_share {config.window_share} x {config.cutoffs + 1} windows must be < 1")
+        fractions = [1 - config.window_share * (k + 1) for k in range(config.cutoffs, -1, -1)]
+        row = conn.execute(query("ranking.time_at_fractions"), {"fractions": fractions, "until": until}).fetchone()
+        if row is None or row[0] is None:
+            raise InvalidRequest(f"there are no events before {until.isoformat()} to train on")
+        cuts = sorted(set(row[0]))
+    h = timedelta(days=config.horizon_days) if config.horizon_days is not None else None
+    ends = [*cuts[1:], until]
+    windows = [(c, min(e, c + h) if h is not None else e) for c, e in zip(cuts, ends, strict=True)]
+    late = [c for c, _ in windows if c >= until]
+    if late:
+        raise InvalidRequest(f"cutoff {late[0].isoformat()} is not before {until.isoformat()}")
+    return windows
 
 
 def _lgb_params(config: RankerConfig) -> dict[str, Any]:
@@ -137,19 +170,18 @@ def importance(booster: lgb.Booster) -> dict[str, float]:
                                                    key=lambda p: -p[1])}
 
 
-def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, cutoffs: Sequence[datetime],
+def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, windows: Sequence[Window],
                progress: Progress | None = None,
                prepare: Callable[[datetime], None] | None = None) -> tuple[TrainingSet, TrainingSet]:
-    """Replay at every cutoff: all but the last train, the last validates (one cutoff: no validation).
+    """Replay at every window: all but the last train, the last validates (one window: no validation).
 
     ``prepare(cutoff)`` runs before each replay (an evaluation rebuilds the stage-1 models as of the cutoff
     there, so the candidate sources never saw the label window)."""
-    h = timedelta(days=config.horizon_days)
     sets = []
-    for c in cutoffs:
+    for c, end in windows:
         if prepare is not None:
             prepare(c)
-        sets.append(dataset.replay(conn, c, h, n=config.n_candidates, surface=config.surface,
+        sets.append(dataset.replay(conn, c, end=end, n=config.n_candidates, surface=config.surface,
                                    max_users=config.max_users_per_cutoff, seed=config.seed, progress=progress))
     if len(sets) == 1:
         return sets[0], TrainingSet.empty(sets[0].names)
@@ -177,14 +209,13 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
     last: datetime = row[1]
     end: datetime = until or (last + timedelta(microseconds=1))
     if config.source == "replay":
-        cuts = sorted(cutoffs) if cutoffs else default_cutoffs(end, config)
-        h = timedelta(days=config.horizon_days)
-        late = [c for c in cuts if c + h > end]
-        if cutoffs and late and until is not None:
-            raise InvalidRequest(f"cutoff {late[0].isoformat()} + horizon reaches past {end.isoformat()}")
-        train, valid = build_sets(conn, config, cuts, progress, prepare)
-        window = {"source": "replay", "cutoffs": [c.isoformat() for c in cuts], "horizon_days": config.horizon_days,
-                  "validation_cutoff": cuts[-1].isoformat() if len(cuts) > 1 else None, "until": end.isoformat()}
+        windows = plan_windows(conn, end, config, cutoffs)
+        train, valid = build_sets(conn, config, windows, progress, prepare)
+        window = {"source": "replay", "cutoffs": [c.isoformat() for c, _ in windows],
+                  "label_windows": [[c.isoformat(), e.isoformat()] for c, e in windows],
+                  "horizon_days": config.horizon_days, "window_share": config.window_share,
+                  "validation_cutoff": windows[-1][0].isoformat() if len(windows) > 1 else None,
+                  "until": end.isoformat()}
     elif config.source == "impressions":
         start = since or first
         split = start + (end - start) * 0.8
@@ -226,7 +257,7 @@ def train_all(conn: psycopg.Connection[Any], config: RankerConfig | None = None,
     if row is None or not row[2]:
         raise InvalidRequest("there are no events to train on")
     end: datetime = row[1] + timedelta(microseconds=1)
-    cuts = default_cutoffs(end, config)
+    cuts = [c for c, _ in plan_windows(conn, end, config)]
 
     def _retrieval(as_of: datetime | None) -> int | None:
         if not retrieval:

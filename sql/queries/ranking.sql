@@ -16,6 +16,11 @@ SELECT u.user_key AS for_user_key, f.*
 -- name: event_range
 SELECT min(occurred_at), max(occurred_at), count(*) FROM pgrec.events
 
+-- name: time_at_fractions
+-- The times below which the given shares of the events before `until` lie (ranker label windows).
+SELECT percentile_disc(%(fractions)s::float8[]) WITHIN GROUP (ORDER BY occurred_at)
+  FROM pgrec.events WHERE occurred_at < %(until)s
+
 -- name: window_labels
 -- Per (user, item) in [start, end): the largest weight of a positive event, and whether any event was negative.
 SELECT e.user_key, e.item_key, max(e.weight) FILTER (WHERE e.polarity = 1) AS w, bool_or(e.polarity = -1) AS neg
