@@ -102,3 +102,43 @@ def test_daily_counts_follow_inserts_and_deletes(db: TestDB) -> None:
     assert total == db.scalar("SELECT count(*) FROM pgrec.events")
     db.conn.execute("DELETE FROM pgrec.events WHERE event_key IN (SELECT event_key FROM pgrec.events LIMIT 10)")
     assert db.scalar("SELECT sum(n_events) FROM pgrec.item_daily_counts") == total - 10
+
+
+def test_impressions_make_the_same_table_as_replay(db: TestDB) -> None:
+    import uuid
+
+    _load(db)
+    served_at = NOW - timedelta(days=10)
+    users = [r[0] for r in db.conn.execute(
+        "SELECT user_key FROM pgrec.events WHERE occurred_at < %s GROUP BY user_key ORDER BY count(*) DESC LIMIT 4",
+        (served_at,)).fetchall()]
+    clicked: dict[uuid.UUID, int] = {}
+    for u in users:
+        rid = uuid.uuid4()
+        shown = features.for_user_key(db.conn, u, n=12, as_of=served_at)
+        for pos, k in enumerate(shown.item_keys[:8].tolist(), start=1):
+            db.conn.execute("INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, "
+                            "served_at) VALUES (%s, %s, 'default', %s, %s, %s)", (rid, u, pos, k, served_at))
+        item = int(shown.item_keys[3])
+        clicked[rid] = item
+        uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (u,))
+        iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item,))
+        db.conn.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, request_id => %s)",
+                        (uid, iid, served_at + timedelta(minutes=5), rid))
+    # a short attribution window: only the clicks tied by request_id count here
+    ts = dataset.from_impressions(db.conn, served_at - timedelta(hours=1), served_at + timedelta(hours=1), n=12,
+                                  window=timedelta(minutes=1))
+    replayed = dataset.replay(db.conn, served_at, timedelta(days=7), n=12, max_users=3)
+    assert ts.names == replayed.names  # one feature table shape for both modes
+    assert ts.group == [8] * len(users)
+    assert ts.position is not None and sorted(ts.position[:8].tolist()) == list(range(1, 9))
+    assert int(ts.y.sum()) == dataset.grade(2.0, False) * len(users)  # exactly the clicked item per request
+    for g, (_, _) in enumerate(ts.queries):
+        rows = slice(8 * g, 8 * g + 8)
+        assert int(ts.item_keys[rows][ts.y[rows] > 0][0]) in clicked.values()
+    assert "position" not in " ".join(ts.names)  # the position is never a feature
+    # ... it goes to LightGBM's position-bias correction instead
+    from engine.ranking.train import RankerConfig, fit
+
+    booster, _ = fit(ts, None, RankerConfig(min_data_in_leaf=1, num_boost_round=5, num_threads=1))
+    assert booster.num_trees() == 5
