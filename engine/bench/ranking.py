@@ -13,6 +13,7 @@ import numpy as np
 import psycopg
 
 from engine.ranking import features, registry
+from engine.sql import query
 
 
 def _ms(xs: list[float]) -> str:
@@ -23,12 +24,10 @@ def _ms(xs: list[float]) -> str:
 def run(conn: psycopg.Connection[Any], *, users: int = 50, n: int = 500, as_of: datetime | None = None,
         seed: int = 0) -> Iterator[str]:
     """Time ``users`` sampled users (with history): the features' own cost is the difference of the two calls."""
-    items, events = conn.execute("SELECT (SELECT count(*) FROM pgrec.items), (SELECT count(*) FROM pgrec.events)"
-                                 ).fetchone() or (0, 0)
+    items, events = conn.execute(query("ranking.bench_sizes")).fetchone() or (0, 0)
     yield (f"machine: {platform.machine()}, {os.cpu_count()} cores; data: {items:,} items, {events:,} events; "
            f"n={n}, as_of={'now' if as_of is None else as_of.isoformat()}")
-    keys = [int(r[0]) for r in conn.execute(
-        "SELECT user_key FROM pgrec.users ORDER BY md5(user_key::text || %s) LIMIT %s", (str(seed), users))]
+    keys = [int(r[0]) for r in conn.execute(query("ranking.bench_users"), {"seed": str(seed), "n": users})]
     if not keys:
         yield "no users: load data first"
         return
@@ -40,7 +39,7 @@ def run(conn: psycopg.Connection[Any], *, users: int = 50, n: int = 500, as_of: 
     frames = []
     for k in keys:
         t0 = time.perf_counter()
-        conn.execute("SELECT count(*) FROM pgrec.candidates_by_key(%s, 'default', %s, %s)", (k, n, as_of)).fetchone()
+        conn.execute(query("ranking.bench_candidates"), {"user_key": k, "n": n, "as_of": as_of}).fetchone()
         t1 = time.perf_counter()
         cf = features.for_user_key(conn, k, n=n, as_of=as_of)
         t2 = time.perf_counter()

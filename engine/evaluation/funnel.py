@@ -30,6 +30,7 @@ from engine.evaluation.split import Split, resolve_cutoff, temporal_split
 from engine.ranking import features
 from engine.ranking.features import CandidateFeatures
 from engine.ranking.train import RankerConfig, TrainedRanker, plan_windows, train_ranker
+from engine.sql import query
 
 Progress = Callable[[str, int, int], None]
 SOURCES = ("ann", "history", "trending", "fresh", "popular")
@@ -118,8 +119,7 @@ def _source_list(cf: CandidateFeatures, source: str, seen: set[int], k: int) -> 
 
 
 def popularity(conn: psycopg.Connection[Any], before: datetime) -> list[int]:
-    rows = conn.execute("SELECT item_key FROM pgrec.events WHERE occurred_at < %s AND polarity = 1 "
-                        "GROUP BY item_key ORDER BY count(*) DESC, item_key", (before,)).fetchall()
+    rows = conn.execute(query("ranking.eval_popularity"), {"before": before}).fetchall()
     return [int(r[0]) for r in rows]
 
 
@@ -138,8 +138,7 @@ def ease_lists(conn: psycopg.Connection[Any], split: Split, users: Sequence[int]
     """EASE fit on every interaction before the split; users without one get popularity."""
     from engine.retrieval import ease
 
-    rows = conn.execute("SELECT DISTINCT user_key, item_key FROM pgrec.events WHERE occurred_at < %s",
-                        (split.cutoff,)).fetchall()
+    rows = conn.execute(query("ranking.eval_interactions"), {"before": split.cutoff}).fetchall()
     if not rows:
         return {u: _pop_list(pop, split.seen.get(u, set()), k) for u in users}
     arr = np.array(rows, dtype=np.int64)
@@ -166,10 +165,8 @@ def _union_recall(conn: psycopg.Connection[Any], split: Split, users: Sequence[i
         vals = []
         for lo in range(0, len(users), 100):
             chunk = list(users[lo:lo + 100])
-            rows = conn.execute(
-                "SELECT u.k, array_agg(c.item_key) FROM unnest(%s::bigint[]) AS u(k) "
-                "CROSS JOIN LATERAL pgrec.candidates_by_key(u.k, %s, %s, %s) c GROUP BY u.k",
-                (chunk, surface, n, split.cutoff)).fetchall()
+            rows = conn.execute(query("ranking.eval_candidate_sets"),
+                                {"users": chunk, "surface": surface, "n": n, "as_of": split.cutoff}).fetchall()
             got = {int(u): {int(i) for i in items} for u, items in rows}
             for u in chunk:
                 truth = split.truth[u]
@@ -236,8 +233,8 @@ def run(conn: psycopg.Connection[Any], config: EvalConfig | None = None, *,
 
     # 3. candidates + features as of the split for every test user; the lists of every method
     t2 = time.perf_counter()
-    n_items = int(conn.execute("SELECT count(*) FROM pgrec.items WHERE created_at < %s", (cutoff,)).fetchone()[0])  # type: ignore[index]
-    cats = {int(k): list(c) for k, c in conn.execute("SELECT item_key, categories FROM pgrec.items").fetchall()}
+    n_items = int(conn.execute(query("ranking.eval_catalog_size"), {"before": cutoff}).fetchone()[0])  # type: ignore[index]
+    cats = {int(k): list(c) for k, c in conn.execute(query("ranking.item_categories")).fetchall()}
     pop = popularity(conn, cutoff)
     lists: dict[str, dict[int, list[int]]] = {"funnel": {}, "popularity": {}}
     for s in SOURCES:

@@ -12,6 +12,7 @@ import psycopg
 from engine.errors import NotFound
 from engine.ranking import features
 from engine.ranking.registry import LoadedModel
+from engine.sql import query
 
 
 @dataclass
@@ -36,10 +37,10 @@ class Explanation:
 def explain(conn: psycopg.Connection[Any], model: LoadedModel, user_id: str, item_id: str, *,
             as_of: datetime | None = None, surface: str = "default", n: int = 500) -> Explanation:
     """Features of ``item_id`` for ``user_id`` (as of ``as_of``) and their SHAP contributions (pred_contrib)."""
-    item = conn.execute("SELECT item_key FROM pgrec.items WHERE item_id = %s", (item_id,)).fetchone()
+    item = conn.execute(query("ranking.item_key"), {"item_id": item_id}).fetchone()
     if item is None:
         raise NotFound(f"unknown item {item_id!r}")
-    user = conn.execute("SELECT user_key FROM pgrec.users WHERE user_id = %s", (user_id,)).fetchone()
+    user = conn.execute(query("ranking.user_key"), {"user_id": user_id}).fetchone()
     if user is None:
         raise NotFound(f"unknown user {user_id!r}")
     cf = features.for_user_key(conn, int(user[0]), surface=surface, n=n, as_of=as_of, item_keys=[int(item[0])])

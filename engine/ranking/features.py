@@ -85,7 +85,7 @@ def for_user(conn: psycopg.Connection[Any], user_id: str, *, surface: str = "def
     cur = conn.execute(query("ranking.features_for_user"),
                        {"user_id": user_id, "surface": surface, "n": n, "as_of": as_of})
     rows = cur.fetchall()
-    key = conn.execute("SELECT user_key FROM pgrec.users WHERE user_id = %s", (user_id,)).fetchone() if rows else None
+    key = conn.execute(query("ranking.user_key"), {"user_id": user_id}).fetchone() if rows else None
     return _frame(key[0] if key else None, as_of, rows, cur.description or ())
 
 

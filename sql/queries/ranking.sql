@@ -90,3 +90,40 @@ INSERT INTO pgrec.model_activations (kind, version, action) VALUES (%(kind)s, %(
 
 -- name: model_activation_log
 SELECT version, action FROM pgrec.model_activations WHERE kind = %(kind)s ORDER BY id
+
+-- name: user_key
+SELECT user_key FROM pgrec.users WHERE user_id = %(user_id)s
+
+-- name: item_key
+SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
+
+-- name: eval_popularity
+-- Items by positive events before a time (the popularity baseline), most first.
+SELECT item_key FROM pgrec.events WHERE occurred_at < %(before)s AND polarity = 1
+ GROUP BY item_key ORDER BY count(*) DESC, item_key
+
+-- name: eval_interactions
+-- Every (user, item) with any event before a time (the EASE baseline's matrix).
+SELECT DISTINCT user_key, item_key FROM pgrec.events WHERE occurred_at < %(before)s
+
+-- name: eval_candidate_sets
+-- The candidate union of many users at one as_of (recall against candidate count).
+SELECT u.k, array_agg(c.item_key)
+  FROM unnest(%(users)s::bigint[]) AS u(k)
+ CROSS JOIN LATERAL pgrec.candidates_by_key(u.k, %(surface)s, %(n)s, %(as_of)s) c
+ GROUP BY u.k
+
+-- name: eval_catalog_size
+SELECT count(*) FROM pgrec.items WHERE created_at < %(before)s
+
+-- name: item_categories
+SELECT item_key, categories FROM pgrec.items
+
+-- name: bench_sizes
+SELECT (SELECT count(*) FROM pgrec.items), (SELECT count(*) FROM pgrec.events)
+
+-- name: bench_users
+SELECT user_key FROM pgrec.users ORDER BY md5(user_key::text || %(seed)s) LIMIT %(n)s
+
+-- name: bench_candidates
+SELECT count(*) FROM pgrec.candidates_by_key(%(user_key)s, 'default', %(n)s, %(as_of)s)
