@@ -52,7 +52,7 @@ INSERT INTO pgrec.candidate_sources (surface, source, quota, fallback_order, par
     ('default', 'ann', 0.4, NULL,
      '{"ef_search": 100, "iterative_scan": "relaxed_order", "max_scan_tuples": 20000, "exact_max_rows": 3000}'),
     ('default', 'history', 0.3, NULL,
-     '{"max_events": 30, "half_life_days": 7, "per_item": 50, "embedding_items": 5, "embedding_k": 20, '
+     '{"max_events": 30, "half_life_days": 7, "per_item": 50, "embedding_items": 3, "embedding_k": 10, '
      '"embedding_weight": 0.5}'),
     ('default', 'trending', 0.1, 1, '{"global_weight": 0.5}'),
     ('default', 'fresh', 0.1, NULL, '{}'),

@@ -248,9 +248,22 @@ CREATE OR REPLACE FUNCTION pgrec.source_history(
     p_user_key bigint, p_k int, p_as_of timestamptz DEFAULT NULL, p_categories text[] DEFAULT NULL,
     p_params jsonb DEFAULT '{}')
 RETURNS TABLE (item_key bigint, source text, score float8, rank int)
-LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
+DECLARE
+    ek     int := coalesce((p_params ->> 'embedding_k')::int, 10);
+    old_ef text;
+BEGIN
+    IF p_k IS NULL OR p_k <= 0 OR p_user_key IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM pgrec.item_embeddings LIMIT 0;  -- the vector library is loaded, so hnsw.* GUCs exist
+    old_ef := current_setting('hnsw.ef_search', true);
+    -- the item-embedding neighbours are small top-k searches: a small ef_search (>= their LIMIT) keeps them cheap
+    PERFORM set_config('hnsw.ef_search', least(greatest(ek, 10), 1000)::text, true);
+    RETURN QUERY
     WITH t AS (SELECT coalesce(p_as_of, now()) AS t),
     ev AS (
         SELECT e.item_key, e.weight, e.occurred_at
@@ -279,8 +292,8 @@ AS $$
               SELECT e2.item_key, 1 - (e2.embedding OPERATOR(public.<=>) se.embedding) AS sim
                 FROM pgrec.item_embeddings e2
                ORDER BY e2.embedding OPERATOR(public.<=>) se.embedding
-               LIMIT coalesce((p_params ->> 'embedding_k')::int, 20)) nb
-         WHERE s.rn <= coalesce((p_params ->> 'embedding_items')::int, 5)
+               LIMIT ek) nb
+         WHERE s.rn <= coalesce((p_params ->> 'embedding_items')::int, 3)
          GROUP BY nb.item_key
     ), scored AS (
         SELECT x.item_key, sum(x.sc) AS sc
@@ -294,7 +307,11 @@ AS $$
              WHERE i.available AND i.created_at < t.t
                AND (p_categories IS NULL OR i.categories && p_categories)
              ORDER BY sc.sc DESC, sc.item_key
-             LIMIT greatest(p_k, 0)) r
+             LIMIT p_k) r;
+    IF old_ef IS NOT NULL THEN
+        PERFORM set_config('hnsw.ef_search', old_ef, true);
+    END IF;
+END
 $$;
 COMMENT ON FUNCTION pgrec.source_history(bigint, int, timestamptz, text[], jsonb) IS
     'Candidate source history: co-occurrence neighbours (pgrec.item_neighbors) of the user''s recent positive '
