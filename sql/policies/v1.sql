@@ -662,45 +662,125 @@ $$;
 COMMENT ON FUNCTION pgrec.policy_mask(jsonb, pgrec.rerank_row[], jsonb, timestamptz) IS
     'Evaluate a structured predicate over a list: one boolean per item, in list order.';
 
--- ---------------------------------------------------------------- list helpers
+-- ---------------------------------------------------------------- the working list
+-- pgrec.rerank keeps every row it may show once, in an array of pgrec.rerank_row (the candidates, then the
+-- reserve of items from outside them, then rows it adds); a row is named by its index in that array. The
+-- list is an int[] of indices and the current scores a float8[] by index, so a step moves integers, not rows,
+-- and a predicate is evaluated in one pass over the rows (one boolean per index).
 
-CREATE OR REPLACE FUNCTION pgrec.policy_keep(p_list pgrec.rerank_row[], p_drop bigint[])
-RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+CREATE OR REPLACE FUNCTION pgrec.policy_match(
+    p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_ctx jsonb, p_as_of timestamptz)
+RETURNS boolean[]
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    comb   text;
+    child  jsonb;
+    m      boolean[];
+    acc    boolean[];
+    vals   jsonb;
+    val    jsonb;
+    texts  text[];
+    field  text;
+    prop   text;
+    op     text;
+    lo     numeric;
+    hi     numeric;
 BEGIN
-    IF p_drop IS NULL OR cardinality(p_drop) = 0 THEN
-        RETURN p_list;
+    -- the same predicate language as pgrec.policy_mask, one boolean per row index, the score of row i being
+    -- p_scores[i] (the current score)
+    IF p ? 'all' OR p ? 'any' THEN
+        comb := CASE WHEN p ? 'all' THEN 'all' ELSE 'any' END;
+        FOR child IN SELECT jsonb_array_elements(p -> comb) LOOP
+            m := pgrec.policy_match(child, p_rows, p_scores, p_ctx, p_as_of);
+            IF acc IS NULL THEN
+                acc := m;
+            ELSIF comb = 'all' THEN
+                SELECT coalesce(array_agg(a AND b ORDER BY o), '{}') INTO acc FROM unnest(acc, m) WITH ORDINALITY t(a, b, o);
+            ELSE
+                SELECT coalesce(array_agg(a OR b ORDER BY o), '{}') INTO acc FROM unnest(acc, m) WITH ORDINALITY t(a, b, o);
+            END IF;
+        END LOOP;
+        RETURN coalesce(acc, '{}');
     END IF;
-    -- a plain scan of the list keeps its order; a hashed sub-plan tests membership
-    RETURN ARRAY(SELECT r FROM unnest(p_list) r WHERE NOT coalesce(r.item_key IN (SELECT unnest(p_drop)), false));
+    IF p ? 'not' THEN
+        m := pgrec.policy_match(p -> 'not', p_rows, p_scores, p_ctx, p_as_of);
+        RETURN (SELECT coalesce(array_agg(NOT a ORDER BY o), '{}') FROM unnest(m) WITH ORDINALITY t(a, o));
+    END IF;
+    field := coalesce(p ->> 'field', 'property');
+    prop := p ->> 'property';
+    op := p ->> 'op';
+    val := pgrec.policy_value(p -> 'value', p_ctx);
+    vals := pgrec.policy_value(p -> 'values', p_ctx);
+    IF vals IS NOT NULL AND jsonb_typeof(vals) <> 'array' THEN
+        vals := jsonb_build_array(vals);  -- a request parameter holding one value
+    END IF;
+    texts := ARRAY(SELECT jsonb_array_elements(vals) #>> '{}');
+    lo := pgrec.policy_number(pgrec.policy_value(p -> 'min', p_ctx), 'the range minimum');
+    hi := pgrec.policy_number(pgrec.policy_value(p -> 'max', p_ctx), 'the range maximum');
+    IF field = 'score' THEN
+        RETURN ARRAY(SELECT coalesce((lo IS NULL OR s >= lo) AND (hi IS NULL OR s <= hi), false) FROM unnest(p_scores) s);
+    END IF;
+    RETURN ARRAY(
+        SELECT CASE field
+        WHEN 'property' THEN CASE op
+            WHEN 'exists' THEN coalesce(jsonb_typeof(r.properties -> prop) <> 'null', false)
+            WHEN 'equals' THEN coalesce(r.properties -> prop = val, false)
+            WHEN 'in' THEN CASE jsonb_typeof(r.properties -> prop)
+                WHEN 'array' THEN coalesce(r.properties -> prop ?| texts, false)  -- any string element listed
+                WHEN 'null' THEN false
+                ELSE coalesce(vals @> jsonb_build_array(r.properties -> prop), false) END
+            WHEN 'contains' THEN CASE jsonb_typeof(r.properties -> prop)
+                WHEN 'array' THEN r.properties -> prop @> jsonb_build_array(val)
+                WHEN 'string' THEN strpos(r.properties ->> prop, val #>> '{}') > 0
+                ELSE false END
+            WHEN 'range' THEN CASE WHEN jsonb_typeof(r.properties -> prop) = 'number'
+                THEN (lo IS NULL OR (r.properties -> prop)::numeric >= lo)
+                 AND (hi IS NULL OR (r.properties -> prop)::numeric <= hi)
+                ELSE false END
+            ELSE false END
+        WHEN 'categories' THEN CASE op
+            WHEN 'exists' THEN coalesce(cardinality(r.categories), 0) > 0
+            WHEN 'in' THEN coalesce(r.categories && texts, false)
+            ELSE coalesce((val #>> '{}') = ANY (r.categories), false) END
+        WHEN 'item_id' THEN CASE op
+            WHEN 'in' THEN coalesce(r.item_id = ANY (texts), false)
+            ELSE coalesce(r.item_id = val #>> '{}', false) END
+        WHEN 'source' THEN CASE op
+            WHEN 'exists' THEN coalesce(r.sources, '') <> ''
+            WHEN 'in' THEN coalesce(string_to_array(r.sources, ',') && texts, false)
+            ELSE coalesce((val #>> '{}') = ANY (string_to_array(r.sources, ',')), false) END
+        WHEN 'age_days' THEN coalesce(
+            (lo IS NULL OR extract(epoch FROM p_as_of - r.created_at) >= lo * 86400)
+            AND (hi IS NULL OR extract(epoch FROM p_as_of - r.created_at) <= hi * 86400), false)
+        ELSE false END
+          FROM unnest(p_rows) r);
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_keep(pgrec.rerank_row[], bigint[]) IS 'The items whose key is not in p_drop, in order.';
+COMMENT ON FUNCTION pgrec.policy_match(jsonb, pgrec.rerank_row[], float8[], jsonb, timestamptz) IS
+    'Evaluate a structured predicate over the rows of pgrec.rerank: one boolean per row index (the score of '
+    'row i is p_scores[i]).';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_pick(p_list pgrec.rerank_row[], p_prefix int[])
-RETURNS pgrec.rerank_row[]
+CREATE OR REPLACE FUNCTION pgrec.policy_order(p_list int[], p_prefix int[])
+RETURNS int[]
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    ks bigint[];
-    pk bigint[];
+    pk int[];
 BEGIN
-    -- the items at the positions p_prefix (in that order), then every other item in its current order
+    -- the entries at the positions p_prefix (in that order), then every other entry in its current order
     IF p_prefix IS NULL OR cardinality(p_prefix) = 0
        OR p_prefix = ARRAY(SELECT generate_series(1, cardinality(p_prefix))) THEN
         RETURN p_list;  -- nothing moves
     END IF;
-    ks := ARRAY(SELECT r.item_key FROM unnest(p_list) r);
-    pk := ARRAY(SELECT ks[x.i] FROM unnest(p_prefix) WITH ORDINALITY x(i, o) ORDER BY x.o);
-    RETURN ARRAY(SELECT r FROM unnest(p_list) r JOIN unnest(pk) WITH ORDINALITY x(k, o) ON x.k = r.item_key ORDER BY x.o)
-        || ARRAY(SELECT r FROM unnest(p_list) r WHERE NOT r.item_key = ANY (pk));
+    pk := ARRAY(SELECT p_list[x.i] FROM unnest(p_prefix) WITH ORDINALITY x(i, o) ORDER BY x.o);
+    RETURN pk || ARRAY(SELECT c FROM unnest(p_list) c WHERE NOT coalesce(c IN (SELECT unnest(pk)), false));
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_pick(pgrec.rerank_row[], int[]) IS
-    'Reorder a list: the items at positions p_prefix first, in that order, then the rest in their order.';
+COMMENT ON FUNCTION pgrec.policy_order(int[], int[]) IS
+    'Reorder a list of row indices: the entries at positions p_prefix first, in that order, then the rest in order.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_floor(p_mask boolean[], p_need int, p_top int)
 RETURNS int[]
@@ -744,28 +824,26 @@ COMMENT ON FUNCTION pgrec.policy_floor(boolean[], int, int) IS
     'A new order (prefix of positions) with at least p_need flagged items in the first p_top: the best flagged '
     'items from below replace the lowest unflagged ones.';
 
--- ---------------------------------------------------------------- apply steps: filters (the keys of the listed items to drop)
+-- ---------------------------------------------------------------- filters on the user's history (keys to drop)
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_exclude_interacted(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
+CREATE OR REPLACE FUNCTION pgrec.policy_drop_interacted(p jsonb, p_keys bigint[], p_user bigint, p_as_of timestamptz)
 RETURNS bigint[]
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     SELECT ARRAY(
         SELECT DISTINCT e.item_key FROM pgrec.events e
          WHERE e.user_key = p_user AND e.occurred_at < p_as_of
-           AND e.item_key IN (SELECT c.item_key FROM unnest(p_list) c)
+           AND e.item_key IN (SELECT unnest(p_keys))
            AND e.occurred_at >= coalesce(p_as_of - make_interval(secs => (p ->> 'lookback_days')::float8 * 86400),
                                          '-infinity')
            AND (p -> 'event_types' IS NULL OR e.type_id IN (
                 SELECT t.type_id FROM pgrec.event_types t
                  WHERE t.name IN (SELECT jsonb_array_elements_text(p -> 'event_types')))))
 $$;
-COMMENT ON FUNCTION pgrec.policy_apply_exclude_interacted(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'exclude_interacted: drop items the user had events of params.event_types with in the lookback before as_of.';
+COMMENT ON FUNCTION pgrec.policy_drop_interacted(jsonb, bigint[], bigint, timestamptz) IS
+    'exclude_interacted: of p_keys, the items the user had events of params.event_types with in the lookback before as_of.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_exclude_negative(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
+CREATE OR REPLACE FUNCTION pgrec.policy_drop_negative(p jsonb, p_keys bigint[], p_user bigint, p_as_of timestamptz)
 RETURNS bigint[]
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
@@ -785,23 +863,22 @@ AS $$
          WHERE coalesce((p ->> 'neighbours')::boolean, false)
     ),
     near AS (
-        -- close neighbours of the latest dislikes among the listed items (cosine similarity >= min_similarity)
-        SELECT c.item_key
-          FROM unnest(p_list) c
-          JOIN pgrec.item_embeddings ce ON ce.item_key = c.item_key
-         WHERE EXISTS (SELECT 1 FROM dv LIMIT 1)
+        -- close neighbours of the latest dislikes among the items (cosine similarity >= min_similarity)
+        SELECT ce.item_key
+          FROM pgrec.item_embeddings ce
+         WHERE ce.item_key IN (SELECT unnest(p_keys))
+           AND EXISTS (SELECT 1 FROM dv LIMIT 1)
            AND EXISTS (SELECT 1 FROM dv WHERE 1 - (dv.embedding OPERATOR(public.<=>) ce.embedding)
                                               >= coalesce((p ->> 'min_similarity')::float8, 0.9))
     )
-    SELECT ARRAY(SELECT n.item_key FROM neg n WHERE n.item_key IN (SELECT c.item_key FROM unnest(p_list) c)
+    SELECT ARRAY(SELECT n.item_key FROM neg n WHERE n.item_key IN (SELECT unnest(p_keys))
                  UNION SELECT item_key FROM near)
 $$;
-COMMENT ON FUNCTION pgrec.policy_apply_exclude_negative(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'exclude_negative: drop items the user disliked (polarity -1) and, with params.neighbours, items whose '
+COMMENT ON FUNCTION pgrec.policy_drop_negative(jsonb, bigint[], bigint, timestamptz) IS
+    'exclude_negative: of p_keys, the items the user disliked (polarity -1) and, with params.neighbours, items whose '
     'embedding is within params.min_similarity of one of the last params.max_dislikes dislikes.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_exclude_served(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
+CREATE OR REPLACE FUNCTION pgrec.policy_drop_served(p jsonb, p_keys bigint[], p_user bigint, p_as_of timestamptz)
 RETURNS bigint[]
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
@@ -810,7 +887,7 @@ AS $$
           FROM pgrec.impressions im
          WHERE im.user_key = p_user AND im.served_at < p_as_of
            AND im.served_at >= p_as_of - make_interval(secs => (p ->> 'window_days')::float8 * 86400)
-           AND im.item_key IN (SELECT c.item_key FROM unnest(p_list) c)
+           AND im.item_key IN (SELECT unnest(p_keys))
          GROUP BY im.item_key
         HAVING count(DISTINCT im.request_id) >= (p ->> 'min_impressions')::int
     )
@@ -824,159 +901,95 @@ AS $$
                            ELSE e.type_id IN (SELECT t.type_id FROM pgrec.event_types t WHERE t.name IN (
                                     SELECT jsonb_array_elements_text(p -> 'engagement_types'))) END))
 $$;
-COMMENT ON FUNCTION pgrec.policy_apply_exclude_served(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'exclude_served: drop items shown to the user in >= params.min_impressions requests during the last '
+COMMENT ON FUNCTION pgrec.policy_drop_served(jsonb, bigint[], bigint, timestamptz) IS
+    'exclude_served: of p_keys, the items shown to the user in >= params.min_impressions requests during the last '
     'params.window_days without an engagement event since the first of those impressions.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_blocklist(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS bigint[]
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$
-    WITH ids AS (
-        SELECT jsonb_array_elements_text(coalesce(p -> 'items', '[]')) AS item_id
-        UNION
-        SELECT unnest(s.items) FROM pgrec.item_sets s
-         WHERE s.name IN (SELECT jsonb_array_elements_text(coalesce(p -> 'item_sets', '[]')))
-    ),
-    cats AS (SELECT ARRAY(SELECT jsonb_array_elements_text(coalesce(p -> 'categories', '[]'))) AS c)
-    SELECT ARRAY(SELECT r.item_key FROM cats, unnest(p_list) r
-                  WHERE r.item_id IN (SELECT item_id FROM ids) OR r.categories && cats.c)
-$$;
-COMMENT ON FUNCTION pgrec.policy_apply_blocklist(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'blocklist: drop params.items, the items of params.item_sets and items in params.categories.';
+-- ---------------------------------------------------------------- filters on the rows (one drop flag per row)
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_freshness(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS bigint[]
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$
-    SELECT ARRAY(SELECT r.item_key FROM unnest(p_list) r
-                  WHERE r.created_at < p_as_of - make_interval(secs => (p ->> 'max_age_days')::float8 * 86400))
-$$;
-COMMENT ON FUNCTION pgrec.policy_apply_freshness(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'freshness: drop items created more than params.max_age_days before as_of.';
-
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_attribute_filter(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS bigint[]
-LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    m    boolean[] := pgrec.policy_mask(p -> 'predicate', p_list, p_ctx, p_as_of);
-    drop boolean := coalesce(p ->> 'mode', 'keep') = 'drop';
-BEGIN
-    RETURN ARRAY(SELECT r.item_key FROM unnest(p_list) WITH ORDINALITY
-                        AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-                  WHERE m[r.o] = drop);
-END
-$$;
-COMMENT ON FUNCTION pgrec.policy_apply_attribute_filter(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'attribute_filter: keep (mode keep, the default) or drop (mode drop) the items matching params.predicate.';
-
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_relevance_floor(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS bigint[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT ARRAY(SELECT r.item_key FROM unnest(p_list) r WHERE coalesce(r.score < (p ->> 'min_score')::float8, true))
-$$;
-COMMENT ON FUNCTION pgrec.policy_apply_relevance_floor(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'relevance_floor: drop items scored under params.min_score (the fill from trending is done by pgrec.rerank).';
-
-CREATE OR REPLACE FUNCTION pgrec.policy_drop_keys(
-    p_kind text, p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS bigint[]
-LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF coalesce(cardinality(p_list), 0) = 0 THEN
-        RETURN '{}';
-    END IF;
-    RETURN CASE p_kind
-        WHEN 'exclude_interacted' THEN pgrec.policy_apply_exclude_interacted(p, p_list, p_user, p_as_of, p_ctx, p_k)
-        WHEN 'exclude_negative' THEN pgrec.policy_apply_exclude_negative(p, p_list, p_user, p_as_of, p_ctx, p_k)
-        WHEN 'exclude_served' THEN pgrec.policy_apply_exclude_served(p, p_list, p_user, p_as_of, p_ctx, p_k)
-        WHEN 'blocklist' THEN pgrec.policy_apply_blocklist(p, p_list, p_user, p_as_of, p_ctx, p_k)
-        WHEN 'freshness' THEN pgrec.policy_apply_freshness(p, p_list, p_user, p_as_of, p_ctx, p_k)
-        WHEN 'attribute_filter' THEN pgrec.policy_apply_attribute_filter(p, p_list, p_user, p_as_of, p_ctx, p_k)
-        WHEN 'relevance_floor' THEN pgrec.policy_apply_relevance_floor(p, p_list, p_user, p_as_of, p_ctx, p_k)
-        END;
-END
-$$;
-COMMENT ON FUNCTION pgrec.policy_drop_keys(text, jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'The apply step of a filter kind: the keys of the listed items it drops.';
-
--- ---------------------------------------------------------------- apply steps: scores
-
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_boost(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS float8[]
-LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    m   boolean[] := pgrec.policy_mask(p -> 'predicate', p_list, p_ctx, p_as_of);
-    mul float8 := coalesce((p ->> 'multiply')::float8, 1);
-    add float8 := coalesce((p ->> 'add')::float8, 0);
-BEGIN
-    RETURN (SELECT coalesce(array_agg(CASE WHEN m[r.o] THEN r.score * mul + add ELSE r.score END ORDER BY r.o), '{}')
-              FROM unnest(p_list) WITH ORDINALITY
-                   AS r(item_key, item_id, score, sources, categories, properties, created_at, o));
-END
-$$;
-COMMENT ON FUNCTION pgrec.policy_apply_boost(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
-    'boost: new scores, score * params.multiply + params.add for the items matching params.predicate '
-    '(a multiplier under 1 or a negative add buries).';
-
--- ---------------------------------------------------------------- apply steps: order (a new order of positions)
-
-CREATE OR REPLACE FUNCTION pgrec.policy_source_flags(p_list pgrec.rerank_row[], p_source text)
+CREATE OR REPLACE FUNCTION pgrec.policy_drop_rows(
+    p_kind text, p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_ctx jsonb, p_as_of timestamptz)
 RETURNS boolean[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(array_agg(p_source = ANY (string_to_array(r.sources, ',')) ORDER BY r.o), '{}')
-      FROM unnest(p_list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+DECLARE
+    ids  text[];
+    cats text[];
+    lim  timestamptz;
+    m    boolean[];
+    drop boolean;
+    floor float8;
+BEGIN
+    -- true: the row is dropped (NULL: kept)
+    CASE p_kind
+    WHEN 'blocklist' THEN
+        -- params.items, the items of params.item_sets and items in params.categories
+        ids := ARRAY(SELECT jsonb_array_elements_text(coalesce(p -> 'items', '[]'))
+                     UNION
+                     SELECT unnest(s.items) FROM pgrec.item_sets s
+                      WHERE s.name IN (SELECT jsonb_array_elements_text(coalesce(p -> 'item_sets', '[]'))));
+        cats := ARRAY(SELECT jsonb_array_elements_text(coalesce(p -> 'categories', '[]')));
+        RETURN ARRAY(SELECT r.item_id IN (SELECT unnest(ids)) OR r.categories && cats FROM unnest(p_rows) r);
+    WHEN 'freshness' THEN
+        -- created more than params.max_age_days before as_of
+        lim := p_as_of - make_interval(secs => (p ->> 'max_age_days')::float8 * 86400);
+        RETURN ARRAY(SELECT r.created_at < lim FROM unnest(p_rows) r);
+    WHEN 'attribute_filter' THEN
+        -- keep (mode keep, the default) or drop (mode drop) the rows matching params.predicate
+        m := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_ctx, p_as_of);
+        drop := coalesce(p ->> 'mode', 'keep') = 'drop';
+        RETURN ARRAY(SELECT x = drop FROM unnest(m) x);
+    WHEN 'relevance_floor' THEN
+        -- scored under params.min_score (the fill from trending is done by pgrec.rerank)
+        floor := (p ->> 'min_score')::float8;
+        RETURN ARRAY(SELECT coalesce(s < floor, true) FROM unnest(p_scores) s);
+    END CASE;
+    RETURN NULL;
+END
 $$;
-COMMENT ON FUNCTION pgrec.policy_source_flags(pgrec.rerank_row[], text) IS 'One flag per item: did p_source find it.';
+COMMENT ON FUNCTION pgrec.policy_drop_rows(text, jsonb, pgrec.rerank_row[], float8[], jsonb, timestamptz) IS
+    'The filters that look only at the row (blocklist, freshness, attribute_filter, relevance_floor): one drop '
+    'flag per row index.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_source_mix(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS pgrec.rerank_row[]
+-- ---------------------------------------------------------------- order steps (a new order of the list)
+
+CREATE OR REPLACE FUNCTION pgrec.policy_move_source_mix(
+    p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_list int[], p_ctx jsonb, p_as_of timestamptz, p_k int)
+RETURNS int[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src   text := p ->> 'source';
     top   int := least(p_k, coalesce(cardinality(p_list), 0));
-    m     boolean[] := pgrec.policy_source_flags(p_list, src);
+    m     boolean[];
     maxn  int;
 BEGIN
+    m := ARRAY(SELECT src = ANY (string_to_array((p_rows[c]).sources, ',')) FROM unnest(p_list) c);
     IF p ? 'max_share' THEN
         -- at most floor(max_share * k) items found by the source in the top k; others take their places
         -- (when there are not enough others the cap yields)
         maxn := floor((p ->> 'max_share')::numeric * top);
-        p_list := pgrec.policy_pick(p_list, ARRAY(
+        p_list := pgrec.policy_order(p_list, ARRAY(
             SELECT s.o::int FROM (SELECT t.o, t.a, row_number() OVER (PARTITION BY t.a ORDER BY t.o) AS rn
                                FROM unnest(m) WITH ORDINALITY t(a, o)) s
              WHERE NOT s.a OR s.rn <= maxn ORDER BY s.o LIMIT top));
-        m := pgrec.policy_source_flags(p_list, src);
+        m := ARRAY(SELECT src = ANY (string_to_array((p_rows[c]).sources, ',')) FROM unnest(p_list) c);
     END IF;
     IF p ? 'min_share' THEN
         -- at least ceil(min_share * k): the best items of the source replace the lowest others of the top k
-        p_list := pgrec.policy_pick(p_list, pgrec.policy_floor(m, ceil((p ->> 'min_share')::numeric * top)::int, top));
+        p_list := pgrec.policy_order(p_list, pgrec.policy_floor(m, ceil((p ->> 'min_share')::numeric * top)::int, top));
     END IF;
     RETURN p_list;
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_apply_source_mix(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
+COMMENT ON FUNCTION pgrec.policy_move_source_mix(jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz, int) IS
     'source_mix: at most params.max_share and at least params.min_share of the top k found by params.source.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_diversity(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS pgrec.rerank_row[]
+CREATE OR REPLACE FUNCTION pgrec.policy_move_diversity(
+    p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_list int[], p_ctx jsonb, p_as_of timestamptz, p_k int)
+RETURNS int[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1004,15 +1017,14 @@ BEGIN
     END IF;
     -- the values of each item (its categories, or the property's value(s)) coded as small integers
     WITH it AS (
-        SELECT r.o::int AS o,
-               CASE WHEN prop IS NULL THEN coalesce(r.categories, '{}')
-                    WHEN jsonb_typeof(r.properties -> prop) = 'array'
-                         THEN ARRAY(SELECT DISTINCT x FROM jsonb_array_elements_text(r.properties -> prop) x)
-                    WHEN jsonb_typeof(r.properties -> prop) IN ('string', 'number', 'boolean')
-                         THEN ARRAY[r.properties ->> prop]
+        SELECT x.o::int AS o,
+               CASE WHEN prop IS NULL THEN coalesce((p_rows[x.c]).categories, '{}')
+                    WHEN jsonb_typeof((p_rows[x.c]).properties -> prop) = 'array'
+                         THEN ARRAY(SELECT DISTINCT v FROM jsonb_array_elements_text((p_rows[x.c]).properties -> prop) v)
+                    WHEN jsonb_typeof((p_rows[x.c]).properties -> prop) IN ('string', 'number', 'boolean')
+                         THEN ARRAY[(p_rows[x.c]).properties ->> prop]
                     ELSE '{}'::text[] END AS vs
-          FROM unnest(p_list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-         WHERE r.o <= depth),
+          FROM unnest(p_list[1:depth]) WITH ORDINALITY x(c, o)),
     flat AS (SELECT it.o, x.v, x.n FROM it CROSS JOIN LATERAL unnest(it.vs) WITH ORDINALITY x(v, n)),
     coded AS (SELECT f.o, f.n, dense_rank() OVER (ORDER BY f.v)::int AS id FROM flat f)
     SELECT coalesce((SELECT array_agg(c.id ORDER BY c.o, c.n) FROM coded c), '{}'),
@@ -1060,16 +1072,16 @@ BEGIN
             END LOOP;
         END IF;
     END LOOP;
-    RETURN pgrec.policy_pick(p_list, picked);
+    RETURN pgrec.policy_order(p_list, picked);
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_apply_diversity(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
+COMMENT ON FUNCTION pgrec.policy_move_diversity(jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz, int) IS
     'diversity: greedily fill the top (params.top, default k) with at most params.max_per_value items per '
     'category (or value of params.property), in the whole top or in any params.window consecutive positions.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_mmr(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS pgrec.rerank_row[]
+CREATE OR REPLACE FUNCTION pgrec.policy_move_mmr(
+    p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_list int[], p_ctx jsonb, p_as_of timestamptz, p_k int)
+RETURNS int[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1094,10 +1106,9 @@ BEGIN
     SELECT array_agg(CASE WHEN s.hi > s.lo THEN (coalesce(s.score, s.lo) - s.lo) / (s.hi - s.lo) ELSE 1 END ORDER BY s.o),
            array_agg(e.embedding ORDER BY s.o)
       INTO rel, vecs
-      FROM (SELECT r.o, r.item_key, r.score, min(r.score) OVER () AS lo, max(r.score) OVER () AS hi
-              FROM unnest(p_list) WITH ORDINALITY
-                   AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-             WHERE r.o <= pool) s
+      FROM (SELECT x.o, (p_rows[x.c]).item_key, p_scores[x.c] AS score,
+                   min(p_scores[x.c]) OVER () AS lo, max(p_scores[x.c]) OVER () AS hi
+              FROM unnest(p_list[1:pool]) WITH ORDINALITY x(c, o)) s
       LEFT JOIN pgrec.item_embeddings e ON e.item_key = s.item_key;
     maxsim := array_fill(0::float8, ARRAY[pool]);
     used := array_fill(false, ARRAY[pool]);
@@ -1122,33 +1133,34 @@ BEGIN
               INTO maxsim FROM unnest(vecs, maxsim) WITH ORDINALITY t(v, m, o);
         END IF;
     END LOOP;
-    RETURN pgrec.policy_pick(p_list, picked);
+    RETURN pgrec.policy_order(p_list, picked);
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_apply_mmr(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
+COMMENT ON FUNCTION pgrec.policy_move_mmr(jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz, int) IS
     'mmr: maximal marginal relevance over the first params.pool items (default max(3k, 30)): pick k by '
     'lambda * relevance - (1 - lambda) * max cosine similarity to the items already picked.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_promote(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS pgrec.rerank_row[]
+CREATE OR REPLACE FUNCTION pgrec.policy_move_promote(
+    p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_list int[], p_ctx jsonb, p_as_of timestamptz, p_k int)
+RETURNS int[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     top int := least(p_k, coalesce(cardinality(p_list), 0));
+    m   boolean[] := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_ctx, p_as_of);
 BEGIN
-    RETURN pgrec.policy_pick(p_list, pgrec.policy_floor(pgrec.policy_mask(p -> 'predicate', p_list, p_ctx, p_as_of),
-                                                        ceil((p ->> 'share')::numeric * top)::int, top));
+    RETURN pgrec.policy_order(p_list, pgrec.policy_floor(ARRAY(SELECT m[c] FROM unnest(p_list) c),
+                                                         ceil((p ->> 'share')::numeric * top)::int, top));
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_apply_promote(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
+COMMENT ON FUNCTION pgrec.policy_move_promote(jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz, int) IS
     'promote: at least ceil(params.share * k) items matching params.predicate in the top k; the best matching '
     'items from below replace the lowest others.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_exploration(
-    p jsonb, p_list pgrec.rerank_row[], p_user bigint, p_as_of timestamptz, p_ctx jsonb, p_k int)
-RETURNS pgrec.rerank_row[]
+CREATE OR REPLACE FUNCTION pgrec.policy_move_exploration(
+    p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_list int[], p_ctx jsonb, p_as_of timestamptz, p_k int)
+RETURNS int[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1156,7 +1168,7 @@ DECLARE
     depth int := least(coalesce(cardinality(p_list), 0), coalesce((p ->> 'depth')::int, 100));
     top   int := least(p_k, depth);
     slots int := coalesce((p ->> 'slots')::int, 1);
-    head  pgrec.rerank_row[] := p_list[1:depth];
+    head  int[] := p_list[1:depth];
     m     boolean[];
     pos   int[];
     chosen int[];
@@ -1168,20 +1180,22 @@ BEGIN
     END IF;
     CASE p ->> 'eligible'
     WHEN 'fresh' THEN
-        m := pgrec.policy_mask(jsonb_build_object('field', 'age_days', 'op', 'range', 'max', p -> 'max_age_days'),
-                               head, p_ctx, p_as_of);
+        m := pgrec.policy_match(jsonb_build_object('field', 'age_days', 'op', 'range', 'max', p -> 'max_age_days'),
+                                p_rows, p_scores, p_ctx, p_as_of);
+        m := ARRAY(SELECT m[c] FROM unnest(head) c);
     WHEN 'under_exposed' THEN
         -- fewer than max_impressions impressions (all users) in the window; counting stops at the threshold
-        SELECT coalesce(array_agg(x.n < (p ->> 'max_impressions')::int ORDER BY r.o), '{}') INTO m
-          FROM unnest(head) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+        SELECT coalesce(array_agg(x.n < (p ->> 'max_impressions')::int ORDER BY h.o), '{}') INTO m
+          FROM unnest(head) WITH ORDINALITY h(c, o)
           CROSS JOIN LATERAL (
               SELECT count(*) AS n FROM (
                   SELECT 1 FROM pgrec.impressions im
-                   WHERE im.item_key = r.item_key AND im.served_at < p_as_of
+                   WHERE im.item_key = (p_rows[h.c]).item_key AND im.served_at < p_as_of
                      AND im.served_at >= p_as_of - make_interval(secs => coalesce((p ->> 'window_days')::float8, 7) * 86400)
                    LIMIT (p ->> 'max_impressions')::int) c) x;
     ELSE
-        m := pgrec.policy_mask(p -> 'predicate', head, p_ctx, p_as_of);
+        m := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_ctx, p_as_of);
+        m := ARRAY(SELECT m[c] FROM unnest(head) c);
     END CASE;
     -- the best `slots` eligible items go to the target positions (params.positions, else the last slots of the
     -- top k); an item already placed higher keeps its place
@@ -1197,10 +1211,10 @@ BEGIN
             base := base[1:pos[i] - 1] || chosen[i] || base[pos[i]:];
         END IF;
     END LOOP;
-    RETURN pgrec.policy_pick(p_list, base);
+    RETURN pgrec.policy_order(p_list, base);
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_apply_exploration(jsonb, pgrec.rerank_row[], bigint, timestamptz, jsonb, int) IS
+COMMENT ON FUNCTION pgrec.policy_move_exploration(jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz, int) IS
     'exploration: at least params.slots eligible items (fresh, under-exposed or matching a predicate such as a '
     'provider group) in the top k: the best eligible items of the first params.depth move up to params.positions '
     '(default the last slots of the top k).';
@@ -1214,63 +1228,14 @@ AS $$
 $$;
 COMMENT ON FUNCTION pgrec.policy_pin_ids(jsonb) IS 'The item ids a pin policy pins, in order.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_snapshot(p_list pgrec.rerank_row[], p_n int)
+CREATE OR REPLACE FUNCTION pgrec.policy_show(p_rows pgrec.rerank_row[], p_scores float8[], p_list int[], p_n int)
 RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT coalesce(jsonb_agg(jsonb_build_object('item_id', r.item_id, 'score', r.score) ORDER BY r.o), '[]')
-      FROM unnest(p_list[1:p_n]) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+    SELECT coalesce(jsonb_agg(jsonb_build_object('item_id', (p_rows[x.c]).item_id, 'score', p_scores[x.c]) ORDER BY x.o), '[]')
+      FROM unnest(p_list[1:p_n]) WITH ORDINALITY x(c, o)
 $$;
-COMMENT ON FUNCTION pgrec.policy_snapshot(pgrec.rerank_row[], int) IS 'The first p_n items of a list (debug steps).';
-
-CREATE OR REPLACE FUNCTION pgrec.policy_apply_pin(
-    p jsonb, p_list pgrec.rerank_row[], p_reserve pgrec.rerank_row[], p_k int)
-RETURNS pgrec.rerank_row[]
-LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    ids  text[];
-    posn int[];
-    pins pgrec.rerank_row[] := '{}';
-    pinpos int[] := '{}';
-    r    pgrec.rerank_row;
-    i    int;
-    pos  int;
-BEGIN
-    ids := pgrec.policy_pin_ids(p);
-    posn := CASE WHEN p ? 'positions' THEN ARRAY(SELECT x::int FROM jsonb_array_elements_text(p -> 'positions') x)
-                 ELSE ARRAY(SELECT generate_series(1, cardinality(ids))) END;
-    -- item i goes to position i of params.positions; items beyond the positions are not pinned;
-    -- an item neither in the list nor in the reserve (unavailable, filtered, excluded) leaves its slot to the list
-    FOR i IN 1..least(cardinality(ids), cardinality(posn)) LOOP
-        r := NULL;
-        SELECT x.* INTO r FROM unnest(p_list) x WHERE x.item_id = ids[i];
-        IF r.item_key IS NULL THEN
-            SELECT x.* INTO r FROM unnest(p_reserve) x WHERE x.item_id = ids[i];
-        END IF;
-        CONTINUE WHEN r.item_key IS NULL OR r.item_key = ANY (SELECT q.item_key FROM unnest(pins) q);
-        pins := pins || r;
-        pinpos := pinpos || posn[i];
-    END LOOP;
-    IF cardinality(pins) = 0 THEN
-        RETURN p_list;
-    END IF;
-    p_list := pgrec.policy_keep(p_list, ARRAY(SELECT q.item_key FROM unnest(pins) q));
-    FOR i IN SELECT o FROM unnest(pinpos) WITH ORDINALITY u(pp, o) ORDER BY pp, o LOOP
-        r := pins[i];
-        pos := least(pinpos[i], coalesce(cardinality(p_list), 0) + 1);
-        IF r.score IS NULL THEN  -- an item from outside the candidates takes the score of the slot it fills
-            r.score := coalesce(p_list[pos].score, p_list[pos - 1].score);
-        END IF;
-        p_list := p_list[1:pos - 1] || r || p_list[pos:];
-    END LOOP;
-    RETURN p_list;
-END
-$$;
-COMMENT ON FUNCTION pgrec.policy_apply_pin(jsonb, pgrec.rerank_row[], pgrec.rerank_row[], int) IS
-    'pin: put params.items (or the items of params.item_set) at params.positions (default 1, 2, ...), from the '
-    'candidates or, when not among them, from the catalog (available items that passed the same filters).';
+COMMENT ON FUNCTION pgrec.policy_show(pgrec.rerank_row[], float8[], int[], int) IS 'The first p_n items of a list (debug steps).';
 
 -- ---------------------------------------------------------------- the engine
 
@@ -1296,9 +1261,15 @@ DECLARE
     max_k      int;
     excl       text[];
     incl       text[];
-    list       pgrec.rerank_row[];
-    reserve    pgrec.rerank_row[] := '{}';
-    fill       pgrec.rerank_row[];
+    -- the working list: rws holds every row once (the candidates, then the reserve, then rows added on the
+    -- way); list and reserve are indices into it, sc the current score of each row
+    rws        pgrec.rerank_row[];
+    keys       bigint[];
+    sc         float8[];
+    list       int[];
+    reserve    int[] := '{}';
+    extra      pgrec.rerank_row[];
+    n_rows     int;
     pols       pgrec.policies[];
     active     pgrec.policies[] := '{}';
     pol        pgrec.policies;
@@ -1317,10 +1288,16 @@ DECLARE
     holdout_control text;
     need_trending boolean := false;
     pin_ids    text[] := '{}';
+    ids        text[];
+    posn       int[];
+    pins       int[];
+    pinpos     int[];
     cnt        int;
-    new_scores float8[];
-    before     bigint[];
+    mask       boolean[];
+    dkeys      bigint[];
+    before     int[];
     hit        bigint[];
+    hit_i      int[];
     c_unknown  int;
     c_unavail  int;
     c_excl     int;
@@ -1330,7 +1307,12 @@ DECLARE
     acts       text[];
     t_step     timestamptz := clock_timestamp();
     kept_by    text[] := '{}';
-    pending    bigint[] := '{}';
+    n_i        int;
+    ix         int;
+    pin_at     int;
+    slot_s     float8;
+    pinres     boolean[];
+    is_drop    boolean;
 BEGIN
     -- ---- the request
     max_k := coalesce((SELECT (c.value #>> '{}')::int FROM pgrec.config c WHERE c.key = 'policy_max_k'), 1000);
@@ -1346,8 +1328,8 @@ BEGIN
         RAISE EXCEPTION 'pgrec.rerank: item_keys (%), scores (%) and sources (%) must have the same length',
             n_in, coalesce(cardinality(scores), 0), coalesce(cardinality(sources)::text, 'NULL') USING ERRCODE = '22023';
     END IF;
-    SELECT min(o) INTO bad FROM unnest(scores) WITH ORDINALITY x(s, o) WHERE x.s = 'NaN'::float8;
-    IF bad IS NOT NULL THEN
+    IF 'NaN'::float8 = ANY (scores) THEN
+        SELECT min(o) INTO bad FROM unnest(scores) WITH ORDINALITY x(s, o) WHERE x.s = 'NaN'::float8;
         RAISE EXCEPTION 'pgrec.rerank: scores[%] is NaN', bad USING ERRCODE = '22023';
     END IF;
     IF jsonb_typeof(ctx) <> 'object' THEN
@@ -1392,15 +1374,19 @@ BEGIN
            count(*) FILTER (WHERE j.known AND j.avail AND j.ex),
            count(*) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND j.notin),
            coalesce(array_agg(j.k) FILTER (WHERE NOT (j.known AND j.avail AND NOT j.ex AND NOT j.notin)), '{}')
-      INTO list, c_unknown, c_unavail, c_excl, c_incl, gone
+      INTO rws, c_unknown, c_unavail, c_excl, c_incl, gone
       FROM j;
+    n_rows := cardinality(rws);
+    list := ARRAY(SELECT generate_series(1, n_rows));
+    keys := ARRAY(SELECT r.item_key FROM unnest(rws) r);
+    sc := ARRAY(SELECT r.score FROM unnest(rws) r);
     IF c_unknown > 0 THEN dropped := dropped || jsonb_build_object('unknown', c_unknown); END IF;
     IF c_unavail > 0 THEN dropped := dropped || jsonb_build_object('unavailable', c_unavail); END IF;
     IF c_excl > 0 THEN dropped := dropped || jsonb_build_object('request_exclude', c_excl); END IF;
     IF c_incl > 0 THEN dropped := dropped || jsonb_build_object('request_include_only', c_incl); END IF;
     IF debug IS NOT NULL THEN
         steps := steps || jsonb_build_array(jsonb_build_object('policy', 'input', 'kind', 'input',
-            'dropped', c_unknown + c_unavail + c_excl + c_incl, 'items', pgrec.policy_snapshot(list, debug),
+            'dropped', c_unknown + c_unavail + c_excl + c_incl, 'items', pgrec.policy_show(rws, sc, list, debug),
             'ms', round(extract(epoch FROM clock_timestamp() - t_step) * 1000, 3)));
         t_step := clock_timestamp();
     END IF;
@@ -1423,10 +1409,12 @@ BEGIN
             CONTINUE WHEN NOT (pgrec.policy_mask(pol.segment,
                 ARRAY[ROW(NULL, NULL, NULL, '', '{}', uprops, NULL)::pgrec.rerank_row], ctx, t))[1];
         END IF;
-        missing := pgrec.policy_missing_param(jsonb_build_array(pol.params, pol.segment), ctx);
-        IF missing IS NOT NULL THEN
-            skipped := skipped || jsonb_build_object(lbl, 'the request has no params.' || missing);
-            CONTINUE;
+        IF strpos(pol.params::text, '"param"') > 0 OR strpos(pol.segment::text, '"param"') > 0 THEN
+            missing := pgrec.policy_missing_param(jsonb_build_array(pol.params, pol.segment), ctx);
+            IF missing IS NOT NULL THEN
+                skipped := skipped || jsonb_build_object(lbl, 'the request has no params.' || missing);
+                CONTINUE;
+            END IF;
         END IF;
         IF pol.kind = 'holdout' THEN
             -- a stable share of users by hash; no user, no holdout
@@ -1457,49 +1445,64 @@ BEGIN
         )
         SELECT coalesce(array_agg(ROW(x.item_key, x.item_id, x.score, x.src, x.categories, x.properties,
                                       x.created_at)::pgrec.rerank_row ORDER BY x.score DESC NULLS LAST, x.item_key), '{}')
-          INTO reserve
+          INTO extra
           FROM (SELECT DISTINCT ON (o.item_key) o.item_key, i.item_id, o.score, o.src, i.categories, i.properties, i.created_at
                   FROM outside o JOIN pgrec.items i ON i.item_key = o.item_key
                  WHERE i.available AND NOT (i.item_key = ANY (gone))
                    AND NOT coalesce(i.item_id = ANY (excl), false)
                    AND (incl IS NULL OR i.item_id = ANY (incl))
                  ORDER BY o.item_key, o.pref) x;
+        IF cardinality(extra) > 0 THEN
+            reserve := ARRAY(SELECT generate_series(n_rows + 1, n_rows + cardinality(extra)));
+            rws := rws || extra;
+            keys := keys || ARRAY(SELECT r.item_key FROM unnest(extra) r);
+            sc := sc || ARRAY(SELECT r.score FROM unnest(extra) r);
+            n_rows := n_rows + cardinality(extra);
+        END IF;
     END IF;
 
     -- ---- apply, in order
     FOREACH pol IN ARRAY active LOOP
         lbl := pol.policy_id || '/' || pol.kind;
         -- a holdout user gets the control list with the content filters only (no score floor: other scale)
-        IF in_holdout AND (NOT (pol.kind = ANY (pgrec.policy_drop_kinds())) OR pol.kind = 'relevance_floor') THEN
+        is_drop := pol.kind = ANY (pgrec.policy_drop_kinds());
+        IF in_holdout AND (NOT is_drop OR pol.kind = 'relevance_floor') THEN
             skipped := skipped || jsonb_build_object(lbl, 'holdout');
             CONTINUE;
         END IF;
         versions := versions || jsonb_build_array(jsonb_build_object(
             'id', pol.policy_id, 'name', pol.name, 'kind', pol.kind, 'version', pol.version));
         cnt := 0;
-        IF cardinality(pending) > 0 AND NOT (pol.kind = ANY (pgrec.policy_drop_kinds())) THEN
-            list := pgrec.policy_keep(list, pending);
-            pending := '{}';
-        END IF;
-        IF pol.kind = ANY (pgrec.policy_drop_kinds()) THEN
-            -- consecutive filters share one compaction of the list: a filter's drops wait in `pending`
-            hit := pgrec.policy_drop_keys(pol.kind, pol.params, list, user_key, t, ctx, k);
-            IF cardinality(pending) > 0 AND cardinality(hit) > 0 THEN
-                hit := ARRAY(SELECT x FROM unnest(hit) x WHERE NOT coalesce(x IN (SELECT unnest(pending)), false));
-            END IF;
-            cnt := cardinality(hit);
-            IF cnt > 0 THEN
-                dropped := dropped || jsonb_build_object(lbl, cnt);
-                gone := gone || hit;
-                pending := pending || hit;
-            END IF;
-            IF cardinality(pending) > 0 AND (debug IS NOT NULL OR pol.kind = 'relevance_floor') THEN
-                list := pgrec.policy_keep(list, pending);
-                pending := '{}';
-            END IF;
-            -- the reserve goes through the same filters (not the score floor: its scores are not on this scale)
-            IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
-                reserve := pgrec.policy_keep(reserve, pgrec.policy_drop_keys(pol.kind, pol.params, reserve, user_key, t, ctx, k));
+        IF is_drop THEN
+            -- a filter is per item: one evaluation covers the list and the reserve (not the score floor: the
+            -- reserve's scores are not on this scale)
+            IF cardinality(list) > 0 OR (cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor') THEN
+                IF pol.kind IN ('exclude_interacted', 'exclude_negative', 'exclude_served') THEN
+                    hit := ARRAY(SELECT keys[x] FROM unnest(list || reserve) x);
+                    dkeys := CASE pol.kind
+                        WHEN 'exclude_interacted' THEN pgrec.policy_drop_interacted(pol.params, hit, user_key, t)
+                        WHEN 'exclude_negative' THEN pgrec.policy_drop_negative(pol.params, hit, user_key, t)
+                        ELSE pgrec.policy_drop_served(pol.params, hit, user_key, t) END;
+                    IF cardinality(dkeys) > 0 THEN
+                        hit_i := ARRAY(SELECT x FROM unnest(list) x WHERE keys[x] IN (SELECT unnest(dkeys)));
+                        IF cardinality(reserve) > 0 THEN
+                            reserve := ARRAY(SELECT x FROM unnest(reserve) x WHERE NOT keys[x] IN (SELECT unnest(dkeys)));
+                        END IF;
+                    ELSE
+                        hit_i := '{}';
+                    END IF;
+                ELSE
+                    mask := pgrec.policy_drop_rows(pol.kind, pol.params, rws, sc, ctx, t);
+                    hit_i := ARRAY(SELECT x FROM unnest(list) x WHERE mask[x]);
+                    IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
+                        reserve := ARRAY(SELECT x FROM unnest(reserve) x WHERE NOT coalesce(mask[x], false));
+                    END IF;
+                END IF;
+                cnt := cardinality(hit_i);
+                IF cnt > 0 THEN
+                    dropped := dropped || jsonb_build_object(lbl, cnt);
+                    list := ARRAY(SELECT x FROM unnest(list) x WHERE NOT coalesce(x IN (SELECT unnest(hit_i)), false));
+                END IF;
             END IF;
             IF pol.kind = 'attribute_filter' AND coalesce(pol.params ->> 'mode', 'keep') = 'keep' THEN
                 -- every item listed in the end passed it (items from outside the candidates too)
@@ -1507,104 +1510,155 @@ BEGIN
             END IF;
             IF pol.kind = 'relevance_floor' AND pol.params ->> 'fill' = 'trending' AND NOT in_holdout
                AND cardinality(list) < k THEN
-                -- fill the short list from trending, below the kept items, at the floor score
-                fill := ARRAY(
+                -- fill the short list from trending, below the kept items, at the floor score (new rows: the
+                -- reserve keeps its own scores)
+                extra := ARRAY(
                     SELECT ROW(r.item_key, r.item_id, (pol.params ->> 'min_score')::float8, r.sources, r.categories,
                                r.properties, r.created_at)::pgrec.rerank_row
-                      FROM unnest(reserve) r
-                     WHERE r.sources = 'trending' AND NOT (r.item_key = ANY (SELECT q.item_key FROM unnest(list) q))
-                     ORDER BY r.score DESC, r.item_key
+                      FROM unnest(reserve) x, LATERAL (SELECT (rws[x]).*) r
+                     WHERE r.sources = 'trending' AND NOT (r.item_key = ANY (SELECT keys[q] FROM unnest(list) q))
+                     ORDER BY sc[x] DESC, r.item_key
                      LIMIT k - cardinality(list));
-                list := list || fill;
-                hit := ARRAY(SELECT r.item_key FROM unnest(fill) r);
-                eff_key := eff_key || hit;
-                eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
-                eff_act := eff_act || array_fill('filled'::text, ARRAY[cardinality(hit)]);
+                IF cardinality(extra) > 0 THEN
+                    list := list || ARRAY(SELECT generate_series(n_rows + 1, n_rows + cardinality(extra)));
+                    rws := rws || extra;
+                    hit := ARRAY(SELECT r.item_key FROM unnest(extra) r);
+                    keys := keys || hit;
+                    sc := sc || ARRAY(SELECT r.score FROM unnest(extra) r);
+                    n_rows := n_rows + cardinality(extra);
+                    eff_key := eff_key || hit;
+                    eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
+                    eff_act := eff_act || array_fill('filled'::text, ARRAY[cardinality(hit)]);
+                END IF;
             END IF;
         ELSIF pol.kind = 'holdout' THEN
             in_holdout := true;
-            IF holdout_control = 'trending' AND EXISTS (SELECT 1 FROM unnest(reserve) r WHERE r.sources = 'trending') THEN
-                list := ARRAY(SELECT r FROM unnest(reserve) r WHERE r.sources = 'trending'
-                               ORDER BY r.score DESC, r.item_key);
+            IF holdout_control = 'trending' AND EXISTS (SELECT 1 FROM unnest(reserve) x WHERE (rws[x]).sources = 'trending') THEN
+                list := ARRAY(SELECT x FROM unnest(reserve) x WHERE (rws[x]).sources = 'trending'
+                               ORDER BY sc[x] DESC, keys[x]);
             END IF;  -- no trending items (a quiet catalogue): the control is the input order
-            hit := ARRAY(SELECT r.item_key FROM unnest(list) r);
+            hit := ARRAY(SELECT keys[x] FROM unnest(list) x);
             eff_key := eff_key || hit;
             eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
             eff_act := eff_act || array_fill('holdout'::text, ARRAY[cardinality(hit)]);
         ELSIF pol.kind = 'boost' THEN
-            new_scores := pgrec.policy_apply_boost(pol.params, list, user_key, t, ctx, k);
-            SELECT coalesce(array_agg(r.item_key ORDER BY r.o), '{}'),
-                   coalesce(array_agg(CASE WHEN new_scores[r.o] > r.score THEN 'boosted' ELSE 'buried' END ORDER BY r.o), '{}')
-              INTO hit, acts
-              FROM unnest(list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-             WHERE new_scores[r.o] IS DISTINCT FROM r.score;
+            -- score * multiply + add for the matching items of the list, then re-sort
+            mask := pgrec.policy_match(pol.params -> 'predicate', rws, sc, ctx, t);
+            SELECT coalesce(array_agg(b.x ORDER BY b.o), '{}'),
+                   coalesce(array_agg(keys[b.x] ORDER BY b.o), '{}'),
+                   coalesce(array_agg(CASE WHEN b.ns > sc[b.x] THEN 'boosted' ELSE 'buried' END ORDER BY b.o), '{}')
+              INTO hit_i, hit, acts
+              FROM (SELECT l.x, l.o, sc[l.x] * coalesce((pol.params ->> 'multiply')::float8, 1)
+                                     + coalesce((pol.params ->> 'add')::float8, 0) AS ns
+                      FROM unnest(list) WITH ORDINALITY l(x, o) WHERE mask[l.x]) b
+             WHERE b.ns IS DISTINCT FROM sc[b.x];
             IF cardinality(hit) > 0 THEN
                 eff_key := eff_key || hit;
                 eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
                 eff_act := eff_act || acts;
-                list := ARRAY(
-                    SELECT ROW(r.item_key, r.item_id, new_scores[r.o], r.sources, r.categories, r.properties,
-                               r.created_at)::pgrec.rerank_row
-                      FROM unnest(list) WITH ORDINALITY
-                           AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
-                     ORDER BY new_scores[r.o] DESC NULLS LAST, r.item_key);
+                FOREACH ix IN ARRAY hit_i LOOP
+                    sc[ix] := sc[ix] * coalesce((pol.params ->> 'multiply')::float8, 1)
+                              + coalesce((pol.params ->> 'add')::float8, 0);
+                END LOOP;
+                list := ARRAY(SELECT x FROM unnest(list) x ORDER BY sc[x] DESC NULLS LAST, keys[x]);
             END IF;
+        ELSIF pol.kind = 'pin' THEN
+            -- item i at position i of params.positions; items beyond the positions are not pinned; an item
+            -- neither in the list nor in the reserve (unavailable, filtered, excluded) leaves its slot to the list
+            ids := pgrec.policy_pin_ids(pol.params);
+            posn := CASE WHEN pol.params ? 'positions'
+                         THEN ARRAY(SELECT x::int FROM jsonb_array_elements_text(pol.params -> 'positions') x)
+                         ELSE ARRAY(SELECT generate_series(1, cardinality(ids))) END;
+            pins := '{}';
+            pinpos := '{}';
+            pinres := '{}';
+            FOR n_i IN 1..least(cardinality(ids), cardinality(posn)) LOOP
+                ix := (SELECT x FROM unnest(list) x WHERE (rws[x]).item_id = ids[n_i] LIMIT 1);
+                IF ix IS NULL THEN
+                    ix := (SELECT x FROM unnest(reserve) x WHERE (rws[x]).item_id = ids[n_i] LIMIT 1);
+                    CONTINUE WHEN ix IS NULL OR keys[ix] = ANY (SELECT keys[q] FROM unnest(pins) q);
+                    pinres := pinres || true;
+                ELSE
+                    CONTINUE WHEN keys[ix] = ANY (SELECT keys[q] FROM unnest(pins) q);
+                    pinres := pinres || false;
+                END IF;
+                pins := pins || ix;
+                pinpos := pinpos || posn[n_i];
+            END LOOP;
+            IF cardinality(pins) > 0 THEN
+                list := ARRAY(SELECT x FROM unnest(list) x WHERE NOT keys[x] = ANY (SELECT keys[q] FROM unnest(pins) q));
+                FOR n_i IN SELECT o FROM unnest(pinpos) WITH ORDINALITY u(pp, o) ORDER BY pp, o LOOP
+                    ix := pins[n_i];
+                    pin_at := least(pinpos[n_i], coalesce(cardinality(list), 0) + 1);
+                    IF sc[ix] IS NULL OR pinres[n_i] THEN
+                        -- a new row (the reserve keeps its own); an item without a score (from outside the
+                        -- candidates) takes the score of the slot it fills
+                        slot_s := sc[ix];
+                        IF slot_s IS NULL THEN
+                            slot_s := coalesce(sc[list[pin_at]], sc[list[pin_at - 1]]);
+                        END IF;
+                        extra := ARRAY[rws[ix]];
+                        rws := rws || ROW(extra[1].item_key, extra[1].item_id, slot_s, extra[1].sources,
+                                          extra[1].categories, extra[1].properties, extra[1].created_at)::pgrec.rerank_row;
+                        keys := keys || keys[ix];
+                        sc := sc || slot_s;
+                        n_rows := n_rows + 1;
+                        ix := n_rows;
+                    END IF;
+                    list := list[1:pin_at - 1] || ix || list[pin_at:];
+                END LOOP;
+            END IF;
+            -- the pinned items in the top k (also those that happened to stay where they were)
+            hit := ARRAY(SELECT keys[x] FROM unnest(list[1:k]) x WHERE (rws[x]).item_id = ANY (ids));
+            eff_key := eff_key || hit;
+            eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
+            eff_act := eff_act || array_fill('pinned'::text, ARRAY[cardinality(hit)]);
         ELSE
-            before := ARRAY(SELECT r.item_key FROM unnest(list) r);
+            before := list;
             list := CASE pol.kind
-                WHEN 'source_mix' THEN pgrec.policy_apply_source_mix(pol.params, list, user_key, t, ctx, k)
-                WHEN 'diversity' THEN pgrec.policy_apply_diversity(pol.params, list, user_key, t, ctx, k)
-                WHEN 'mmr' THEN pgrec.policy_apply_mmr(pol.params, list, user_key, t, ctx, k)
-                WHEN 'promote' THEN pgrec.policy_apply_promote(pol.params, list, user_key, t, ctx, k)
-                WHEN 'exploration' THEN pgrec.policy_apply_exploration(pol.params, list, user_key, t, ctx, k)
-                WHEN 'pin' THEN pgrec.policy_apply_pin(pol.params, list, reserve, k)
+                WHEN 'source_mix' THEN pgrec.policy_move_source_mix(pol.params, rws, sc, list, ctx, t, k)
+                WHEN 'diversity' THEN pgrec.policy_move_diversity(pol.params, rws, sc, list, ctx, t, k)
+                WHEN 'mmr' THEN pgrec.policy_move_mmr(pol.params, rws, sc, list, ctx, t, k)
+                WHEN 'promote' THEN pgrec.policy_move_promote(pol.params, rws, sc, list, ctx, t, k)
+                WHEN 'exploration' THEN pgrec.policy_move_exploration(pol.params, rws, sc, list, ctx, t, k)
                 END;
-            IF pol.kind = 'pin' THEN
-                -- the pinned items in the top k (also those that happened to stay where they were)
-                hit := ARRAY(SELECT a.item_key FROM unnest(list[1:k]) a WHERE a.item_id = ANY (pgrec.policy_pin_ids(pol.params)));
-            ELSE
-                -- the items this step moved up into or within the top k
-                hit := ARRAY(SELECT a.item_key
-                               FROM unnest(list[1:k]) WITH ORDINALITY
-                                    AS a(item_key, item_id, score, sources, categories, properties, created_at, o)
-                               JOIN unnest(before) WITH ORDINALITY b(key, o) ON b.key = a.item_key
-                              WHERE a.o < b.o
-                              ORDER BY a.o);
-            END IF;
+            -- the items this step moved up into or within the top k
+            hit := ARRAY(SELECT keys[a.x]
+                           FROM unnest(list[1:k]) WITH ORDINALITY a(x, o)
+                           JOIN unnest(before) WITH ORDINALITY b(x, o) ON b.x = a.x
+                          WHERE a.o < b.o
+                          ORDER BY a.o);
             eff_key := eff_key || hit;
             eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
             eff_act := eff_act || array_fill(CASE pol.kind WHEN 'promote' THEN 'promoted' WHEN 'exploration' THEN 'explored'
-                                                           WHEN 'pin' THEN 'pinned' ELSE 'moved' END, ARRAY[cardinality(hit)]);
+                                                           ELSE 'moved' END, ARRAY[cardinality(hit)]);
         END IF;
         IF debug IS NOT NULL THEN
             steps := steps || jsonb_build_array(jsonb_build_object('policy', lbl, 'name', pol.name, 'kind', pol.kind,
-                'dropped', cnt, 'items', pgrec.policy_snapshot(list, debug),
+                'dropped', cnt, 'items', pgrec.policy_show(rws, sc, list, debug),
                 'ms', round(extract(epoch FROM clock_timestamp() - t_step) * 1000, 3)));
             t_step := clock_timestamp();
         END IF;
     END LOOP;
 
     -- ---- the answer: the top k with reasons
-    IF cardinality(pending) > 0 THEN
-        list := pgrec.policy_keep(list, pending);
-    END IF;
     list := list[1:k];
     RETURN jsonb_build_object(
         'items', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
-                       'item_key', r.item_key, 'item_id', r.item_id, 'score', r.score, 'position', r.o,
+                       'item_key', keys[l.x], 'item_id', (rws[l.x]).item_id, 'score', sc[l.x], 'position', l.o,
                        'reasons', jsonb_build_object(
-                           'sources', to_jsonb(coalesce(string_to_array(nullif(r.sources, ''), ','), '{}'::text[])),
-                           'policies', coalesce(e.pols, '[]'::jsonb) || kept)) ORDER BY r.o)
-              FROM unnest(list) WITH ORDINALITY AS r(item_key, item_id, score, sources, categories, properties, created_at, o)
+                           'sources', to_jsonb(coalesce(string_to_array(nullif((rws[l.x]).sources, ''), ','), '{}'::text[])),
+                           'policies', coalesce(e.pols, '[]'::jsonb) || kb.kept)) ORDER BY l.o)
+              FROM unnest(list) WITH ORDINALITY l(x, o)
               CROSS JOIN (SELECT coalesce(jsonb_agg(jsonb_build_object('policy', kb.lbl, 'action', 'kept') ORDER BY kb.n),
                                           '[]'::jsonb) AS kept
                             FROM unnest(kept_by) WITH ORDINALITY kb(lbl, n)) kb
               LEFT JOIN (
                   SELECT x.key, jsonb_agg(jsonb_build_object('policy', x.pol, 'action', x.act) ORDER BY x.n) AS pols
                     FROM unnest(eff_key, eff_pol, eff_act) WITH ORDINALITY x(key, pol, act, n)
-                   WHERE x.key IN (SELECT q.item_key FROM unnest(list) q)
-                   GROUP BY x.key) e ON e.key = r.item_key), '[]'::jsonb),
+                   WHERE x.key IN (SELECT keys[q] FROM unnest(list) q)
+                   GROUP BY x.key) e ON e.key = keys[l.x]), '[]'::jsonb),
         'dropped', dropped,
         'policy_versions', versions,
         'skipped', skipped,
