@@ -41,6 +41,7 @@ class HttpBenchConfig:
     k: int = 10
     port: int = 8765
     reuse: bool = True
+    ranker: bool = True     # False: serve with the fallback score (no training; data of an earlier run or new)
     pool_max_size: int = 8  # per worker
 
 
@@ -133,6 +134,30 @@ def _stage_p50(metrics_text: str) -> dict[str, float]:
     return {s: float(sums[s]) / float(counts[s]) * 1e3 for s in sums if s in counts and float(counts[s])}
 
 
+def _prepare_without_ranker(settings: Settings, cfg: HttpBenchConfig, say: Callable[[str], None]) -> None:
+    """Data of the requested size and co-occurrence; every ranker is deactivated so the fallback score serves."""
+    from engine import cooccurrence, datasets, migrate
+
+    migrate.upgrade(settings)
+    with connect(settings) as conn:
+        row = conn.execute("SELECT (SELECT count(*) FROM pgrec.items), (SELECT count(*) FROM pgrec.events)").fetchone()
+        n_items, n_events = row or (0, 0)
+        if not (cfg.reuse and n_items == cfg.items and n_events >= 0.9 * cfg.events):
+            if n_items:
+                say("dropping the previous benchmark data")
+                migrate.downgrade(settings, "base")
+                migrate.upgrade(settings)
+            say(f"generating {cfg.items:,} items / {cfg.users:,} users / {cfg.events:,} events ...")
+            data = datasets.generate(datasets.GeneratorConfig(users=cfg.users, items=cfg.items, events=cfg.events,
+                                                              seed=5, dim=settings.embedding_dim))
+            data.load(conn)
+            del data
+            conn.execute("VACUUM ANALYZE")
+            say("co-occurrence ...")
+            cooccurrence.build(conn)
+        conn.execute("UPDATE pgrec.models SET active = false WHERE active AND kind = 'ranker'")
+
+
 def run(settings: Settings, cfg: HttpBenchConfig, *, write: Path | None = None,
         say: Callable[[str], None] = print) -> Iterator[str]:
     from engine.api.keys import create_key
@@ -140,13 +165,18 @@ def run(settings: Settings, cfg: HttpBenchConfig, *, write: Path | None = None,
 
     settings = _database(settings, cfg)
     yield f"machine: {machine()}"
-    version = _prepare(settings, BenchConfig(items=cfg.items, users=cfg.users, events=cfg.events,
-                                             reuse=cfg.reuse), say)
+    if cfg.ranker:
+        version: int | None = _prepare(settings, BenchConfig(items=cfg.items, users=cfg.users, events=cfg.events,
+                                                             reuse=cfg.reuse), say)
+    else:
+        _prepare_without_ranker(settings, cfg, say)
+        version = None
     with connect(settings) as conn:
         users = [r[0] for r in conn.execute(query("serving.sample_users"), {"n": 5000}).fetchall()]
         counts = conn.execute(query("core.row_counts")).fetchone() or (0, 0, 0)
         token, key = create_key(conn, "bench-http", ["read"])
-    yield (f"data: {counts[0]:,} items, {counts[1]:,} users, {counts[2]:,} events; ranker v{version}; k={cfg.k}; "
+    ranker = f"ranker v{version}" if version else "no ranker (fallback score)"
+    yield (f"data: {counts[0]:,} items, {counts[1]:,} users, {counts[2]:,} events; {ranker}; k={cfg.k}; "
            f"{cfg.workers} uvicorn workers (pool max {cfg.pool_max_size} each), {cfg.clients} keep-alive clients, "
            f"{cfg.warmup_s:.0f}s warm-up + {cfg.seconds:.0f}s measured")
     bodies = [json.dumps({"user_id": u, "k": cfg.k}).encode() for u in users]
@@ -206,7 +236,8 @@ def run(settings: Settings, cfg: HttpBenchConfig, *, write: Path | None = None,
 def _write(path: Path, cfg: HttpBenchConfig, mach: str, counts: tuple[int, ...], table: list[str],
            goals: list[str]) -> None:
     cmd = (f"pgrec bench http --items {cfg.items} --users {cfg.users} --events {cfg.events} "
-           f"--seconds {cfg.seconds:g} --clients {cfg.clients} --workers {cfg.workers} --write {path}")
+           f"--seconds {cfg.seconds:g} --clients {cfg.clients} --workers {cfg.workers}"
+           f"{'' if cfg.ranker else ' --no-ranker'} --write {path}")
     body = "\n".join([
         "## HTTP", "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {mach}; embedded PostgreSQL + pgvector on the same "

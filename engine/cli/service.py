@@ -141,6 +141,8 @@ def bench_http(
     k: Annotated[int, typer.Option("--k")] = 10,
     port: int = 8765,
     reuse: Annotated[bool, typer.Option("--reuse/--fresh", help="reuse data of the same size if present")] = True,
+    ranker: Annotated[bool, typer.Option("--ranker/--no-ranker",
+                                         help="train and serve a ranker, or serve with the fallback score")] = True,
     write: Annotated[Path | None, typer.Option("--write", help="update this benchmarks file (section HTTP)")] = None,
 ) -> None:
     """Recommendations/s, p50/p95/p99 and errors of `pgrec serve` under concurrent clients on loopback."""
@@ -149,7 +151,7 @@ def bench_http(
     from engine.errors import PgrecError
 
     cfg = HttpBenchConfig(items=items, users=users, events=events, seconds=seconds, clients=clients,
-                          workers=workers, k=k, port=port, reuse=reuse)
+                          workers=workers, k=k, port=port, reuse=reuse, ranker=ranker)
     try:
         for line in run(get_settings(), cfg, write=write, say=console.print):
             console.print(line, highlight=False)
