@@ -25,9 +25,10 @@ The union ``pgrec.candidates(user_id, surface, n, as_of, categories)`` reads ``p
 every source's score and rank.
 
 Over-fetch: ``n`` counts items the user has *not* interacted with before ``as_of``. Let ``s`` = the number of
-distinct items the user has seen, capped by config ``candidates_overfetch_max`` (200). Each source fetches
+distinct items the user has seen, capped by config ``candidates_overfetch_max`` (100). Each source fetches
 ``ceil(quota * n) + s`` rows (a fallback source ``n + s``), so its quota is met with unseen items even if every
-seen item ranks at its top. The union takes each source's quota of unseen items, then fills up to n unseen
+seen item ranks at its top (for users with more seen items than the cap, a quota can fall short and the fill
+makes up the difference). The union takes each source's quota of unseen items, then fills up to n unseen
 items from the fallback sources in order (then any other rows found). Seen items a source ranked within its
 share are returned too; excluding them (the "exclude seen" policy of stage 3) leaves n candidates.
 """

@@ -21,8 +21,8 @@ CONFIG = [
      "changing it needs SELECT pgrec.rebuild_trending()"),
     ("popular_half_life_days", "60", "popular source: half-life (days); changing it needs pgrec.rebuild_trending()"),
     ("fresh_days", "14", "fresh source: items created in the last N days"),
-    ("fresh_max_scan", "2000", "fresh source: rank at most this many of the newest items by early engagement"),
-    ("candidates_overfetch_max", "200", "candidates: each source fetches up to this many extra rows for seen items"),
+    ("fresh_max_scan", "200", "fresh source: rank at most this many of the newest items by early engagement"),
+    ("candidates_overfetch_max", "100", "candidates: each source fetches up to this many extra rows for seen items"),
     ("cooccurrence_window_hours", "168", "train cooccurrence: two positive events of a user pair up within this window"),
     ("cooccurrence_max_gap", "20", "train cooccurrence: ... and at most this many positive events apart"),
     ("cooccurrence_top_n", "50", "train cooccurrence: neighbours kept per item"),
@@ -54,9 +54,9 @@ INSERT INTO pgrec.candidate_sources (surface, source, quota, fallback_order, par
     ('default', 'history', 0.3, NULL,
      '{"max_events": 30, "half_life_days": 7, "per_item": 50, "embedding_items": 3, "embedding_k": 10, '
      '"embedding_weight": 0.5}'),
-    ('default', 'trending', 0.1, 1, '{"global_weight": 0.5}'),
+    ('default', 'trending', 0.1, NULL, '{"global_weight": 0.5}'),
     ('default', 'fresh', 0.1, NULL, '{}'),
-    ('default', 'popular', 0.1, 2, '{}');
+    ('default', 'popular', 0.1, 1, '{}');
 
 -- Co-occurrence: counts (both directions) and the top-N neighbours per item, built by `pgrec train cooccurrence`.
 CREATE TABLE pgrec.cooccurrence_items (

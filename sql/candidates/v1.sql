@@ -353,7 +353,7 @@ AS $$
 DECLARE
     t       timestamptz := coalesce(p_as_of, now());
     days    float8 := coalesce((p_params ->> 'days')::float8, pgrec.candidates_setting('fresh_days', 14));
-    scan    int := coalesce((p_params ->> 'max_scan')::int, pgrec.candidates_setting('fresh_max_scan', 2000)::int);
+    scan    int := coalesce((p_params ->> 'max_scan')::int, pgrec.candidates_setting('fresh_max_scan', 200)::int);
     ep      pgrec.trending_epochs%ROWTYPE;
     factor  float8 := 0;
     now_    boolean := p_as_of IS NULL OR p_as_of >= now();
@@ -453,7 +453,7 @@ BEGIN
     IF uk IS NOT NULL THEN
         SELECT coalesce(array_agg(DISTINCT e.item_key), '{}') INTO seen
           FROM pgrec.events e WHERE e.user_key = uk AND e.occurred_at < t;
-        extra := least(cardinality(seen), pgrec.candidates_setting('candidates_overfetch_max', 200)::int);
+        extra := least(cardinality(seen), pgrec.candidates_setting('candidates_overfetch_max', 100)::int);
     END IF;
     FOR r IN SELECT c.source, c.quota, c.fallback_order, c.params
                FROM pgrec.candidate_sources c WHERE c.surface = cfg_surf AND c.enabled LOOP
