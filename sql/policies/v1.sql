@@ -669,7 +669,7 @@ COMMENT ON FUNCTION pgrec.policy_mask(jsonb, pgrec.rerank_row[], jsonb, timestam
 -- and a predicate is evaluated in one pass over the rows (one boolean per index).
 
 CREATE OR REPLACE FUNCTION pgrec.policy_match(
-    p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_ctx jsonb, p_as_of timestamptz)
+    p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_idx int[], p_ctx jsonb, p_as_of timestamptz)
 RETURNS boolean[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -688,25 +688,26 @@ DECLARE
     lo     numeric;
     hi     numeric;
 BEGIN
-    -- the same predicate language as pgrec.policy_mask, one boolean per row index, the score of row i being
-    -- p_scores[i] (the current score)
+    -- the same predicate language as pgrec.policy_mask, evaluated for the rows p_idx (one boolean per entry of
+    -- p_idx, in order; the score of row i is p_scores[i]). Only the attribute a condition reads is taken from
+    -- a row, once (the rows themselves are never copied).
     IF p ? 'all' OR p ? 'any' THEN
         comb := CASE WHEN p ? 'all' THEN 'all' ELSE 'any' END;
         FOR child IN SELECT jsonb_array_elements(p -> comb) LOOP
-            m := pgrec.policy_match(child, p_rows, p_scores, p_ctx, p_as_of);
+            m := pgrec.policy_match(child, p_rows, p_scores, p_idx, p_ctx, p_as_of);
             IF acc IS NULL THEN
                 acc := m;
             ELSIF comb = 'all' THEN
-                SELECT coalesce(array_agg(a AND b ORDER BY o), '{}') INTO acc FROM unnest(acc, m) WITH ORDINALITY t(a, b, o);
+                acc := ARRAY(SELECT a AND b FROM unnest(acc, m) t(a, b));
             ELSE
-                SELECT coalesce(array_agg(a OR b ORDER BY o), '{}') INTO acc FROM unnest(acc, m) WITH ORDINALITY t(a, b, o);
+                acc := ARRAY(SELECT a OR b FROM unnest(acc, m) t(a, b));
             END IF;
         END LOOP;
         RETURN coalesce(acc, '{}');
     END IF;
     IF p ? 'not' THEN
-        m := pgrec.policy_match(p -> 'not', p_rows, p_scores, p_ctx, p_as_of);
-        RETURN (SELECT coalesce(array_agg(NOT a ORDER BY o), '{}') FROM unnest(m) WITH ORDINALITY t(a, o));
+        m := pgrec.policy_match(p -> 'not', p_rows, p_scores, p_idx, p_ctx, p_as_of);
+        RETURN ARRAY(SELECT NOT a FROM unnest(m) a);
     END IF;
     field := coalesce(p ->> 'field', 'property');
     prop := p ->> 'property';
@@ -719,48 +720,74 @@ BEGIN
     texts := ARRAY(SELECT jsonb_array_elements(vals) #>> '{}');
     lo := pgrec.policy_number(pgrec.policy_value(p -> 'min', p_ctx), 'the range minimum');
     hi := pgrec.policy_number(pgrec.policy_value(p -> 'max', p_ctx), 'the range maximum');
-    IF field = 'score' THEN
-        RETURN ARRAY(SELECT coalesce((lo IS NULL OR s >= lo) AND (hi IS NULL OR s <= hi), false) FROM unnest(p_scores) s);
-    END IF;
-    RETURN ARRAY(
-        SELECT CASE field
-        WHEN 'property' THEN CASE op
-            WHEN 'exists' THEN coalesce(jsonb_typeof(r.properties -> prop) <> 'null', false)
-            WHEN 'equals' THEN coalesce(r.properties -> prop = val, false)
-            WHEN 'in' THEN CASE jsonb_typeof(r.properties -> prop)
-                WHEN 'array' THEN coalesce(r.properties -> prop ?| texts, false)  -- any string element listed
-                WHEN 'null' THEN false
-                ELSE coalesce(vals @> jsonb_build_array(r.properties -> prop), false) END
-            WHEN 'contains' THEN CASE jsonb_typeof(r.properties -> prop)
-                WHEN 'array' THEN r.properties -> prop @> jsonb_build_array(val)
-                WHEN 'string' THEN strpos(r.properties ->> prop, val #>> '{}') > 0
-                ELSE false END
-            WHEN 'range' THEN CASE WHEN jsonb_typeof(r.properties -> prop) = 'number'
-                THEN (lo IS NULL OR (r.properties -> prop)::numeric >= lo)
-                 AND (hi IS NULL OR (r.properties -> prop)::numeric <= hi)
-                ELSE false END
-            ELSE false END
-        WHEN 'categories' THEN CASE op
-            WHEN 'exists' THEN coalesce(cardinality(r.categories), 0) > 0
-            WHEN 'in' THEN coalesce(r.categories && texts, false)
-            ELSE coalesce((val #>> '{}') = ANY (r.categories), false) END
-        WHEN 'item_id' THEN CASE op
-            WHEN 'in' THEN coalesce(r.item_id = ANY (texts), false)
-            ELSE coalesce(r.item_id = val #>> '{}', false) END
-        WHEN 'source' THEN CASE op
-            WHEN 'exists' THEN coalesce(r.sources, '') <> ''
-            WHEN 'in' THEN coalesce(string_to_array(r.sources, ',') && texts, false)
-            ELSE coalesce((val #>> '{}') = ANY (string_to_array(r.sources, ',')), false) END
-        WHEN 'age_days' THEN coalesce(
-            (lo IS NULL OR extract(epoch FROM p_as_of - r.created_at) >= lo * 86400)
-            AND (hi IS NULL OR extract(epoch FROM p_as_of - r.created_at) <= hi * 86400), false)
-        ELSE false END
-          FROM unnest(p_rows) r);
+    -- one condition (equals, in, range, contains, exists) on a property, the categories, the id, the sources,
+    -- the score or the age in days; the values are data, never SQL
+    CASE field
+    WHEN 'property' THEN
+        CASE op
+        WHEN 'exists' THEN
+            RETURN ARRAY(SELECT coalesce(jsonb_typeof((p_rows[x]).properties -> prop) <> 'null', false) FROM unnest(p_idx) x);
+        WHEN 'equals' THEN
+            RETURN ARRAY(SELECT coalesce((p_rows[x]).properties -> prop = val, false) FROM unnest(p_idx) x);
+        WHEN 'in' THEN
+            RETURN ARRAY(SELECT CASE jsonb_typeof(v.v)
+                                WHEN 'array' THEN coalesce(v.v ?| texts, false)  -- any string element listed
+                                WHEN 'null' THEN false
+                                ELSE coalesce(vals @> jsonb_build_array(v.v), false) END
+                           FROM (SELECT (p_rows[x]).properties -> prop AS v FROM unnest(p_idx) x OFFSET 0) v);
+        WHEN 'contains' THEN
+            RETURN ARRAY(SELECT CASE jsonb_typeof(v.v)
+                                WHEN 'array' THEN v.v @> jsonb_build_array(val)
+                                WHEN 'string' THEN strpos(v.v #>> '{}', val #>> '{}') > 0
+                                ELSE false END
+                           FROM (SELECT (p_rows[x]).properties -> prop AS v FROM unnest(p_idx) x OFFSET 0) v);
+        WHEN 'range' THEN
+            RETURN ARRAY(SELECT CASE WHEN jsonb_typeof(v.v) = 'number'
+                                     THEN (lo IS NULL OR v.v::numeric >= lo) AND (hi IS NULL OR v.v::numeric <= hi)
+                                     ELSE false END
+                           FROM (SELECT (p_rows[x]).properties -> prop AS v FROM unnest(p_idx) x OFFSET 0) v);
+        ELSE
+            RETURN ARRAY(SELECT false FROM unnest(p_idx) x);
+        END CASE;
+    WHEN 'categories' THEN
+        CASE op
+        WHEN 'exists' THEN
+            RETURN ARRAY(SELECT coalesce(cardinality((p_rows[x]).categories), 0) > 0 FROM unnest(p_idx) x);
+        WHEN 'in' THEN
+            RETURN ARRAY(SELECT coalesce((p_rows[x]).categories && texts, false) FROM unnest(p_idx) x);
+        ELSE
+            RETURN ARRAY(SELECT coalesce((val #>> '{}') = ANY ((p_rows[x]).categories), false) FROM unnest(p_idx) x);
+        END CASE;
+    WHEN 'item_id' THEN
+        IF op = 'in' THEN
+            RETURN ARRAY(SELECT coalesce((p_rows[x]).item_id = ANY (texts), false) FROM unnest(p_idx) x);
+        END IF;
+        RETURN ARRAY(SELECT coalesce((p_rows[x]).item_id = val #>> '{}', false) FROM unnest(p_idx) x);
+    WHEN 'source' THEN
+        CASE op
+        WHEN 'exists' THEN
+            RETURN ARRAY(SELECT coalesce((p_rows[x]).sources, '') <> '' FROM unnest(p_idx) x);
+        WHEN 'in' THEN
+            RETURN ARRAY(SELECT coalesce(string_to_array((p_rows[x]).sources, ',') && texts, false) FROM unnest(p_idx) x);
+        ELSE
+            RETURN ARRAY(SELECT coalesce((val #>> '{}') = ANY (string_to_array((p_rows[x]).sources, ',')), false)
+                           FROM unnest(p_idx) x);
+        END CASE;
+    WHEN 'score' THEN
+        RETURN ARRAY(SELECT coalesce((lo IS NULL OR p_scores[x] >= lo) AND (hi IS NULL OR p_scores[x] <= hi), false)
+                       FROM unnest(p_idx) x);
+    WHEN 'age_days' THEN
+        RETURN ARRAY(SELECT coalesce((lo IS NULL OR a.s >= lo * 86400) AND (hi IS NULL OR a.s <= hi * 86400), false)
+                       FROM (SELECT extract(epoch FROM p_as_of - (p_rows[x]).created_at) AS s
+                               FROM unnest(p_idx) x OFFSET 0) a);
+    ELSE
+        RETURN ARRAY(SELECT false FROM unnest(p_idx) x);
+    END CASE;
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_match(jsonb, pgrec.rerank_row[], float8[], jsonb, timestamptz) IS
-    'Evaluate a structured predicate over the rows of pgrec.rerank: one boolean per row index (the score of '
-    'row i is p_scores[i]).';
+COMMENT ON FUNCTION pgrec.policy_match(jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz) IS
+    'Evaluate a structured predicate for the rows p_idx of pgrec.rerank: one boolean per entry of p_idx (the '
+    'score of row i is p_scores[i]).';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_order(p_list int[], p_prefix int[])
 RETURNS int[]
@@ -908,7 +935,7 @@ COMMENT ON FUNCTION pgrec.policy_drop_served(jsonb, bigint[], bigint, timestampt
 -- ---------------------------------------------------------------- filters on the rows (one drop flag per row)
 
 CREATE OR REPLACE FUNCTION pgrec.policy_drop_rows(
-    p_kind text, p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_ctx jsonb, p_as_of timestamptz)
+    p_kind text, p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_idx int[], p_ctx jsonb, p_as_of timestamptz)
 RETURNS boolean[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -921,7 +948,7 @@ DECLARE
     drop boolean;
     floor float8;
 BEGIN
-    -- true: the row is dropped (NULL: kept)
+    -- one flag per entry of p_idx, true: the row is dropped (NULL: kept)
     CASE p_kind
     WHEN 'blocklist' THEN
         -- params.items, the items of params.item_sets and items in params.categories
@@ -930,27 +957,28 @@ BEGIN
                      SELECT unnest(s.items) FROM pgrec.item_sets s
                       WHERE s.name IN (SELECT jsonb_array_elements_text(coalesce(p -> 'item_sets', '[]'))));
         cats := ARRAY(SELECT jsonb_array_elements_text(coalesce(p -> 'categories', '[]')));
-        RETURN ARRAY(SELECT r.item_id IN (SELECT unnest(ids)) OR r.categories && cats FROM unnest(p_rows) r);
+        RETURN ARRAY(SELECT (p_rows[x]).item_id IN (SELECT unnest(ids)) OR (p_rows[x]).categories && cats
+                       FROM unnest(p_idx) x);
     WHEN 'freshness' THEN
         -- created more than params.max_age_days before as_of
         lim := p_as_of - make_interval(secs => (p ->> 'max_age_days')::float8 * 86400);
-        RETURN ARRAY(SELECT r.created_at < lim FROM unnest(p_rows) r);
+        RETURN ARRAY(SELECT (p_rows[x]).created_at < lim FROM unnest(p_idx) x);
     WHEN 'attribute_filter' THEN
         -- keep (mode keep, the default) or drop (mode drop) the rows matching params.predicate
-        m := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_ctx, p_as_of);
+        m := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_idx, p_ctx, p_as_of);
         drop := coalesce(p ->> 'mode', 'keep') = 'drop';
         RETURN ARRAY(SELECT x = drop FROM unnest(m) x);
     WHEN 'relevance_floor' THEN
         -- scored under params.min_score (the fill from trending is done by pgrec.rerank)
         floor := (p ->> 'min_score')::float8;
-        RETURN ARRAY(SELECT coalesce(s < floor, true) FROM unnest(p_scores) s);
+        RETURN ARRAY(SELECT coalesce(p_scores[x] < floor, true) FROM unnest(p_idx) x);
     END CASE;
     RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_drop_rows(text, jsonb, pgrec.rerank_row[], float8[], jsonb, timestamptz) IS
+COMMENT ON FUNCTION pgrec.policy_drop_rows(text, jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz) IS
     'The filters that look only at the row (blocklist, freshness, attribute_filter, relevance_floor): one drop '
-    'flag per row index.';
+    'flag per entry of p_idx.';
 
 -- ---------------------------------------------------------------- order steps (a new order of the list)
 
@@ -1148,10 +1176,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     top int := least(p_k, coalesce(cardinality(p_list), 0));
-    m   boolean[] := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_ctx, p_as_of);
+    m   boolean[] := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_list, p_ctx, p_as_of);
 BEGIN
-    RETURN pgrec.policy_order(p_list, pgrec.policy_floor(ARRAY(SELECT m[c] FROM unnest(p_list) c),
-                                                         ceil((p ->> 'share')::numeric * top)::int, top));
+    RETURN pgrec.policy_order(p_list, pgrec.policy_floor(m, ceil((p ->> 'share')::numeric * top)::int, top));
 END
 $$;
 COMMENT ON FUNCTION pgrec.policy_move_promote(jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz, int) IS
@@ -1181,8 +1208,7 @@ BEGIN
     CASE p ->> 'eligible'
     WHEN 'fresh' THEN
         m := pgrec.policy_match(jsonb_build_object('field', 'age_days', 'op', 'range', 'max', p -> 'max_age_days'),
-                                p_rows, p_scores, p_ctx, p_as_of);
-        m := ARRAY(SELECT m[c] FROM unnest(head) c);
+                                p_rows, p_scores, head, p_ctx, p_as_of);
     WHEN 'under_exposed' THEN
         -- fewer than max_impressions impressions (all users) in the window; counting stops at the threshold
         SELECT coalesce(array_agg(x.n < (p ->> 'max_impressions')::int ORDER BY h.o), '{}') INTO m
@@ -1194,8 +1220,7 @@ BEGIN
                      AND im.served_at >= p_as_of - make_interval(secs => coalesce((p ->> 'window_days')::float8, 7) * 86400)
                    LIMIT (p ->> 'max_impressions')::int) c) x;
     ELSE
-        m := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_ctx, p_as_of);
-        m := ARRAY(SELECT m[c] FROM unnest(head) c);
+        m := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, head, p_ctx, p_as_of);
     END CASE;
     -- the best `slots` eligible items go to the target positions (params.positions, else the last slots of the
     -- top k); an item already placed higher keeps its place
@@ -1296,6 +1321,7 @@ DECLARE
     mask       boolean[];
     dkeys      bigint[];
     before     int[];
+    live       int[];
     hit        bigint[];
     hit_i      int[];
     c_unknown  int;
@@ -1477,31 +1503,35 @@ BEGIN
             -- a filter is per item: one evaluation covers the list and the reserve (not the score floor: the
             -- reserve's scores are not on this scale)
             IF cardinality(list) > 0 OR (cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor') THEN
+                live := CASE WHEN pol.kind = 'relevance_floor' THEN list ELSE list || reserve END;
                 IF pol.kind IN ('exclude_interacted', 'exclude_negative', 'exclude_served') THEN
-                    hit := ARRAY(SELECT keys[x] FROM unnest(list || reserve) x);
+                    -- per item: asked for every row (a dropped row's key costs nothing more than a filter pass)
                     dkeys := CASE pol.kind
-                        WHEN 'exclude_interacted' THEN pgrec.policy_drop_interacted(pol.params, hit, user_key, t)
-                        WHEN 'exclude_negative' THEN pgrec.policy_drop_negative(pol.params, hit, user_key, t)
-                        ELSE pgrec.policy_drop_served(pol.params, hit, user_key, t) END;
+                        WHEN 'exclude_interacted' THEN pgrec.policy_drop_interacted(pol.params, keys, user_key, t)
+                        WHEN 'exclude_negative' THEN pgrec.policy_drop_negative(pol.params, keys, user_key, t)
+                        ELSE pgrec.policy_drop_served(pol.params, keys, user_key, t) END;
+                    mask := NULL;
                     IF cardinality(dkeys) > 0 THEN
-                        hit_i := ARRAY(SELECT x FROM unnest(list) x WHERE keys[x] IN (SELECT unnest(dkeys)));
-                        IF cardinality(reserve) > 0 THEN
-                            reserve := ARRAY(SELECT x FROM unnest(reserve) x WHERE NOT keys[x] IN (SELECT unnest(dkeys)));
-                        END IF;
-                    ELSE
-                        hit_i := '{}';
+                        mask := ARRAY(SELECT keys[x] IN (SELECT unnest(dkeys)) FROM unnest(live) x);
                     END IF;
                 ELSE
-                    mask := pgrec.policy_drop_rows(pol.kind, pol.params, rws, sc, ctx, t);
-                    hit_i := ARRAY(SELECT x FROM unnest(list) x WHERE mask[x]);
-                    IF cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor' THEN
-                        reserve := ARRAY(SELECT x FROM unnest(reserve) x WHERE NOT coalesce(mask[x], false));
-                    END IF;
+                    mask := pgrec.policy_drop_rows(pol.kind, pol.params, rws, sc, live, ctx, t);
                 END IF;
-                cnt := cardinality(hit_i);
-                IF cnt > 0 THEN
-                    dropped := dropped || jsonb_build_object(lbl, cnt);
-                    list := ARRAY(SELECT x FROM unnest(list) x WHERE NOT coalesce(x IN (SELECT unnest(hit_i)), false));
+                IF mask IS NOT NULL THEN
+                    -- one pass: what the filter drops from the list, the list and the reserve it leaves
+                    n_i := cardinality(list);
+                    SELECT coalesce(array_agg(f.x) FILTER (WHERE f.o <= n_i AND f.d), '{}'),
+                           coalesce(array_agg(f.x) FILTER (WHERE f.o <= n_i AND NOT coalesce(f.d, false)), '{}'),
+                           coalesce(array_agg(f.x) FILTER (WHERE f.o > n_i AND NOT coalesce(f.d, false)), '{}')
+                      INTO hit_i, list, live
+                      FROM unnest(live, mask) WITH ORDINALITY f(x, d, o);
+                    IF pol.kind <> 'relevance_floor' THEN
+                        reserve := live;
+                    END IF;
+                    cnt := cardinality(hit_i);
+                    IF cnt > 0 THEN
+                        dropped := dropped || jsonb_build_object(lbl, cnt);
+                    END IF;
                 END IF;
             END IF;
             IF pol.kind = 'attribute_filter' AND coalesce(pol.params ->> 'mode', 'keep') = 'keep' THEN
@@ -1543,14 +1573,14 @@ BEGIN
             eff_act := eff_act || array_fill('holdout'::text, ARRAY[cardinality(hit)]);
         ELSIF pol.kind = 'boost' THEN
             -- score * multiply + add for the matching items of the list, then re-sort
-            mask := pgrec.policy_match(pol.params -> 'predicate', rws, sc, ctx, t);
+            mask := pgrec.policy_match(pol.params -> 'predicate', rws, sc, list, ctx, t);
             SELECT coalesce(array_agg(b.x ORDER BY b.o), '{}'),
                    coalesce(array_agg(keys[b.x] ORDER BY b.o), '{}'),
                    coalesce(array_agg(CASE WHEN b.ns > sc[b.x] THEN 'boosted' ELSE 'buried' END ORDER BY b.o), '{}')
               INTO hit_i, hit, acts
               FROM (SELECT l.x, l.o, sc[l.x] * coalesce((pol.params ->> 'multiply')::float8, 1)
                                      + coalesce((pol.params ->> 'add')::float8, 0) AS ns
-                      FROM unnest(list) WITH ORDINALITY l(x, o) WHERE mask[l.x]) b
+                      FROM unnest(list, mask) WITH ORDINALITY l(x, m, o) WHERE l.m) b
              WHERE b.ns IS DISTINCT FROM sc[b.x];
             IF cardinality(hit) > 0 THEN
                 eff_key := eff_key || hit;
