@@ -1393,19 +1393,19 @@ BEGIN
                incl IS NOT NULL AND NOT coalesce(i.item_id = ANY (incl), false) AS notin
           FROM u LEFT JOIN pgrec.items i ON i.item_key = u.k)
     SELECT coalesce(array_agg(ROW(j.k, j.item_id, j.s, coalesce(j.src, ''), j.categories, j.properties,
-                                  j.created_at)::pgrec.rerank_row ORDER BY j.s DESC NULLS LAST, j.k)
-                    FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
+                                  j.created_at)::pgrec.rerank_row) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
+           coalesce(array_agg(j.k) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
+           coalesce(array_agg(j.s) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
            count(*) FILTER (WHERE NOT j.known),
            count(*) FILTER (WHERE j.known AND NOT j.avail),
            count(*) FILTER (WHERE j.known AND j.avail AND j.ex),
            count(*) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND j.notin),
            coalesce(array_agg(j.k) FILTER (WHERE NOT (j.known AND j.avail AND NOT j.ex AND NOT j.notin)), '{}')
-      INTO rws, c_unknown, c_unavail, c_excl, c_incl, gone
+      INTO rws, keys, sc, c_unknown, c_unavail, c_excl, c_incl, gone
       FROM j;
     n_rows := cardinality(rws);
-    list := ARRAY(SELECT generate_series(1, n_rows));
-    keys := ARRAY(SELECT r.item_key FROM unnest(rws) r);
-    sc := ARRAY(SELECT r.score FROM unnest(rws) r);
+    -- the rows stay in the order they were read; the list orders them: best score first (ties: item_key)
+    list := ARRAY(SELECT o::int FROM unnest(sc, keys) WITH ORDINALITY x(s, k, o) ORDER BY x.s DESC NULLS LAST, x.k);
     IF c_unknown > 0 THEN dropped := dropped || jsonb_build_object('unknown', c_unknown); END IF;
     IF c_unavail > 0 THEN dropped := dropped || jsonb_build_object('unavailable', c_unavail); END IF;
     IF c_excl > 0 THEN dropped := dropped || jsonb_build_object('request_exclude', c_excl); END IF;
@@ -1653,11 +1653,8 @@ BEGIN
                 WHEN 'exploration' THEN pgrec.policy_move_exploration(pol.params, rws, sc, list, ctx, t, k)
                 END;
             -- the items this step moved up into or within the top k
-            hit := ARRAY(SELECT keys[a.x]
-                           FROM unnest(list[1:k]) WITH ORDINALITY a(x, o)
-                           JOIN unnest(before) WITH ORDINALITY b(x, o) ON b.x = a.x
-                          WHERE a.o < b.o
-                          ORDER BY a.o);
+            hit := ARRAY(SELECT keys[a.x] FROM unnest(list[1:k]) WITH ORDINALITY a(x, o)
+                          WHERE a.o < array_position(before, a.x) ORDER BY a.o);
             eff_key := eff_key || hit;
             eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
             eff_act := eff_act || array_fill(CASE pol.kind WHEN 'promote' THEN 'promoted' WHEN 'exploration' THEN 'explored'
