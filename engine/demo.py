@@ -36,17 +36,19 @@ METRIC_COLUMNS = ("ndcg@10", "recall@10", "recall@50", "map@10", "coverage@10", 
 @dataclass(frozen=True)
 class DemoConfig:
     movielens: Path | None = None        # a MovieLens folder instead of synthetic data
-    users: int = 1_500                   # synthetic sizes: small enough for a few minutes on 2 cores
-    items: int = 1_000
-    events: int = 60_000
+    users: int = 1_000                   # synthetic sizes: small enough for a few minutes on 2 cores
+    items: int = 500
+    events: int = 30_000
+    days: int = 60
     out_dir: Path = Path("out/demo")     # report.html (the offline evaluation) and demo.html (the lists)
     database: str = "pgrec_demo"         # on the embedded server; dropped and made again by every run
     show_users: int = 3
     seed: int = 7
-    ranker_trees: int = 150              # a compact ranker: the SQL path evaluates every tree per candidate
-    eval_users: int = 200                # evaluate a seeded sample of the test users
-    ranker_cutoffs: int = 2              # replay cutoffs for the ranker's training data (plus one to validate)
-    ranker_users: int = 250              # users sampled per cutoff
+    ranker_trees: int = 100              # a compact ranker: the SQL path evaluates every tree per candidate
+    # replaying the past costs one candidates + features call per user and cutoff: these keep the demo short
+    eval_users: int = 100                # evaluate a seeded sample of the test users
+    ranker_cutoffs: int = 1              # replay cutoffs for the ranker's training data (plus one to validate)
+    ranker_users: int = 100              # users sampled per cutoff
     retrieval_epochs: int = 10
     command: str = "pgrec demo"
 
@@ -119,7 +121,7 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
                 console.print(", ".join(f"{k}: {r.stored:,}" for k, r in res.items()) + f" from {cfg.movielens}")
             else:
                 data = datasets.generate(datasets.GeneratorConfig(users=cfg.users, items=cfg.items,
-                                                                  events=cfg.events, seed=cfg.seed,
+                                                                  events=cfg.events, seed=cfg.seed, days=cfg.days,
                                                                   dim=settings.embedding_dim))
                 data.load(conn)
                 console.print(f"synthetic: {len(data.items):,} items, {len(data.users):,} users, "
@@ -212,7 +214,7 @@ def _print_metrics(console: Console, report: Any) -> None:
     t = Table(title=f"offline evaluation: {report.split.get('users')} users with new items after "
                     f"{str(report.split.get('cutoff'))[:16]}")
     cols = METRIC_COLUMNS
-    t.add_column("method")
+    t.add_column("method", no_wrap=True)
     for c in cols:
         t.add_column(c, justify="right")
     for name, vals in sorted(report.methods.items(), key=lambda kv: -kv[1].get("ndcg@10", 0.0)):
@@ -239,6 +241,8 @@ def _print_list(console: Console, r: Any) -> None:
 def _why(reasons: dict[str, Any]) -> str:
     parts = []
     for key, value in reasons.items():
+        if value in (None, "", [], {}):
+            continue
         if isinstance(value, list | tuple):
             value = ",".join(map(str, value))
         elif isinstance(value, dict):

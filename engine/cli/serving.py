@@ -193,9 +193,10 @@ def bench_serve(
 def demo_cmd(
     movielens: Annotated[Path | None, typer.Option("--movielens", help="a MovieLens folder instead of synthetic data")]
     = None,
-    users: Annotated[int, typer.Option(help="synthetic users")] = 1_500,
-    items: Annotated[int, typer.Option(help="synthetic items")] = 1_000,
-    events: Annotated[int, typer.Option(help="synthetic events")] = 60_000,
+    users: Annotated[int, typer.Option(help="synthetic users")] = 1_000,
+    items: Annotated[int, typer.Option(help="synthetic items")] = 500,
+    events: Annotated[int, typer.Option(help="synthetic events")] = 30_000,
+    eval_users: Annotated[int, typer.Option(help="test users evaluated (a seeded sample)")] = 100,
     out_dir: Annotated[Path, typer.Option("--out", help="where the HTML reports go")] = Path("out/demo"),
     database: Annotated[str, typer.Option("--database", help="database name on the embedded server")] = "pgrec_demo",
 ) -> None:
@@ -205,7 +206,7 @@ def demo_cmd(
     command = "pgrec demo" + (f" --movielens {movielens}" if movielens else f" --users {users} --items {items} "
                                                                           f"--events {events}")
     cfg = DemoConfig(movielens=movielens, users=users, items=items, events=events, out_dir=out_dir, database=database,
-                     command=command)
+                     command=command, eval_users=eval_users)
     try:
         run(get_settings(), cfg, console)
     except (DatabaseError, PgrecError, FileNotFoundError) as exc:

@@ -73,3 +73,14 @@ SELECT u.user_id FROM pgrec.users u
 SELECT i.position, it.item_id, i.score, i.model_version, i.policy_versions, i.variant, i.reasons, i.surface
   FROM pgrec.impressions i JOIN pgrec.items it ON it.item_key = i.item_key
  WHERE i.request_id = %(request_id)s ORDER BY i.position
+
+-- name: bench_top_category
+-- Per user, the category of most of their positive events (labels for the benchmark's compact ranker).
+SELECT DISTINCT ON (u.user_id) u.user_id, c.category
+  FROM pgrec.events e
+  JOIN pgrec.users u ON u.user_key = e.user_key
+  JOIN pgrec.items i ON i.item_key = e.item_key
+ CROSS JOIN LATERAL unnest(i.categories) AS c(category)
+ WHERE e.polarity = 1 AND u.user_id = ANY(%(users)s::text[])
+ GROUP BY u.user_id, c.category
+ ORDER BY u.user_id, count(*) DESC, c.category
