@@ -150,7 +150,8 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
 
                 stored = retrieval.train_and_store(conn, RetrievalConfig(dim=settings.embedding_dim,
                                                                          epochs=cfg.retrieval_epochs))
-                console.print(f"retrieval model: {stored}")
+                console.print(f"retrieval model v{getattr(stored, 'version', '?')}: {getattr(stored, 'items', 0):,} "
+                              f"item and {getattr(stored, 'users', 0):,} user vectors (ann source)")
             elif cfg.movielens is not None:
                 console.print("[yellow]no retrieval trainer in this checkout and MovieLens has no item vectors: "
                               "the ann source stays empty[/]")
