@@ -145,6 +145,7 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         settings = settings.model_copy(update={"database_name": "pgrec_bench_serve"})
     yield f"machine: {machine()}"
     version = _prepare(settings, cfg, say)
+    load_before = os.getloadavg()[0]
     rng = random.Random(cfg.seed)
     with connect(settings) as conn:
         users = [r[0] for r in conn.execute(query("serving.sample_users"), {"n": 5000}).fetchall()]
@@ -215,10 +216,12 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         f"Python p99 = {py99:.1f} ms (goal <= 25 ms): {'met' if py99 <= 25 else 'NOT met'}",
         f"SQL p50 / probe p50 = {sql50 / probe50:.1f}x (goal <= 6x): {'met' if sql50 <= 6 * probe50 else 'NOT met'}",
     ]
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores)"
     yield from table
     yield from goals
+    yield load
     if write is not None:
-        _write(write, cfg, machine(), table, goals)
+        _write(write, cfg, machine(), table, [*goals, load])
         yield f"written to {write} (section Serving)"
 
 
