@@ -538,3 +538,58 @@ def test_explain_shows_each_step(cat: TestDB) -> None:
     assert "i2" in after["input"] and "i2" not in after[pol.label] and not set(res.item_ids) & {"i2", "i3", "i5", "i9"}
     assert res.item_ids == after[res.steps[-1]["policy"]][:3]
     assert all(isinstance(s["ms"], float | int) for s in res.steps)
+
+
+# ---------------------------------------------------------------- long lists (the engine keeps only a prefix for the last steps)
+
+
+def _long_list(db: TestDB, n: int) -> tuple[list[int], list[float], list[str]]:
+    """n extra items (brand b0..b9, one category each), scored 1.0 down to ~0, best first; rolled back with the test."""
+    with db.conn.cursor() as cur:
+        cur.executemany("SELECT pgrec.upsert_item(%s, %s, %s, %s)",
+                        [(f"long{n}", [f"cat{n % 7}"], psycopg.types.json.Jsonb({"brand": f"b{n % 10}"}),
+                          AS_OF - timedelta(days=30 + n)) for n in range(n)])
+    keys = [_item_key(db, f"long{i}") for i in range(n)]
+    return keys, [round(1.0 - i / n, 6) for i in range(n)], ["ann"] * n
+
+
+def test_long_list_pin_from_deep_keeps_its_own_score_and_diversity_holds(cat: TestDB) -> None:
+    keys, scores, sources = _long_list(cat, 180)
+    # the pinned candidate sits far below diversity's depth (100) and MMR's pool
+    policies.add(cat.conn, "one-per-brand", "diversity", {"max_per_value": 1, "property": "brand"})
+    policies.add(cat.conn, "mmr", "mmr", {"lambda": 1.0})
+    policies.add(cat.conn, "deep-pin", "pin", {"items": ["long170", "i11"], "positions": [2, 40]})
+    res = policies.rerank(cat.conn, None, "default", 10, keys, scores, sources, as_of=AS_OF)
+    assert res.item_ids[1] == "long170"
+    assert res.items[1].score == scores[170]  # a candidate keeps its own score wherever it came from
+    assert actions(res, "long170") == ["pinned"]
+    others = [i for i in res.item_ids if i != "long170"]
+    brands = [int(i.removeprefix("long")) % 10 for i in others]
+    assert len(set(brands)) == len(brands) == 9  # one item per brand, the pin aside
+    # the whole list (debug deeper than every step's depth) still has every candidate, the pin at 2 and the
+    # outside item at 40 with the score of the slot it took
+    res = policies.rerank(cat.conn, None, "default", 10, keys, scores, sources, as_of=AS_OF,
+                          context={"debug": 500})
+    assert res.steps is not None
+    last = [i["item_id"] for i in res.steps[-1]["items"]]
+    assert len(last) == 181 and set(last) == {f"long{i}" for i in range(180)} | {"i11"}
+    assert last[1] == "long170" and last[39] == "i11"
+    assert res.steps[-1]["items"][39]["score"] == res.steps[-1]["items"][40]["score"]
+
+
+def test_long_list_filters_boost_and_exploration_from_deep(cat: TestDB) -> None:
+    keys, scores, sources = _long_list(cat, 300)
+    cat.conn.execute("UPDATE pgrec.items SET created_at = %s WHERE item_id = 'long250'", (AS_OF - timedelta(days=1),))
+    policies.add(cat.conn, "no-cat0", "blocklist", {"categories": ["cat0"]})
+    policies.add(cat.conn, "boost-b3", "boost",
+                 {"predicate": {"property": "brand", "op": "equals", "value": "b3"}, "multiply": 1.5})
+    policies.add(cat.conn, "explore", "exploration",
+                 {"eligible": "fresh", "max_age_days": 7, "positions": [3], "depth": 300})
+    res = policies.rerank(cat.conn, None, "default", 8, keys, scores, sources, as_of=AS_OF)
+    assert res.dropped == {policies.get(cat.conn, "no-cat0").label: len(range(0, 300, 7))}
+    assert all(int(i.removeprefix("long")) % 7 != 0 for i in res.item_ids)
+    assert res.item_ids[2] == "long250" and actions(res, "long250") == ["explored"]
+    top = [i for i in res.items if i.item_id != "long250"]
+    assert [i.score for i in top] == sorted((i.score for i in top), reverse=True)
+    # boosted items (brand b3) climb above better-scored items of other brands
+    assert res.item_ids[0] == "long3" and actions(res, "long3") == ["boosted"]

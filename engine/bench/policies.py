@@ -21,7 +21,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from engine.config import Settings
-from engine.db import connect
+from engine.db import connect, is_embedded
 from engine.sql import query
 
 BENCH_POLICIES: list[tuple[str, dict[str, Any]]] = [
@@ -42,6 +42,16 @@ BENCH_POLICIES: list[tuple[str, dict[str, Any]]] = [
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def _backend_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a local server process (Linux /proc), None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -118,14 +128,22 @@ def run(settings: Settings, *, candidates: int = 500, k: int = 10, runs: int = 3
                f"dropped {out['dropped']}")
         for r in requests:  # warm-up: plans cached on this connection
             conn.execute(stmt, r)
+        # the server process's CPU time, when it runs on this machine (the embedded server)
+        pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        cpu0 = _backend_cpu_seconds(pid) if is_embedded(settings) else None
         lat = []
         for i in range(runs):
             t0 = time.perf_counter()
             conn.execute(stmt, requests[i % len(requests)]).fetchone()
             lat.append((time.perf_counter() - t0) * 1000)
+        cpu1 = _backend_cpu_seconds(pid)
         yield (f"rerank {candidates} -> {k}, {runs} calls (client side, one connection): "
                f"p50 {_pct(lat, 0.5):.2f} ms, p95 {_pct(lat, 0.95):.2f} ms, p99 {_pct(lat, 0.99):.2f} ms, "
                f"mean {statistics.fmean(lat):.2f} ms")
+        if cpu0 is not None and cpu1 is not None:
+            # CPU the server process spent per call (parse, bind, execute): unlike wall-clock latency it does not
+            # grow with the time a busy machine makes the process wait for a core
+            yield f"server CPU per call (from /proc, the same {runs} calls): {1000 * (cpu1 - cpu0) / runs:.2f} ms"
         # the database's own execution time of the call (no round trip, no client), from EXPLAIN ANALYZE
         server = []
         explain = "EXPLAIN (ANALYZE, SUMMARY, TIMING OFF, FORMAT JSON) " + stmt

@@ -1322,6 +1322,9 @@ DECLARE
     dkeys      bigint[];
     before     int[];
     live       int[];
+    step_no    int := 0;
+    trunc_at   int;
+    trunc_len  int;
     hit        bigint[];
     hit_i      int[];
     c_unknown  int;
@@ -1487,9 +1490,30 @@ BEGIN
         END IF;
     END IF;
 
+    -- ---- the steps at the end that only reorder a known prefix of the list (diversity: depth, mmr: pool,
+    -- exploration: depth, pin: its positions) never look further down: from the first of them on, the list is
+    -- cut to that prefix (plus the pinned items found below it)
+    trunc_len := greatest(k, coalesce(debug, 0));
+    FOR n_i IN REVERSE cardinality(active)..1 LOOP
+        EXIT WHEN NOT (active[n_i]).kind IN ('diversity', 'mmr', 'exploration', 'pin');
+        trunc_at := n_i;
+        trunc_len := greatest(trunc_len, CASE (active[n_i]).kind
+            WHEN 'diversity' THEN coalesce(((active[n_i]).params ->> 'depth')::int, 100)
+            WHEN 'mmr' THEN coalesce(((active[n_i]).params ->> 'pool')::int, greatest(3 * k, 30))
+            WHEN 'exploration' THEN coalesce(((active[n_i]).params ->> 'depth')::int, 100)
+            ELSE coalesce((SELECT max(x::int) FROM jsonb_array_elements_text((active[n_i]).params -> 'positions') x),
+                          cardinality(pgrec.policy_pin_ids((active[n_i]).params))) END);
+    END LOOP;
+    trunc_len := trunc_len + cardinality(pin_ids);
+
     -- ---- apply, in order
     FOREACH pol IN ARRAY active LOOP
         lbl := pol.policy_id || '/' || pol.kind;
+        step_no := step_no + 1;
+        IF step_no = trunc_at AND cardinality(list) > trunc_len THEN
+            list := list[1:trunc_len] || ARRAY(SELECT x FROM unnest(list[trunc_len + 1:]) x
+                                                WHERE (rws[x]).item_id = ANY (pin_ids));
+        END IF;
         -- a holdout user gets the control list with the content filters only (no score floor: other scale)
         is_drop := pol.kind = ANY (pgrec.policy_drop_kinds());
         IF in_holdout AND (NOT is_drop OR pol.kind = 'relevance_floor') THEN
