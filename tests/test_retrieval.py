@@ -38,11 +38,12 @@ def _tiny(rng: np.random.Generator) -> tuple[TwoTower, Batch]:
     return model, batch
 
 
-def test_gradients_match_finite_differences() -> None:
+@pytest.mark.parametrize("dropout", [None, np.array([2, 6])])
+def test_gradients_match_finite_differences(dropout: np.ndarray | None) -> None:
     rng = np.random.default_rng(3)
     model, batch = _tiny(rng)
     log_q = np.log(rng.random(model.n_items) + 0.1)
-    loss, grads = model.loss_and_grad(batch, 0.3, log_q)
+    loss, grads = model.loss_and_grad(batch, 0.3, log_q, id_dropout=dropout)
     assert grads is not None
     full_ids = np.zeros_like(model.ids)
     full_ids[grads.rows] = grads.ids
@@ -52,9 +53,9 @@ def test_gradients_match_finite_differences() -> None:
         for idx in np.ndindex(param.shape):
             old = param[idx]
             param[idx] = old + eps
-            up, _ = model.loss_and_grad(batch, 0.3, log_q, need_grad=False)
+            up, _ = model.loss_and_grad(batch, 0.3, log_q, need_grad=False, id_dropout=dropout)
             param[idx] = old - eps
-            down, _ = model.loss_and_grad(batch, 0.3, log_q, need_grad=False)
+            down, _ = model.loss_and_grad(batch, 0.3, log_q, need_grad=False, id_dropout=dropout)
             param[idx] = old
             numeric = (up - down) / (2 * eps)
             assert abs(numeric - analytic[idx]) < 1e-6 + 1e-4 * abs(numeric), (name, idx, numeric, analytic[idx])

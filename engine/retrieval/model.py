@@ -95,11 +95,13 @@ class TwoTower:
     # ------------------------------------------------------------ loss
 
     def loss_and_grad(self, batch: Batch, temperature: float, log_q: np.ndarray | None,
-                      need_grad: bool = True) -> tuple[float, Gradients | None]:
+                      need_grad: bool = True, id_dropout: np.ndarray | None = None) -> tuple[float, Gradients | None]:
         """Sampled softmax over the batch's distinct positives and extra negatives (InfoNCE).
 
         ``logit[b, j] = cos(u_b, v_j) / temperature - log_q[j]`` (the log-Q correction for popularity-biased
         in-batch sampling); the row's label is its own positive. Returns the mean cross-entropy.
+        ``id_dropout``: item indices whose id row is left out of their item vector in this batch, so the
+        feature part alone learns to place items (what a new item has).
         """
         d = self.dim
         B = len(batch.positives)
@@ -111,6 +113,9 @@ class TwoTower:
         t_inv, h_inv = inv[: len(targets)], inv[len(targets):]
         raw = self.raw(rows)
         r = raw[t_inv, :d]
+        dropped = np.isin(targets, id_dropout) if id_dropout is not None else np.zeros(len(targets), dtype=bool)
+        if dropped.any():
+            r = r - dropped[:, None] * self.ids[targets, :d]
         u_raw = segment_sum(ha * raw[h_inv, d:], hb, B, ordered=True)
         u_norm = np.maximum(np.linalg.norm(u_raw, axis=1, keepdims=True), EPS)
         u = u_raw / u_norm
@@ -137,6 +142,8 @@ class TwoTower:
         draw[:, d:] = segment_sum(ha * du_raw[hb], h_inv, len(rows))
         pos, feat, w = self._features(rows)
         dfeats = segment_sum(w[:, None] * draw[pos], feat, self.feats.shape[0])
+        if dropped.any():
+            draw[t_inv[dropped], :d] = 0.0  # the dropped id rows took no part
         return loss, Gradients(rows, draw, dfeats.astype(raw.dtype, copy=False))
 
     # ------------------------------------------------------------ storage

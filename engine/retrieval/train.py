@@ -33,6 +33,7 @@ class RetrievalConfig:
     log_q: bool = True                   # subtract log(item frequency) from the logits (sampling-bias correction)
     extra_negatives: int = 128           # at most this many shown-but-ignored / disliked items per batch
     random_negatives: int = 0            # uniformly drawn items added to every batch (mixed negative sampling)
+    id_dropout: float = 0.0              # share of a batch's items embedded by features alone (cold start)
     patience: int = 3                    # epochs without a better validation recall before stopping
     validation_fraction: float = 0.1     # latest share of positive events held out for early stopping (0: none)
     validation_users: int = 2000         # at most this many users scored per validation
@@ -49,7 +50,7 @@ class RetrievalConfig:
             "lr": self.lr > 0, "temperature": self.temperature > 0, "weight_decay": self.weight_decay >= 0,
             "patience": self.patience >= 1, "validation_fraction": 0 <= self.validation_fraction < 1,
             "extra_negatives": self.extra_negatives >= 0, "validation_k": self.validation_k >= 1,
-            "random_negatives": self.random_negatives >= 0,
+            "random_negatives": self.random_negatives >= 0, "id_dropout": 0 <= self.id_dropout < 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -269,8 +270,9 @@ def _fit(result: TrainResult, data: RetrievalData, pos: Positives, pairs: np.nda
     rng = np.random.default_rng(cfg.seed + (1 if phase == "refit" else 0))
     counts = np.bincount(pos.item[pairs], minlength=data.n_items).astype(np.float64)
     # log of the expected number of times an item is among a batch's candidates (in-batch + uniform draws)
-    expected = cfg.batch_size * counts / max(1.0, counts.sum()) + cfg.random_negatives / data.n_items
-    log_q = np.log(np.maximum(expected, 1e-6)) if cfg.log_q else None
+    # (an item without pairs, e.g. a shown-but-ignored one, counts as one pair so its logit is not inflated)
+    expected = cfg.batch_size * np.maximum(counts, 1.0) / max(1.0, counts.sum()) + cfg.random_negatives / data.n_items
+    log_q = np.log(expected) if cfg.log_q else None
     opt = Adam(model, cfg.lr, cfg.weight_decay)
     n_batches = max(1, len(pairs) // cfg.batch_size)
     best: tuple[np.ndarray, np.ndarray] | None = None
@@ -285,7 +287,12 @@ def _fit(result: TrainResult, data: RetrievalData, pos: Positives, pairs: np.nda
             negatives = hard.sample(np.unique(pos.user[idx]), cfg.extra_negatives, rng)
             if cfg.random_negatives:
                 negatives = np.concatenate([negatives, rng.integers(0, data.n_items, cfg.random_negatives)])
-            loss, grads = model.loss_and_grad(Batch(hi, hw, pos.item[idx], negatives), cfg.temperature, log_q)
+            drop = None
+            if cfg.id_dropout:
+                items = pos.item[idx]
+                drop = items[rng.random(len(items)) < cfg.id_dropout]
+            loss, grads = model.loss_and_grad(Batch(hi, hw, pos.item[idx], negatives), cfg.temperature, log_q,
+                                              id_dropout=drop)
             assert grads is not None
             opt.step(grads)
             losses.append(loss)
