@@ -1322,6 +1322,7 @@ DECLARE
     dkeys      bigint[];
     before     int[];
     live       int[];
+    new_sc     float8[];
     step_no    int := 0;
     trunc_at   int;
     trunc_len  int;
@@ -1464,30 +1465,42 @@ BEGIN
 
     -- ---- the reserve: items from outside the candidates (trending fill / holdout control, pins), filtered
     -- by the same policies as the list so that they never bypass a rule
-    IF need_trending OR cardinality(pin_ids) > 0 THEN
+    IF NOT need_trending AND cardinality(pin_ids) > 0 THEN
+        -- pins only: the named items themselves (no score), by item_key
+        SELECT coalesce(array_agg(ROW(i.item_key, i.item_id, NULL::float8, '', i.categories, i.properties,
+                                      i.created_at)::pgrec.rerank_row ORDER BY i.item_key), '{}'),
+               coalesce(array_agg(i.item_key ORDER BY i.item_key), '{}')
+          INTO extra, hit
+          FROM pgrec.items i
+         WHERE i.item_id = ANY (pin_ids) AND i.available AND NOT (i.item_key = ANY (gone))
+           AND NOT coalesce(i.item_id = ANY (excl), false)
+           AND (incl IS NULL OR i.item_id = ANY (incl));
+        new_sc := array_fill(NULL::float8, ARRAY[cardinality(hit)]);
+    ELSIF need_trending THEN
         WITH outside AS (
             SELECT tr.item_key, tr.score, 'trending' AS src, 0 AS pref
               FROM pgrec.source_trending(user_key, 2 * k + 20, t) tr
-             WHERE need_trending
             UNION ALL
             SELECT i.item_key, NULL::float8, '', 1 FROM pgrec.items i WHERE i.item_id = ANY (pin_ids)
         )
         SELECT coalesce(array_agg(ROW(x.item_key, x.item_id, x.score, x.src, x.categories, x.properties,
-                                      x.created_at)::pgrec.rerank_row ORDER BY x.score DESC NULLS LAST, x.item_key), '{}')
-          INTO extra
+                                      x.created_at)::pgrec.rerank_row ORDER BY x.score DESC NULLS LAST, x.item_key), '{}'),
+               coalesce(array_agg(x.item_key ORDER BY x.score DESC NULLS LAST, x.item_key), '{}'),
+               coalesce(array_agg(x.score ORDER BY x.score DESC NULLS LAST, x.item_key), '{}')
+          INTO extra, hit, new_sc
           FROM (SELECT DISTINCT ON (o.item_key) o.item_key, i.item_id, o.score, o.src, i.categories, i.properties, i.created_at
                   FROM outside o JOIN pgrec.items i ON i.item_key = o.item_key
                  WHERE i.available AND NOT (i.item_key = ANY (gone))
                    AND NOT coalesce(i.item_id = ANY (excl), false)
                    AND (incl IS NULL OR i.item_id = ANY (incl))
                  ORDER BY o.item_key, o.pref) x;
-        IF cardinality(extra) > 0 THEN
-            reserve := ARRAY(SELECT generate_series(n_rows + 1, n_rows + cardinality(extra)));
-            rws := rws || extra;
-            keys := keys || ARRAY(SELECT r.item_key FROM unnest(extra) r);
-            sc := sc || ARRAY(SELECT r.score FROM unnest(extra) r);
-            n_rows := n_rows + cardinality(extra);
-        END IF;
+    END IF;
+    IF cardinality(extra) > 0 THEN
+        reserve := ARRAY(SELECT generate_series(n_rows + 1, n_rows + cardinality(extra)));
+        rws := rws || extra;
+        keys := keys || hit;
+        sc := sc || new_sc;
+        n_rows := n_rows + cardinality(extra);
     END IF;
 
     -- ---- the steps at the end that only reorder a known prefix of the list (diversity: depth, mmr: pool,
