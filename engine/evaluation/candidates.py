@@ -109,15 +109,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def save(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Write candidates_recall.json and candidates_recall.png (recall against n, one line per source)."""
+    """Write candidates_recall.json, .md (the table) and .png (recall against n, one line per source)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "candidates_recall.json", "png": out / "candidates_recall.png"}
+    paths = {"json": out / "candidates_recall.json", "md": out / "candidates_recall.md",
+             "png": out / "candidates_recall.png"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(f"Candidate recall as of {report['cutoff']} ({report['users']} users)\n\n"
+                           + markdown(report) + "\n")
     ns = report["ns"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s, by_n in report["recall"].items():
