@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -64,18 +65,15 @@ def _database(settings: Settings, cfg: HttpBenchConfig) -> Settings:
     return settings.model_copy(update={"database_name": name})
 
 
-async def _client(host: str, port: int, bodies: list[bytes], token: str, stop_at: float, measure_from: float,
+async def _client(host: str, port: int, requests: list[bytes], stop_at: float, measure_from: float,
                   out: LoadResult, rng: random.Random) -> None:
     reader, writer = await asyncio.open_connection(host, port)
-    head = (f"POST /v1/recommendations HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
-            "Content-Type: application/json\r\n").encode()
     try:
         while True:
             now = time.perf_counter()
             if now >= stop_at:
                 return
-            body = bodies[rng.randrange(len(bodies))]
-            writer.write(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            writer.write(requests[rng.randrange(len(requests))])
             t0 = time.perf_counter()
             await writer.drain()
             status_line = await reader.readline()
@@ -99,16 +97,28 @@ async def _client(host: str, port: int, bodies: list[bytes], token: str, stop_at
         writer.close()
 
 
-async def _load(cfg: HttpBenchConfig, bodies: list[bytes], token: str) -> LoadResult:
+async def _load(cfg: HttpBenchConfig, requests: list[bytes], seconds: float) -> LoadResult:
     out = LoadResult()
     start = time.perf_counter()
     measure_from = start + cfg.warmup_s
-    stop_at = measure_from + cfg.seconds
-    tasks = [_client("127.0.0.1", cfg.port, bodies, token, stop_at, measure_from, out, random.Random(i))
+    stop_at = measure_from + seconds
+    tasks = [_client("127.0.0.1", cfg.port, requests, stop_at, measure_from, out, random.Random(i))
              for i in range(cfg.clients)]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     out.errors += sum(1 for r in results if isinstance(r, Exception))
-    out.seconds = cfg.seconds
+    out.seconds = seconds
+    return out
+
+
+def _requests(method: str, path: str, token: str, bodies: list[bytes | None]) -> list[bytes]:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+    out = []
+    for body in bodies:
+        if body is None:
+            out.append((head + "\r\n").encode())
+        else:
+            out.append((head + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                       + body)
     return out
 
 
@@ -179,7 +189,11 @@ def run(settings: Settings, cfg: HttpBenchConfig, *, write: Path | None = None,
     yield (f"data: {counts[0]:,} items, {counts[1]:,} users, {counts[2]:,} events; {ranker}; k={cfg.k}; "
            f"{cfg.workers} uvicorn workers (pool max {cfg.pool_max_size} each), {cfg.clients} keep-alive clients, "
            f"{cfg.warmup_s:.0f}s warm-up + {cfg.seconds:.0f}s measured")
-    bodies = [json.dumps({"user_id": u, "k": cfg.k}).encode() for u in users]
+    recs = _requests("POST", "/v1/recommendations", token,
+                     [json.dumps({"user_id": u, "k": cfg.k}).encode() for u in users])
+    with connect(settings) as conn:
+        item_ids = [r[0] for r in conn.execute("SELECT item_id FROM pgrec.items ORDER BY item_key LIMIT 2000")]
+    lookups = [r for i in item_ids for r in _requests("GET", f"/v1/items/{quote(i, safe='')}", token, [None])]
 
     env = dict(os.environ)
     env["PGREC_DATA_DIR"] = str(settings.data_dir)
@@ -197,7 +211,9 @@ def run(settings: Settings, cfg: HttpBenchConfig, *, write: Path | None = None,
             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_ready(cfg.port, proc)
-            result = asyncio.run(_load(cfg, bodies, token))
+            result = asyncio.run(_load(cfg, recs, cfg.seconds))
+            # the service alone: an authenticated primary-key lookup, to separate HTTP cost from the funnel
+            plain = asyncio.run(_load(cfg, lookups, min(cfg.seconds, 10.0)))
             with urllib.request.urlopen(f"http://127.0.0.1:{cfg.port}/metrics", timeout=5) as r:
                 stages = _stage_p50(r.read().decode())
         finally:
@@ -222,9 +238,16 @@ def run(settings: Settings, cfg: HttpBenchConfig, *, write: Path | None = None,
              f"| errors (non-200 or failed connections) | {result.errors} |",
              f"| requests measured | {len(result.latencies_ms):,} |"]
     table += [f"| server mean, stage {s} (ms) | {v:.2f} |" for s, v in sorted(stages.items())]
+    plain_lat = np.asarray(plain.latencies_ms) if plain.latencies_ms else np.asarray([float("nan")])
+    table.append(f"| for comparison: GET /v1/items/{{id}} (auth + one primary-key read) | "
+                 f"{sum(n for st, n in plain.statuses.items() if st == 200) / plain.seconds:,.0f}/s, "
+                 f"p50 {np.percentile(plain_lat, 50):.1f} ms, p99 {np.percentile(plain_lat, 99):.1f} ms, "
+                 f"{plain.errors} errors |")
     goals = [f"recommendations/s = {rps:,.0f} (goal >= 400): {'met' if rps >= 400 else 'NOT met'}",
              f"p99 = {p99:.1f} ms (goal <= 60 ms): {'met' if p99 <= 60 else 'NOT met'}",
              f"errors = {result.errors} (goal 0): {'met' if result.errors == 0 else 'NOT met'}"]
+    load = os.getloadavg()[0]
+    goals.append(f"load average at the end of the run: {load:.1f} (2 cores; other work shares the machine)")
     yield from table
     yield from goals
     yield f"server log: {log_path}"
