@@ -13,7 +13,8 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("pgr
 
 log = logging.getLogger("pgrec.api")
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName",
+                                                                             "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
