@@ -1027,6 +1027,8 @@ DECLARE
     win     int := (p ->> 'window')::int;
     depth   int := least(coalesce(cardinality(p_list), 0), coalesce((p ->> 'depth')::int, 100));
     top     int := least(coalesce((p ->> 'top')::int, p_k), depth);
+    fv      text[];  -- the values of all items, flattened
+    dv      text[];  -- the distinct values, sorted
     vid     int[];   -- value ids of all items, flattened
     st      int[];   -- where item i's values start in vid
     ln      int[];   -- how many values item i has
@@ -1043,25 +1045,24 @@ BEGIN
     IF top = 0 THEN
         RETURN p_list;
     END IF;
-    -- the values of each item (its categories, or the property's value(s)) coded as small integers
-    WITH it AS (
-        SELECT x.o::int AS o,
-               CASE WHEN prop IS NULL THEN coalesce((p_rows[x.c]).categories, '{}')
-                    WHEN jsonb_typeof((p_rows[x.c]).properties -> prop) = 'array'
-                         THEN ARRAY(SELECT DISTINCT v FROM jsonb_array_elements_text((p_rows[x.c]).properties -> prop) v)
-                    WHEN jsonb_typeof((p_rows[x.c]).properties -> prop) IN ('string', 'number', 'boolean')
-                         THEN ARRAY[(p_rows[x.c]).properties ->> prop]
-                    ELSE '{}'::text[] END AS vs
-          FROM unnest(p_list[1:depth]) WITH ORDINALITY x(c, o)),
-    flat AS (SELECT it.o, x.v, x.n FROM it CROSS JOIN LATERAL unnest(it.vs) WITH ORDINALITY x(v, n)),
-    coded AS (SELECT f.o, f.n, dense_rank() OVER (ORDER BY f.v)::int AS id FROM flat f)
-    SELECT coalesce((SELECT array_agg(c.id ORDER BY c.o, c.n) FROM coded c), '{}'),
-           (SELECT array_agg(s.st ORDER BY s.o)
-              FROM (SELECT it.o, (sum(cardinality(it.vs)) OVER (ORDER BY it.o) - cardinality(it.vs) + 1)::int AS st
-                      FROM it) s),
-           (SELECT array_agg(cardinality(it.vs) ORDER BY it.o) FROM it),
-           coalesce((SELECT max(c.id) FROM coded c), 0)
-      INTO vid, st, ln, nvals;
+    -- the values of each item (its categories, or the property's value(s)) flattened in list order, then coded as
+    -- small integers (their rank among the distinct values)
+    SELECT coalesce(array_agg(f.v) FILTER (WHERE f.n IS NOT NULL), '{}'),
+           coalesce(array_agg(f.l) FILTER (WHERE f.n = 1 OR f.n IS NULL), '{}')
+      INTO fv, ln
+      FROM (SELECT v.v, v.n, cardinality(it.vs) AS l
+              FROM (SELECT CASE WHEN prop IS NULL THEN coalesce((p_rows[x]).categories, '{}')
+                                WHEN jsonb_typeof((p_rows[x]).properties -> prop) = 'array'
+                                     THEN ARRAY(SELECT DISTINCT e FROM jsonb_array_elements_text((p_rows[x]).properties -> prop) e)
+                                WHEN jsonb_typeof((p_rows[x]).properties -> prop) IN ('string', 'number', 'boolean')
+                                     THEN ARRAY[(p_rows[x]).properties ->> prop]
+                                ELSE '{}'::text[] END AS vs
+                      FROM unnest(p_list[1:depth]) x OFFSET 0) it
+              LEFT JOIN LATERAL unnest(it.vs) WITH ORDINALITY v(v, n) ON true) f;
+    dv := ARRAY(SELECT DISTINCT x FROM unnest(fv) x ORDER BY 1);
+    nvals := cardinality(dv);
+    vid := ARRAY(SELECT array_position(dv, x) FROM unnest(fv) x);
+    st := ARRAY(SELECT (sum(u.l) OVER (ORDER BY u.o) - u.l + 1)::int FROM unnest(ln) WITH ORDINALITY u(l, o));
     counts := array_fill(0, ARRAY[greatest(nvals, 1)]);
     used := array_fill(false, ARRAY[depth]);
     FOR pos IN 1..top LOOP
