@@ -1550,7 +1550,19 @@ BEGIN
                         ELSE pgrec.policy_drop_served(pol.params, keys, user_key, t) END;
                     mask := NULL;
                     IF cardinality(dkeys) > 0 THEN
-                        mask := ARRAY(SELECT keys[x] IN (SELECT unnest(dkeys)) FROM unnest(live) x);
+                        -- one pass: what the filter drops from the list, the list and the reserve it leaves
+                        n_i := cardinality(list);
+                        SELECT coalesce(array_agg(f.x) FILTER (WHERE f.o <= n_i AND f.d), '{}'),
+                               coalesce(array_agg(f.x) FILTER (WHERE f.o <= n_i AND NOT f.d), '{}'),
+                               coalesce(array_agg(f.x) FILTER (WHERE f.o > n_i AND NOT f.d), '{}')
+                          INTO hit_i, list, live
+                          FROM (SELECT u.x, u.o, coalesce(keys[u.x] IN (SELECT unnest(dkeys)), false) AS d
+                                  FROM unnest(live) WITH ORDINALITY u(x, o) OFFSET 0) f;
+                        reserve := live;
+                        cnt := cardinality(hit_i);
+                        IF cnt > 0 THEN
+                            dropped := dropped || jsonb_build_object(lbl, cnt);
+                        END IF;
                     END IF;
                 ELSE
                     mask := pgrec.policy_drop_rows(pol.kind, pol.params, rws, sc, live, ctx, t);
