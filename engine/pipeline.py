@@ -30,7 +30,7 @@ from engine.ranking.registry import ActiveModel, LoadedModel, load
 from engine.sql import query
 
 MAX_K = 1000
-BATCH = 64  # users per round trip in recommend_many
+BATCH = 16  # users per round trip in recommend_many (one statement must stay within statement_timeout)
 
 
 class Variant(Protocol):

@@ -78,7 +78,9 @@ def serving_template(pg_admin_url: str, template_db: str) -> Iterator[str]:
 @pytest.fixture
 def sdb(pg_admin_url: str, serving_template: str) -> Iterator[TestDB]:
     name, url = _clone(pg_admin_url, serving_template)
-    settings = Settings(database_url=url, embedding_dim=TEST_DIM, pool_min_size=1, pool_max_size=2)
+    # past as_of values take the slow (bucketed) path of stage 1; a loaded machine must not time out
+    settings = Settings(database_url=url, embedding_dim=TEST_DIM, pool_min_size=1, pool_max_size=2,
+                        statement_timeout_ms=120_000)
     conn = connect(settings)
     try:
         yield TestDB(url, name, settings, conn)

@@ -84,7 +84,11 @@ def recommend_cmd(
         _recommend_sql(user, k, surface, when, log, as_json)
         return
     wanted = _read_users(users_file) if users_file is not None else []
-    settings = get_settings().model_copy(update={"pool_min_size": 1, "pool_max_size": 2})
+    # a batch is offline work: no per-statement limit meant for live requests
+    update: dict[str, Any] = {"pool_min_size": 1, "pool_max_size": 2}
+    if users_file is not None:
+        update["statement_timeout_ms"] = 0
+    settings = get_settings().model_copy(update=update)
     try:
         rec = Recommender(settings)
     except DatabaseError as exc:
