@@ -132,7 +132,18 @@ def test_policy_and_model_administration(api: Api) -> None:
     assert c.get("/v1/admin/models/42", headers=h).status_code == 404
     assert c.post("/v1/admin/models/42/activate", headers=h).status_code == 404
     assert c.post("/v1/admin/models/rollback", headers=h).status_code == 422
-    api.db.conn.execute("INSERT INTO pgrec.models (kind, artifact) VALUES ('ranker', 'x'), ('ranker', 'y')")
+    # two real (tiny) rankers: activation compiles the model to SQL, so the artifact must be a LightGBM dump
+    import lightgbm as lgb
+    import numpy as np
+
+    x = np.random.default_rng(0).random((60, 2))
+    for rounds in (2, 3):
+        booster = lgb.train({"objective": "regression", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 5},
+                            lgb.Dataset(x, x[:, 0], feature_name=["f_a", "f_b"]), num_boost_round=rounds)
+        api.db.conn.execute("INSERT INTO pgrec.models (kind, artifact, features) VALUES ('ranker', %s, %s)",
+                            (booster.model_to_string().encode(), '["f_a", "f_b"]'))
+    junk = api.db.scalar("INSERT INTO pgrec.models (kind, artifact) VALUES ('ranker', 'x') RETURNING version")
+    assert c.post(f"/v1/admin/models/{junk}/activate", headers=h).status_code == 422
     assert c.post("/v1/admin/models/1/activate", headers=h).json()["active"] is True
     assert c.post("/v1/admin/models/2/activate", headers=h).json()["active"] is True
     assert c.post("/v1/admin/models/rollback", headers=h).json()["version"] == 1

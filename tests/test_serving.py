@@ -23,7 +23,6 @@ from engine.db import connect
 from engine.errors import InvalidRequest, NotFound
 from engine.pipeline import Recommender
 from engine.ranking import registry
-from engine.ranking.compile import install_compiled_model
 from engine.ranking.features import feature_names
 from engine.sql import query
 
@@ -51,7 +50,7 @@ def _train_small_ranker(conn: psycopg.Connection[Any]) -> int:
                          "num_threads": 1, "seed": 1}, lgb.Dataset(x, y, feature_name=names), num_boost_round=15)
     version = registry.save(conn, kind="ranker", artifact=booster.model_to_string().encode(), params={},
                             features=names, metrics={}, data_window={}, activate=True)
-    install_compiled_model(conn, version)
+    # activation compiles the model for the SQL-only path (no separate compile step)
     return version
 
 

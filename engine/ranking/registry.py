@@ -79,6 +79,16 @@ def _activate(conn: psycopg.Connection[Any], kind: str, version: int, action: st
     if cur.rowcount != 1:
         raise NotFound(f"model version {version} of kind {kind!r} does not exist")
     conn.execute(query("ranking.model_log_activation"), {"kind": kind, "version": version, "action": action})
+    if kind == RANKER:
+        # the SQL-only path serves the active ranker as a compiled SQL function: make it in the same transaction
+        import lightgbm as lgb
+
+        from engine.ranking.compile import CompileError, install_compiled_model
+
+        try:
+            install_compiled_model(conn, version)
+        except (CompileError, lgb.basic.LightGBMError) as exc:
+            raise InvalidRequest(f"model version {version} cannot be served: {exc}") from None
 
 
 def activate(conn: psycopg.Connection[Any], version: int) -> ModelInfo:
