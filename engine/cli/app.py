@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Annotated
+
 import typer
 from rich.console import Console
 
@@ -36,3 +39,18 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a clear error (no traceback) and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+AsOf = Annotated[str | None, typer.Option("--as-of", help="a past moment (ISO 8601): only events before it count")]
+
+
+def parse_as_of(value: str | None) -> datetime | None:
+    """The ``--as-of`` option as a time, or a clear error."""
+    from engine.ingest import parse_time
+
+    if value is None:
+        return None
+    try:
+        return parse_time(value, "--as-of", required=True)
+    except ValueError as exc:
+        raise fail(str(exc)) from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -11,21 +10,9 @@ import typer
 from rich.table import Table
 
 from engine import candidates, cooccurrence
-from engine.cli.app import app, bench_app, console, eval_app, fail, train_app
+from engine.cli.app import AsOf, app, bench_app, console, eval_app, fail, parse_as_of, train_app
 from engine.cli.core import db_connection, progress_bar
 from engine.errors import InvalidRequest, NotFound
-from engine.ingest import parse_time
-
-AsOf = Annotated[str | None, typer.Option("--as-of", help="a past moment (ISO 8601): only events before it count")]
-
-
-def _as_of(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return parse_time(value, "--as-of", required=True)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
 
 
 @app.command("candidates")
@@ -41,7 +28,7 @@ def candidates_cmd(
     """Stage-1 candidates of a user: every source's score and rank."""
     with db_connection() as conn:
         try:
-            rows = candidates.candidates(conn, user, n=n, surface=surface, as_of=_as_of(as_of),
+            rows = candidates.candidates(conn, user, n=n, surface=surface, as_of=parse_as_of(as_of),
                                          categories=category or None)
         except InvalidRequest as exc:
             raise fail(str(exc)) from None
@@ -93,7 +80,7 @@ def trending_cmd(
     """Trending items (time-decayed positive events), globally or in a segment."""
     with db_connection() as conn:
         try:
-            rows = candidates.trending(conn, k, segment, _as_of(as_of))
+            rows = candidates.trending(conn, k, segment, parse_as_of(as_of))
         except InvalidRequest as exc:
             raise fail(str(exc)) from None
     if as_json:
@@ -125,7 +112,7 @@ def train_cooccurrence(
             bar.update(task, completed=done, total=total)
 
         try:
-            result = cooccurrence.build(conn, as_of=_as_of(as_of), incremental=incremental, config=cfg, progress=step)
+            result = cooccurrence.build(conn, as_of=parse_as_of(as_of), incremental=incremental, config=cfg, progress=step)
         except InvalidRequest as exc:
             raise fail(str(exc)) from None
     console.print(f"{result.mode} build #{result.build_id} as of {result.as_of.isoformat()}: "
@@ -158,7 +145,7 @@ def eval_candidates(
             bar.update(task, completed=done, total=total)
 
         try:
-            report = evaluation.run(conn, split_at=_as_of(split_at), split_fraction=split_fraction, ns=sizes,
+            report = evaluation.run(conn, split_at=parse_as_of(split_at), split_fraction=split_fraction, ns=sizes,
                                     max_users=max_users, progress=step)
         except InvalidRequest as exc:
             raise fail(str(exc)) from None

@@ -10,23 +10,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from engine.cli.app import app, bench_app, console, fail, models_app
+from engine.cli.app import AsOf, app, bench_app, console, fail, models_app, parse_as_of
 from engine.cli.core import db_connection, progress_bar
 from engine.config import get_settings
 from engine.db import DatabaseError
 from engine.errors import PgrecError
-from engine.ingest import parse_time
-
-AsOf = Annotated[str | None, typer.Option("--as-of", help="a past moment (ISO 8601): only events before it count")]
-
-
-def _as_of(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return parse_time(value, "--as-of", required=True)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
 
 
 def _read_users(path: Path) -> list[str]:
@@ -77,7 +65,7 @@ def recommend_cmd(
         raise fail("--users-file needs --output FILE (JSONL)")
     if via not in ("python", "sql"):
         raise fail("--via must be python or sql")
-    when = _as_of(as_of)
+    when = parse_as_of(as_of)
     if via == "sql":
         if user is None:
             raise fail("--via sql serves one USER (the batch mode uses the Python path)")

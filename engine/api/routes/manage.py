@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from engine import policies
 from engine.api.deps import AdminKey, Conn
@@ -54,24 +54,9 @@ class PolicyPatch(Strict):
         return v
 
 
-class PolicyOut(BaseModel):
-    policy_id: int
-    name: str
-    kind: str
-    params: dict[str, Any]
-    surface: str | None
-    segment: dict[str, Any] | None
-    priority: int
-    enabled: bool
-    starts_at: datetime | None
-    ends_at: datetime | None
-    policy_set: str | None
-    description: str | None
-    version: int
-    created_at: datetime
-    created_by: str
-    updated_at: datetime
-    updated_by: str
+# the registry's and the policy module's dataclasses are the response models (FastAPI serialises dataclasses)
+PolicyOut = policies.Policy
+ModelOut = registry.ModelInfo
 
 
 class ItemSetIn(Strict):
@@ -79,25 +64,12 @@ class ItemSetIn(Strict):
     description: Annotated[str, Field(max_length=1000, pattern=r"^[^\x00]*$")] | None = None
 
 
-class ModelOut(BaseModel):
-    version: int
-    kind: str
-    created_at: datetime
-    active: bool
-    activated_at: datetime | None
-    params: dict[str, Any]
-    features: list[str]
-    metrics: dict[str, Any]
-    data_window: dict[str, Any]
-    artifact_bytes: int | None = None
-
-
 def _actor(key: ApiKey) -> str:
     return f"api-key:{key.key_id}:{key.name}"[:200]
 
 
 def _policy(p: policies.Policy) -> PolicyOut:
-    return PolicyOut(**p.__dict__)
+    return p
 
 
 def _params_error(kind: str, exc: InvalidRequest) -> InvalidRequest:
@@ -180,24 +152,24 @@ def delete_item_set(name: SetName, key: AdminKey, conn: Conn) -> None:
 @router.get("/models", response_model=list[ModelOut], summary="The model registry, newest first")
 def list_models(key: AdminKey, conn: Conn,
                 kind: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_]{0,62}$")] = None) -> list[ModelOut]:
-    return [ModelOut(**m.__dict__) for m in registry.list_models(conn, kind)]
+    return [m for m in registry.list_models(conn, kind)]
 
 
 @router.get("/models/{version}", response_model=ModelOut, responses={404: {"description": "unknown version"}},
             summary="One model (without its artifact)")
 def get_model(version: Version, key: AdminKey, conn: Conn) -> ModelOut:
-    return ModelOut(**registry.get(conn, version)[0].__dict__)
+    return registry.get(conn, version)[0]
 
 
 @router.post("/models/{version}/activate", response_model=ModelOut,
              responses={404: {"description": "unknown version"}},
              summary="Make a model the active one of its kind (serving picks it up on the next request)")
 def activate_model(version: Version, key: AdminKey, conn: Conn) -> ModelOut:
-    return ModelOut(**registry.activate(conn, version).__dict__)
+    return registry.activate(conn, version)
 
 
 @router.post("/models/rollback", response_model=ModelOut,
              summary="Re-activate the model that was active before the current one")
 def rollback_model(key: AdminKey, conn: Conn,
                    kind: Annotated[str, Query(pattern=r"^[a-z][a-z0-9_]{0,62}$")] = registry.RANKER) -> ModelOut:
-    return ModelOut(**registry.rollback(conn, kind).__dict__)
+    return registry.rollback(conn, kind)
