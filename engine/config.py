@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     embedding_dim: int = Field(
         default=64, ge=2, le=2000, description="Vector dimension, fixed when the schema is first created."
     )
+    event_partition_interval: str = Field(
+        default="month", pattern="^(month|year)$",
+        description="Events are partitioned by this interval (fixed at install): month, or year for long, thin logs.",
+    )
     segment_property: str = Field(
         default="country", description="User property that defines the trending segment (seeded at install)."
     )

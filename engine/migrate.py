@@ -21,6 +21,7 @@ def alembic_config(settings: Settings, stdout: io.StringIO | None = None) -> Con
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["embedding_dim"] = settings.embedding_dim
     cfg.attributes["segment_property"] = settings.segment_property
+    cfg.attributes["event_partition_interval"] = settings.event_partition_interval
     return cfg
 
 

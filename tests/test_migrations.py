@@ -59,3 +59,18 @@ def test_dimension_fixed_at_install(empty_db: TestDB, dim: int) -> None:
     assert empty_db.scalar("SELECT value::int FROM pgrec.config WHERE key = 'embedding_dim'") == dim
     assert empty_db.scalar("SELECT atttypmod FROM pg_attribute WHERE attrelid = 'pgrec.item_embeddings'::regclass "
                            "AND attname = 'embedding'") == dim
+
+
+def test_yearly_event_partitions(empty_db: TestDB) -> None:
+    """A long, thin event log can be partitioned by year (fixed at install), fewer partitions to plan over."""
+    settings = empty_db.settings.model_copy(update={"event_partition_interval": "year"})
+    migrate.upgrade(settings)
+    with connect(settings) as c:
+        c.execute("SELECT pgrec.upsert_item('a')")
+        for when in ("2019-03-01", "2019-11-30", "2021-06-01T12:00:00Z"):
+            assert c.execute("SELECT pgrec.track_event('u', 'a', 'view', %s::timestamptz)", (when,)).fetchone() == (
+                "stored",)
+        parts = [r[0] for r in c.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'pgrec.events'::regclass ORDER BY 1").fetchall()]
+    assert parts == ["events_2019", "events_2021"]

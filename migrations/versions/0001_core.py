@@ -33,6 +33,19 @@ def _segment_property() -> str:
     return Settings().segment_property
 
 
+def _partition_interval() -> str:
+    attrs = op.get_context().config.attributes if op.get_context().config else {}
+    if "event_partition_interval" in attrs:
+        value = str(attrs["event_partition_interval"])
+    else:
+        from engine.config import Settings
+
+        value = Settings().event_partition_interval
+    if value not in ("month", "year"):
+        raise ValueError(f"event_partition_interval must be month or year, got {value!r}")
+    return value
+
+
 def upgrade() -> None:
     dim = _dim()
     bind = op.get_bind()
@@ -183,8 +196,9 @@ COMMENT ON COLUMN pgrec.user_embeddings.based_on IS 'time of the latest event th
     bind.exec_driver_sql(
         "INSERT INTO pgrec.config (key, value, description) VALUES "
         f"('embedding_dim', '{dim}', 'vector dimension (fixed at install)'), "
-        "('segment_property', to_jsonb(%(seg)s::text), 'user property whose value is the trending segment')",
-        {"seg": _segment_property()},
+        "('segment_property', to_jsonb(%(seg)s::text), 'user property whose value is the trending segment'), "
+        "('event_partition_interval', to_jsonb(%(iv)s::text), 'events are partitioned by this interval (fixed at install)')",
+        {"seg": _segment_property(), "iv": _partition_interval()},
     )
 
 

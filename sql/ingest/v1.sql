@@ -7,7 +7,12 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    m    timestamptz := date_trunc('month', p_from AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+    -- month (the default) or year, fixed at install (config event_partition_interval)
+    iv   text := coalesce((SELECT c.value #>> '{}' FROM pgrec.config c WHERE c.key = 'event_partition_interval'),
+                          'month');
+    step interval := CASE iv WHEN 'year' THEN interval '1 year' ELSE interval '1 month' END;
+    fmt  text := CASE iv WHEN 'year' THEN 'YYYY' ELSE 'YYYYMM' END;
+    m    timestamptz;
     nxt  timestamptz;
     part text;
     made int := 0;
@@ -15,11 +20,12 @@ BEGIN
     IF p_from IS NULL OR p_to IS NULL THEN
         RETURN 0;
     END IF;
+    m := date_trunc(CASE iv WHEN 'year' THEN 'year' ELSE 'month' END, p_from AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
     WHILE m <= p_to LOOP
-        nxt := ((m AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC';
-        part := 'events_' || to_char(m AT TIME ZONE 'UTC', 'YYYYMM');
+        nxt := ((m AT TIME ZONE 'UTC') + step) AT TIME ZONE 'UTC';
+        part := 'events_' || to_char(m AT TIME ZONE 'UTC', fmt);
         IF to_regclass('pgrec.' || part) IS NULL THEN
-            -- two sessions may want the same month: serialise creation, then look again
+            -- two sessions may want the same partition: serialise creation, then look again
             PERFORM pg_advisory_xact_lock(hashtext('pgrec.events.partitions'));
             IF to_regclass('pgrec.' || part) IS NULL THEN
                 EXECUTE format('CREATE TABLE pgrec.%I PARTITION OF pgrec.events FOR VALUES FROM (%L) TO (%L)',
@@ -33,7 +39,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgrec.ensure_event_partitions(timestamptz, timestamptz) IS
-    'Create the monthly partitions of pgrec.events covering [p_from, p_to]; returns how many were made.';
+    'Create the partitions of pgrec.events (monthly, or yearly per config event_partition_interval) covering '
+    '[p_from, p_to]; returns how many were made.';
 
 CREATE OR REPLACE FUNCTION pgrec.event_polarity(
     p_polarity text, p_positive_min numeric, p_negative_max numeric, p_value numeric)
