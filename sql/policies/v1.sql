@@ -573,97 +573,6 @@ END
 $$;
 COMMENT ON FUNCTION pgrec.policy_number(jsonb, text) IS 'A resolved range bound as a number (a numeric string is accepted).';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_mask(
-    p jsonb, p_list pgrec.rerank_row[], p_ctx jsonb, p_as_of timestamptz)
-RETURNS boolean[]
-LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    comb   text;
-    child  jsonb;
-    m      boolean[];
-    acc    boolean[];
-    vals   jsonb;
-    val    jsonb;
-    texts  text[];
-    field  text;
-    prop   text;
-    op     text;
-    lo     numeric;
-    hi     numeric;
-BEGIN
-    IF p ? 'all' OR p ? 'any' THEN
-        comb := CASE WHEN p ? 'all' THEN 'all' ELSE 'any' END;
-        FOR child IN SELECT jsonb_array_elements(p -> comb) LOOP
-            m := pgrec.policy_mask(child, p_list, p_ctx, p_as_of);
-            IF acc IS NULL THEN
-                acc := m;
-            ELSIF comb = 'all' THEN
-                SELECT coalesce(array_agg(a AND b ORDER BY o), '{}') INTO acc FROM unnest(acc, m) WITH ORDINALITY t(a, b, o);
-            ELSE
-                SELECT coalesce(array_agg(a OR b ORDER BY o), '{}') INTO acc FROM unnest(acc, m) WITH ORDINALITY t(a, b, o);
-            END IF;
-        END LOOP;
-        RETURN coalesce(acc, '{}');
-    END IF;
-    IF p ? 'not' THEN
-        m := pgrec.policy_mask(p -> 'not', p_list, p_ctx, p_as_of);
-        RETURN (SELECT coalesce(array_agg(NOT a ORDER BY o), '{}') FROM unnest(m) WITH ORDINALITY t(a, o));
-    END IF;
-    field := coalesce(p ->> 'field', 'property');
-    prop := p ->> 'property';
-    op := p ->> 'op';
-    val := pgrec.policy_value(p -> 'value', p_ctx);
-    vals := pgrec.policy_value(p -> 'values', p_ctx);
-    IF vals IS NOT NULL AND jsonb_typeof(vals) <> 'array' THEN
-        vals := jsonb_build_array(vals);  -- a request parameter holding one value
-    END IF;
-    texts := ARRAY(SELECT jsonb_array_elements(vals) #>> '{}');
-    lo := pgrec.policy_number(pgrec.policy_value(p -> 'min', p_ctx), 'the range minimum');
-    hi := pgrec.policy_number(pgrec.policy_value(p -> 'max', p_ctx), 'the range maximum');
-    -- one pass over the list, in its order: one condition (equals, in, range, contains, exists) on a property,
-    -- the categories, the id, the sources, the score or the age in days; the values are data, never SQL
-    RETURN ARRAY(
-        SELECT CASE field
-        WHEN 'property' THEN CASE op
-            WHEN 'exists' THEN coalesce(jsonb_typeof(r.properties -> prop) <> 'null', false)
-            WHEN 'equals' THEN coalesce(r.properties -> prop = val, false)
-            WHEN 'in' THEN CASE jsonb_typeof(r.properties -> prop)
-                WHEN 'array' THEN coalesce(r.properties -> prop ?| texts, false)  -- any string element listed
-                WHEN 'null' THEN false
-                ELSE coalesce(vals @> jsonb_build_array(r.properties -> prop), false) END
-            WHEN 'contains' THEN CASE jsonb_typeof(r.properties -> prop)
-                WHEN 'array' THEN r.properties -> prop @> jsonb_build_array(val)
-                WHEN 'string' THEN strpos(r.properties ->> prop, val #>> '{}') > 0
-                ELSE false END
-            WHEN 'range' THEN CASE WHEN jsonb_typeof(r.properties -> prop) = 'number'
-                THEN (lo IS NULL OR (r.properties -> prop)::numeric >= lo)
-                 AND (hi IS NULL OR (r.properties -> prop)::numeric <= hi)
-                ELSE false END
-            ELSE false END
-        WHEN 'categories' THEN CASE op
-            WHEN 'exists' THEN coalesce(cardinality(r.categories), 0) > 0
-            WHEN 'in' THEN coalesce(r.categories && texts, false)
-            ELSE coalesce((val #>> '{}') = ANY (r.categories), false) END
-        WHEN 'item_id' THEN CASE op
-            WHEN 'in' THEN coalesce(r.item_id = ANY (texts), false)
-            ELSE coalesce(r.item_id = val #>> '{}', false) END
-        WHEN 'source' THEN CASE op
-            WHEN 'exists' THEN coalesce(r.sources, '') <> ''
-            WHEN 'in' THEN coalesce(string_to_array(r.sources, ',') && texts, false)
-            ELSE coalesce((val #>> '{}') = ANY (string_to_array(r.sources, ',')), false) END
-        WHEN 'score' THEN coalesce((lo IS NULL OR r.score >= lo) AND (hi IS NULL OR r.score <= hi), false)
-        WHEN 'age_days' THEN coalesce(
-            (lo IS NULL OR extract(epoch FROM p_as_of - r.created_at) >= lo * 86400)
-            AND (hi IS NULL OR extract(epoch FROM p_as_of - r.created_at) <= hi * 86400), false)
-        ELSE false END
-          FROM unnest(p_list) r);
-END
-$$;
-COMMENT ON FUNCTION pgrec.policy_mask(jsonb, pgrec.rerank_row[], jsonb, timestamptz) IS
-    'Evaluate a structured predicate over a list: one boolean per item, in list order.';
-
 -- ---------------------------------------------------------------- the working list
 -- pgrec.rerank keeps every row it may show once, in an array of pgrec.rerank_row (the candidates, then the
 -- reserve of items from outside them, then rows it adds); a row is named by its index in that array. The
@@ -690,7 +599,7 @@ DECLARE
     lo     numeric;
     hi     numeric;
 BEGIN
-    -- the same predicate language as pgrec.policy_mask, evaluated for the rows p_idx (one boolean per entry of
+    -- the predicate language (docs/policies.md), evaluated for the rows p_idx (one boolean per entry of
     -- p_idx, in order; the score of row i is p_scores[i]). Only the attribute a condition reads is taken from
     -- a row, once (the rows themselves are never copied).
     IF p ? 'all' OR p ? 'any' THEN
@@ -1439,8 +1348,10 @@ BEGIN
             IF uprops IS NULL THEN
                 uprops := coalesce((SELECT u.properties FROM pgrec.users u WHERE u.user_key = user_key), '{}');
             END IF;
-            CONTINUE WHEN NOT (pgrec.policy_mask(pol.segment,
-                ARRAY[ROW(NULL, NULL, NULL, '', '{}', uprops, NULL)::pgrec.rerank_row], ctx, t))[1];
+            -- the user as a one-row list: segments use the same predicate language as items
+            CONTINUE WHEN NOT (pgrec.policy_match(pol.segment,
+                ARRAY[ROW(NULL, NULL, NULL, '', '{}', uprops, NULL)::pgrec.rerank_row], ARRAY[NULL]::float8[],
+                ARRAY[1], ctx, t))[1];
         END IF;
         IF strpos(pol.params::text, '"param"') > 0 OR strpos(pol.segment::text, '"param"') > 0 THEN
             missing := pgrec.policy_missing_param(jsonb_build_array(pol.params, pol.segment), ctx);
