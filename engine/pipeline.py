@@ -11,11 +11,13 @@ return the same items in the same order with the same scores.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -24,10 +26,12 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from engine.config import Settings
-from engine.db import make_pool
+from engine.db import DatabaseError, connect, make_pool
 from engine.errors import InvalidRequest, NotFound, Unavailable
 from engine.ranking.registry import ActiveModel, LoadedModel, load
 from engine.sql import query
+
+log = logging.getLogger(__name__)
 
 MAX_K = 1000
 BATCH = 16  # users per round trip in recommend_many (one statement must stay within statement_timeout)
@@ -93,6 +97,8 @@ class Recommender:
         # the candidates statement reports the active version on every request: no periodic check needed
         self._active = ActiveModel(check_every_s=float("inf"))
         self._pinned: dict[int, LoadedModel] = {}
+        self._stats_day: date | None = None
+        self._stats_lock = threading.Lock()
 
     def close(self) -> None:
         if self._own_pool:
@@ -118,6 +124,7 @@ class Recommender:
         """``recommend`` for many users, in batches: one candidates statement and one LightGBM call per batch,
         the policy calls pipelined. Returns one Recommendation per user id, in order."""
         ctx = _check(user_ids, k, surface, context, as_of)
+        self._ensure_item_stats()
         out: list[Recommendation] = []
         with self._connection() as conn:
             for start in range(0, len(user_ids), BATCH):
@@ -138,6 +145,29 @@ class Recommender:
         with self._connection() as conn:
             rows = conn.execute(query("serving.trending"), {"segment": segment, "k": k, "as_of": as_of}).fetchall()
         return [ScoredItem(r[0], float(r[1])) for r in rows]
+
+    # ------------------------------------------------------------ the day's item counter snapshot
+
+    def _ensure_item_stats(self) -> None:
+        """Once per UTC day and process, build today's snapshot of the ranker's item counters in the background
+        (``pgrec.refresh_item_stats``; a no-op when another process built it). Until it exists the feature
+        function aggregates the daily counters per request: the same numbers, slower."""
+        today = datetime.now(UTC).date()
+        with self._stats_lock:
+            if self._stats_day == today:
+                return
+            self._stats_day = today
+        threading.Thread(target=self._refresh_item_stats, name="pgrec-item-stats", daemon=True).start()
+
+    def _refresh_item_stats(self) -> None:
+        try:
+            # its own connection: the serving pool's statement timeout is for requests, not this aggregate
+            with connect(self.settings, check=False) as conn:
+                conn.execute("SELECT pgrec.refresh_item_stats(NULL, true)")
+        except (psycopg.Error, DatabaseError) as e:
+            log.warning("building today's item counter snapshot failed (will retry): %s", e)
+            with self._stats_lock:
+                self._stats_day = None
 
     # ------------------------------------------------------------ the funnel
 

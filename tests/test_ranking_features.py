@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -142,3 +142,34 @@ def test_impressions_make_the_same_table_as_replay(db: TestDB) -> None:
 
     booster, _ = fit(ts, None, RankerConfig(min_data_in_leaf=1, num_boost_round=5, num_threads=1))
     assert booster.num_trees() == 5
+
+
+def test_item_counter_snapshot_equals_the_per_request_aggregate(db: TestDB) -> None:
+    # data up to now: today's features first aggregate the daily counters per request (no snapshot yet),
+    # then read the snapshot pgrec.refresh_item_stats builds; both must give the same numbers
+    now = datetime.now(UTC)
+    datasets.generate(datasets.GeneratorConfig(users=150, items=120, events=3000, days=60, dim=16, seed=4),
+                      now=now - timedelta(hours=1)).load(db.conn)
+    today = now.astimezone(UTC).date()
+    user = db.scalar("SELECT user_key FROM pgrec.events GROUP BY user_key ORDER BY count(*) DESC LIMIT 1")
+    assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 0
+    at = datetime.now(UTC)   # one as_of for both reads (ages and recency move with the clock)
+    fly = features.for_user_key(db.conn, user, n=60, as_of=at)
+    assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 0   # serving never builds today's itself
+    items = db.scalar("SELECT pgrec.refresh_item_stats()")
+    assert items == db.scalar("SELECT count(DISTINCT item_key) FROM pgrec.item_daily_counts "
+                              "WHERE day < %s AND day >= %s", (today, today - timedelta(days=365)))
+    assert db.scalar("SELECT pgrec.refresh_item_stats(NULL, true)") is None   # already there
+    snap = features.for_user_key(db.conn, user, n=60, as_of=at)
+    _same(fly, snap)
+    assert np.count_nonzero(snap.column("f_pop_30d")) > 0
+    # a past day's snapshot is built on first use; an event of an earlier day drops the later snapshots
+    past = now - timedelta(days=10)
+    features.for_user_key(db.conn, user, n=60, as_of=past)
+    assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 2
+    item = db.scalar("SELECT item_id FROM pgrec.items ORDER BY item_key LIMIT 1")
+    uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (user,))
+    db.conn.execute("SELECT pgrec.track_event(%s, %s, 'like', %s)", (uid, item, past - timedelta(days=1)))
+    assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 0
+    with pytest.raises(Exception, match="in the future"):
+        db.conn.execute("SELECT pgrec.refresh_item_stats(%s)", (today + timedelta(days=1),))
