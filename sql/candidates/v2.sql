@@ -368,6 +368,24 @@ BEGIN
     IF FOUND THEN
         factor := pgrec.pow2_safe(-extract(epoch FROM t - ep.epoch) / ep.half_life_s);
     END IF;
+    IF now_ THEN
+        -- now: early engagement is the item's running popular sum (one index lookup per item)
+        RETURN QUERY
+        SELECT x.item_key, 'fresh'::text, x.sc, (row_number() OVER (ORDER BY x.sc DESC, x.created_at DESC, x.item_key))::int
+          FROM (SELECT n.item_key, n.created_at,
+                       coalesce((SELECT s.score FROM pgrec.trending_scores s
+                                  WHERE s.horizon = 'popular' AND s.segment = '' AND s.item_key = n.item_key), 0) * factor AS sc
+                  FROM (SELECT i.item_key, i.created_at
+                          FROM pgrec.items i
+                         WHERE i.created_at >= t - make_interval(secs => days * 86400) AND i.created_at < t AND i.available
+                           AND (p_categories IS NULL OR i.categories && p_categories)
+                         ORDER BY i.created_at DESC
+                         LIMIT scan) n
+                 ORDER BY 3 DESC, n.created_at DESC, n.item_key
+                 LIMIT p_k) x;
+        RETURN;
+    END IF;
+    -- the past: a count of the positive events before as_of (all of which fall in the fresh window)
     RETURN QUERY
     WITH newest AS (
         SELECT i.item_key, i.created_at
@@ -377,17 +395,11 @@ BEGIN
          ORDER BY i.created_at DESC
          LIMIT scan
     ), eng AS (
-        -- early engagement: positive event weight since the item appeared (the decayed running sum now;
-        -- in the past a count of the events before as_of, all of which fall in the fresh window)
-        SELECT n.item_key, n.created_at,
-               CASE WHEN now_ THEN coalesce((SELECT s.score FROM pgrec.trending_scores s
-                                              WHERE s.horizon = 'popular' AND s.segment = '' AND s.item_key = n.item_key), 0) * factor
-                    ELSE coalesce(p.w, 0)
-               END AS sc
+        SELECT n.item_key, n.created_at, coalesce(p.w, 0) AS sc
           FROM newest n
           LEFT JOIN (SELECT e.item_key, sum(e.weight)::float8 AS w
                        FROM pgrec.events e
-                      WHERE NOT now_ AND e.polarity = 1
+                      WHERE e.polarity = 1
                         AND e.occurred_at >= t - make_interval(secs => days * 86400) AND e.occurred_at < t
                       GROUP BY e.item_key) p ON p.item_key = n.item_key
     )
