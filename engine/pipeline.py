@@ -113,14 +113,17 @@ class Recommender:
     # ------------------------------------------------------------ public verbs
 
     def recommend(self, user_id: str, k: int = 10, surface: str = "default", context: dict[str, Any] | None = None,
-                  as_of: datetime | None = None, log: bool = True, variant: Variant | None = None) -> Recommendation:
+                  as_of: datetime | None = None, log: bool = True, variant: Variant | None = None,
+                  exclude_seen: bool = False) -> Recommendation:
         """The final list for a user: best first, each item with its score, position and reasons; logged as
-        impressions (unless ``log`` is false) in the same round trip as the policies."""
-        return self.recommend_many([user_id], k, surface, context, as_of, log, variant)[0]
+        impressions (unless ``log`` is false) in the same round trip as the policies. ``exclude_seen``: also
+        leave out every item the user had any event with before ``as_of``, whatever the surface's policies say
+        (as a request exclude list: the drops show as ``request_exclude``)."""
+        return self.recommend_many([user_id], k, surface, context, as_of, log, variant, exclude_seen)[0]
 
     def recommend_many(self, user_ids: Sequence[str], k: int = 10, surface: str = "default",
                        context: dict[str, Any] | None = None, as_of: datetime | None = None, log: bool = True,
-                       variant: Variant | None = None) -> list[Recommendation]:
+                       variant: Variant | None = None, exclude_seen: bool = False) -> list[Recommendation]:
         """``recommend`` for many users, in batches: one candidates statement and one LightGBM call per batch,
         the policy calls pipelined. Returns one Recommendation per user id, in order."""
         ctx = _check(user_ids, k, surface, context, as_of)
@@ -128,9 +131,22 @@ class Recommender:
         out: list[Recommendation] = []
         with self._connection() as conn:
             for start in range(0, len(user_ids), BATCH):
-                out.extend(self._serve(conn, list(user_ids[start:start + BATCH]), k, surface, ctx, as_of, log,
-                                       variant))
+                batch = list(user_ids[start:start + BATCH])
+                contexts = self._contexts(conn, batch, ctx, as_of, exclude_seen)
+                out.extend(self._serve(conn, batch, k, surface, contexts, as_of, log, variant))
         return out
+
+    def _contexts(self, conn: psycopg.Connection[Any], user_ids: list[str], ctx: str, as_of: datetime | None,
+                  exclude_seen: bool) -> dict[str, str]:
+        """The request context per user: the same for all, plus each user's seen items with ``exclude_seen``."""
+        if not exclude_seen:
+            return dict.fromkeys(user_ids, ctx)
+        base = json.loads(ctx)
+        if "exclude" in base and not isinstance(base["exclude"], list):
+            raise InvalidRequest("context.exclude must be a list of item ids")
+        seen = dict(conn.execute(query("serving.seen_items"), {"user_ids": user_ids, "as_of": as_of}).fetchall())
+        return {uid: json.dumps(base | {"exclude": list(base.get("exclude") or []) + list(seen.get(uid) or [])})
+                for uid in user_ids}
 
     def similar(self, item_id: str, k: int = 20) -> list[ScoredItem]:
         """Items like ``item_id`` (item-embedding HNSW neighbours plus co-occurrence). Unknown item: NotFound."""
@@ -171,8 +187,9 @@ class Recommender:
 
     # ------------------------------------------------------------ the funnel
 
-    def _serve(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
-               as_of: datetime | None, log: bool, variant: Variant | None) -> list[Recommendation]:
+    def _serve(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str,
+               context: dict[str, str], as_of: datetime | None, log: bool,
+               variant: Variant | None) -> list[Recommendation]:
         t0 = time.perf_counter()
         model = self._model(conn, variant)
         rows, cols = self._candidates(conn, user_ids, surface, as_of, model)      # 1. candidates + features
@@ -221,11 +238,12 @@ class Recommender:
         cols = {d.name: i for i, d in enumerate(cur.description or ())}
         return rows, cols
 
-    def _finish(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
+    def _finish(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str,
+                context: dict[str, str],
                 as_of: datetime | None, log: bool, variant: Variant | None, model: LoadedModel | None,
                 scored: dict[str, _Scored]) -> list[dict[str, Any]]:
         params = [{"user_id": uid, "surface": surface, "k": k, "item_keys": scored[uid].item_keys,
-                   "scores": scored[uid].scores, "sources": scored[uid].sources, "context": context,
+                   "scores": scored[uid].scores, "sources": scored[uid].sources, "context": context[uid],
                    "as_of": as_of, "policy_set": variant.policy_set if variant else None,
                    "model_version": model.version if model else None, "variant": variant.name if variant else None,
                    "log": log} for uid in user_ids]

@@ -266,3 +266,26 @@ def test_cli_batch_file_and_single_user(sdb: TestDB, tmp_path: Any, monkeypatch:
         assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
     finally:
         get_settings.cache_clear()
+
+
+def test_exclude_seen_without_a_policy(sdb: TestDB) -> None:
+    # the surface's exclude-seen policy off: lists may hold seen items; exclude_seen=True leaves them out
+    sdb.conn.execute("UPDATE pgrec.policies SET enabled = false WHERE name = 'exclude-seen'")
+    users = _users(sdb, 4)
+
+    def seen(uid: str) -> set[str]:
+        return {r[0] for r in sdb.conn.execute(
+            "SELECT i.item_id FROM pgrec.events e JOIN pgrec.items i USING (item_key) JOIN pgrec.users u "
+            "USING (user_key) WHERE u.user_id = %s AND e.occurred_at < %s", (uid, AS_OF)).fetchall()}
+
+    with Recommender(sdb.settings) as rec:
+        plain = rec.recommend_many(users, k=10, as_of=AS_OF, log=False)
+        clean = rec.recommend_many(users, k=10, as_of=AS_OF, log=False, exclude_seen=True,
+                                   context={"exclude": ["not-an-item"]})
+        with pytest.raises(InvalidRequest, match=r"context\.exclude"):
+            rec.recommend(users[0], as_of=AS_OF, exclude_seen=True, context={"exclude": "x"})
+    assert any(seen(r.user_id) & {i.item_id for i in r.items} for r in plain), "no seen item to leave out"
+    for r in clean:
+        assert len(r.items) == 10
+        assert not seen(r.user_id) & {i.item_id for i in r.items}
+        assert r.dropped.get("request_exclude", 0) > 0

@@ -55,6 +55,9 @@ def recommend_cmd(
     output: Annotated[Path | None, typer.Option("--output", help="with --users-file: write JSONL here")] = None,
     via: Annotated[str, typer.Option("--via", help="python (LightGBM in process) or sql (pgrec.recommend)")] = "python",
     log: Annotated[bool, typer.Option("--log/--no-log", help="record the lists as impressions")] = True,
+    include_seen: Annotated[bool, typer.Option(
+        "--include-seen", help="with --users-file: keep items the user already had events with (left out by "
+                               "default, whatever the surface's policies)")] = False,
 ) -> None:
     """Recommendations for USER, or for every user of --users-file into --output (JSONL, one line per user)."""
     from engine.pipeline import Recommender
@@ -84,7 +87,7 @@ def recommend_cmd(
     try:
         if users_file is not None:
             assert output is not None
-            _recommend_file(rec, wanted, output, k, surface, when, log)
+            _recommend_file(rec, wanted, output, k, surface, when, log, exclude_seen=not include_seen)
             return
         assert user is not None
         r = rec.recommend(user, k=k, surface=surface, as_of=when, log=log)
@@ -129,7 +132,7 @@ def _recommend_sql(user: str, k: int, surface: str, as_of: datetime | None, log:
 
 
 def _recommend_file(rec: Any, users: list[str], output: Path, k: int, surface: str, as_of: datetime | None,
-                    log: bool) -> None:
+                    log: bool, *, exclude_seen: bool) -> None:
     from engine.pipeline import BATCH
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,7 @@ def _recommend_file(rec: Any, users: list[str], output: Path, k: int, surface: s
         task = bar.add_task("recommend", total=len(users))
         for start in range(0, len(users), BATCH):
             chunk = users[start:start + BATCH]
-            for r in rec.recommend_many(chunk, k=k, surface=surface, as_of=as_of, log=log):
+            for r in rec.recommend_many(chunk, k=k, surface=surface, as_of=as_of, log=log, exclude_seen=exclude_seen):
                 fh.write(json.dumps({"user_id": r.user_id, "request_id": str(r.request_id) if r.request_id else None,
                                      "items": [_item_json(i) for i in r.items]}, default=str) + "\n")
             bar.advance(task, len(chunk))
