@@ -1,8 +1,12 @@
 """Bulk imports: items, users, events and embeddings from CSV / JSONL (or records), all-or-nothing.
 
-Every row is parsed and checked here (field by field, with the line number), COPYed into a temporary
-staging table and merged by one set-based statement from ``sql/queries/ingest.sql``. A file with a bad row
-imports nothing unless ``skip_invalid`` is set, in which case the bad rows go to a rejects file with reasons.
+Events files on PostgreSQL >= 16 take the fast path: the file's text is COPYed as it is into a staging table
+and one set-based statement casts and checks every row (``pg_input_is_valid``); only the rows it refuses
+come back to Python, which names the line, the field and the reason with the same parsers the slow path
+uses. Records, items, users, PostgreSQL 15 and files COPY cannot read (ragged rows, bad encoding) take the
+slow path: every row is parsed here and COPYed typed. Both fill the same staging table, which is merged by
+set-based statements from ``sql/queries/ingest.sql``. A file with a bad row imports nothing unless
+``skip_invalid`` is set, in which case the bad rows go to a rejects file with reasons.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 from engine.sql import query
 
@@ -71,29 +76,53 @@ class ImportResult:
 # ---------------------------------------------------------------- field parsers (one rule each)
 
 
+# ASCII whitespace around a value is ignored: the one set both import paths trim (SQL btrim in events_from_raw)
+_WS = " \t\n\r\x0b\x0c"
+
+
 def _text(raw: dict[str, Any], name: str, *, required: bool) -> str | None:
     v = raw.get(name)
-    if v is None or (isinstance(v, str) and v.strip() == ""):
+    s = None if v is None else str(v).strip(_WS)
+    if not s:
         if required:
             raise FieldError(name, "is required")
         return None
-    s = str(v).strip()
     if len(s) > 256:
         raise FieldError(name, "is longer than 256 characters")
     return s
 
 
+# The time grammar of both import paths (SQL: events_from_raw): YYYY-MM-DD, optionally a time, fraction and
+# offset (ISO 8601 as datetime.fromisoformat and PostgreSQL both read it), or unix seconds.
+_ISO_CHARS = frozenset("0123456789T:.Z+- ")
+_UNIX_CHARS = frozenset("0123456789.-")
+_UNIX_RANGE = (-62135596800.0, 253402300799.0)  # years 1 to 9999
+
+
 def parse_time(v: Any, name: str, *, required: bool) -> datetime | None:
-    """ISO 8601 (naive times are UTC) or unix seconds."""
-    if v is None or (isinstance(v, str) and v.strip() == ""):
+    """ISO 8601 date or date-time (naive times are UTC) or unix seconds."""
+    s = None if v is None else str(v).strip(_WS)
+    if not s:
         if required:
             raise FieldError(name, "is required")
         return None
     try:
-        if isinstance(v, int | float) or (isinstance(v, str) and v.strip().lstrip("-").replace(".", "", 1).isdigit()):
-            t = datetime.fromtimestamp(float(v), tz=UTC)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            seconds: float | None = float(v)
+        elif len(s) >= 10 and s[4] == "-" and s[7] == "-":
+            if not _ISO_CHARS.issuperset(s):
+                raise ValueError(s)
+            seconds = None
+        elif _UNIX_CHARS.issuperset(s):
+            seconds = float(s)
         else:
-            t = datetime.fromisoformat(str(v).strip().replace("Z", "+00:00"))
+            raise ValueError(s)
+        if seconds is None:
+            t = datetime.fromisoformat(s.replace("Z", "+00:00"))
+        elif _UNIX_RANGE[0] <= seconds <= _UNIX_RANGE[1]:
+            t = datetime.fromtimestamp(seconds, tz=UTC)
+        else:
+            raise ValueError(s)
     except (ValueError, OverflowError, OSError):
         raise FieldError(name, f"not an ISO 8601 time or unix seconds ({str(v)[:40]!r})") from None
     if t.tzinfo is None:
@@ -101,8 +130,12 @@ def parse_time(v: Any, name: str, *, required: bool) -> datetime | None:
     return t
 
 
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip(_WS))
+
+
 def _json_object(v: Any, name: str) -> str | None:
-    if v is None or v == "":
+    if _missing(v):
         return None
     if isinstance(v, str):
         try:
@@ -127,7 +160,7 @@ def _categories(v: Any) -> list[str] | None:
 
 
 def _number(v: Any, name: str) -> float | None:
-    if v is None or v == "":
+    if _missing(v):
         return None
     try:
         x = float(v)
@@ -152,7 +185,7 @@ def _bool(v: Any, name: str) -> bool | None:
 
 
 def _uuid(v: Any, name: str) -> str | None:
-    if v is None or v == "":
+    if _missing(v):
         return None
     import uuid
 
@@ -277,8 +310,13 @@ def read_records(path: Path, progress: Progress | None = None) -> Iterator[Recor
 
 def count_records(path: Path) -> int:
     """Lines in a file, minus the CSV header: the total for a progress bar."""
+    n = 0
+    last = b"\n"
     with path.open("rb") as fh:
-        n = sum(1 for _ in fh)
+        while chunk := fh.read(1 << 20):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    n += last != b"\n"  # a last line without its newline
     return max(0, n - 1) if path.suffix.lower() in (".csv", ".tsv") else n
 
 
@@ -299,37 +337,13 @@ def import_records(
     result = ImportResult(kind)
     t0 = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
+        cur.execute(query("ingest.import_settings"))
         cur.execute(query(f"ingest.{spec.stage}"))
-        cur.execute("SET LOCAL work_mem = '256MB'")
-        cols = ", ".join(("line", *spec.columns))
-        with cur.copy(f"COPY {spec.table} ({cols}) FROM STDIN") as copy:
-            buf: list[str] = []
-            for line, raw in records:
-                result.read += 1
-                try:
-                    if "__error__" in raw:
-                        raise raw["__error__"]
-                    row = spec.parse(raw)
-                except FieldError as exc:
-                    result.rejected.append(Reject(line, exc.field, exc.reason))
-                    continue
-                buf.append(f"{line}\t" + "\t".join(map(_copy_text, row)) + "\n")
-                if len(buf) >= 5000:
-                    copy.write("".join(buf))
-                    buf.clear()
-            if buf:
-                copy.write("".join(buf))
+        _stage_parsed(cur, spec, records, result)
         if result.rejected and not skip_invalid:
             raise ImportFailed(source, result.rejected)
         if kind == "events":
-            _check_event_references(cur, result, skip_invalid, create_missing_items, source)
-            cur.execute(query("ingest.event_time_range"))
-            lo, hi = cur.fetchone() or (None, None)
-            cur.execute(query("ingest.ensure_partitions"), {"lo": lo, "hi": hi})
-            cur.execute(query("ingest.merge_events"))
-            _seen, stored = cur.fetchone() or (0, 0)
-            result.stored = int(stored)
-            result.duplicates = result.read - len(result.rejected) - result.stored
+            _merge_events(conn, cur, result, skip_invalid, create_missing_items, source)
         else:
             cur.execute(query(f"ingest.{spec.merge}"))
             result.stored = cur.rowcount
@@ -338,26 +352,66 @@ def import_records(
     return result
 
 
+def _stage_parsed(cur: psycopg.Cursor[Any], spec: _Kind, records: Iterable[Record], result: ImportResult) -> None:
+    """The slow path: parse every record here, COPY the good ones typed, collect the bad ones."""
+    cols = sql.SQL(", ").join(map(sql.Identifier, ("line", *spec.columns)))
+    with cur.copy(sql.SQL(query("ingest.copy_stage")).format(table=sql.Identifier(spec.table), columns=cols)) as copy:
+        buf: list[str] = []
+        for line, raw in records:
+            result.read += 1
+            try:
+                if "__error__" in raw:
+                    raise raw["__error__"]
+                row = spec.parse(raw)
+            except FieldError as exc:
+                result.rejected.append(Reject(line, exc.field, exc.reason))
+                continue
+            buf.append(f"{line}\t" + "\t".join(map(_copy_text, row)) + "\n")
+            if len(buf) >= 5000:
+                copy.write("".join(buf))
+                buf.clear()
+        if buf:
+            copy.write("".join(buf))
+
+
+def _merge_events(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], result: ImportResult,
+                  skip_invalid: bool, create_missing_items: bool, source: str) -> None:
+    """From staged, checked rows: reference checks, missing users (and items), partitions, then the merge."""
+    _check_event_references(cur, result, skip_invalid, create_missing_items, source)
+    cur.execute(query("ingest.create_missing_users"))
+    cur.execute(query("ingest.event_time_range"))
+    lo, hi = cur.fetchone() or (None, None)
+    cur.execute(query("ingest.ensure_partitions"), {"lo": lo, "hi": hi})
+    try:  # new events (the usual bulk load): plain INSERTs, no per-row conflict handling
+        with conn.transaction():
+            cur.execute(query("ingest.insert_new_event_ids"))
+            cur.execute(query("ingest.insert_new_events"))
+            stored = cur.rowcount
+    except psycopg.errors.UniqueViolation:  # some are known (or an id repeats): rolled back, merge row by row
+        cur.execute(query("ingest.merge_events"))
+        _seen, stored = cur.fetchone() or (0, 0)
+    result.stored = int(stored)
+    result.duplicates = result.read - len(result.rejected) - result.stored
+
+
 def _check_event_references(
     cur: psycopg.Cursor[Any], result: ImportResult, skip_invalid: bool, create_missing_items: bool, source: str
 ) -> None:
     bad: list[Reject] = []
-    cur.execute(query("ingest.unknown_event_types"))
-    bad += [Reject(line, "event_type", f"unknown event type {t!r}") for line, t in cur.fetchall()]
-    if create_missing_items:
-        cur.execute(query("ingest.create_missing_items"))
-    else:
-        cur.execute(query("ingest.unknown_items"))
-        bad += [
-            Reject(line, "item_id", f"unknown item {i!r} (import items first or pass --create-missing-items)")
-            for line, i in cur.fetchall()
-        ]
+    cur.execute(query("ingest.unknown_references"), {"create_missing_items": create_missing_items})
+    for line, unknown_type, event_type, unknown_item, item_id in cur.fetchall():
+        if unknown_type:
+            bad.append(Reject(line, "event_type", f"unknown event type {event_type!r}"))
+        if unknown_item:
+            bad.append(Reject(
+                line, "item_id", f"unknown item {item_id!r} (import items first or pass --create-missing-items)"))
     if bad:
         if not skip_invalid:
-            raise ImportFailed(source, sorted(bad, key=lambda r: r.line))
-        cur.execute("DELETE FROM stage_events WHERE line = ANY(%s)", ([r.line for r in bad],))
+            raise ImportFailed(source, bad)
+        cur.execute(query("ingest.drop_lines"), {"lines": sorted({r.line for r in bad})})
         result.rejected.extend(bad)
-    cur.execute(query("ingest.create_missing_users"))
+    if create_missing_items:
+        cur.execute(query("ingest.create_missing_items"))
 
 
 def import_file(
@@ -375,13 +429,165 @@ def import_file(
         raise ValueError(f"unknown import kind {kind!r}; expected one of {sorted(KINDS)}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    result = import_records(
-        conn, kind, read_records(path, progress), source=str(path), skip_invalid=skip_invalid,
-        create_missing_items=create_missing_items,
-    )
+    if kind == "events" and _fast_path_applies(conn, path):
+        result = _import_events_file(conn, path, skip_invalid=skip_invalid,
+                                     create_missing_items=create_missing_items, progress=progress)
+    else:
+        result = import_records(
+            conn, kind, read_records(path, progress), source=str(path), skip_invalid=skip_invalid,
+            create_missing_items=create_missing_items,
+        )
     if result.rejected:
         write_rejects(rejects_path or path.with_suffix(path.suffix + ".rejects.jsonl"), result.rejected)
     return result
+
+
+# ---------------------------------------------------------------- the fast path for events files
+
+_FAST_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None, ".json": None}
+_EVENT_FIELDS = KINDS["events"].columns
+_EXTRA_COLUMNS = tuple(f"extra_{n}" for n in range(1, 9))  # spare columns of stage_events_raw
+_CHUNK = 1 << 20
+
+
+class _NotCopyable(Exception):
+    """The file needs the Python reader (the fast path rolled back its staging)."""
+
+
+def _fast_path_applies(conn: psycopg.Connection[Any], path: Path) -> bool:
+    # pg_input_is_valid, which checks every field in one pass, came with PostgreSQL 16
+    return path.suffix.lower() in _FAST_SUFFIXES and conn.info.server_version >= 160000
+
+
+def _import_events_file(conn: psycopg.Connection[Any], path: Path, *, skip_invalid: bool,
+                        create_missing_items: bool, progress: Progress | None) -> ImportResult:
+    source = str(path)
+    result = ImportResult("events")
+    t0 = time.perf_counter()
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(query("ingest.import_settings"))
+        try:
+            with conn.transaction():  # a savepoint: a file COPY cannot read leaves nothing behind
+                _stage_raw_events(cur, path, result, progress)
+        except (_NotCopyable, psycopg.errors.DataError):
+            result = ImportResult("events")
+            cur.execute(query("ingest.create_events_stage"))
+            _stage_parsed(cur, KINDS["events"], read_records(path), result)
+        if result.rejected and not skip_invalid:
+            raise ImportFailed(source, result.rejected)
+        _merge_events(conn, cur, result, skip_invalid, create_missing_items, source)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _stage_raw_events(cur: psycopg.Cursor[Any], path: Path, result: ImportResult,
+                      progress: Progress | None) -> None:
+    """COPY the file's text into stage_events_raw, then cast and check it into stage_events in one statement."""
+    cur.execute(query("ingest.create_events_stage"))
+    cur.execute(query("ingest.create_events_raw"))
+    delimiter = _FAST_SUFFIXES[path.suffix.lower()]
+    with path.open("rb") as fh:
+        if delimiter is None:  # JSONL: each line is one text value, then split into fields by SQL
+            cur.execute(query("ingest.create_lines_stage"))
+            _copy_chunks(cur, fh, sql.SQL(query("ingest.copy_lines")), progress)
+            cur.execute(query("ingest.bad_json_lines"))
+            bad_lines = cur.fetchall()
+            cur.execute(query("ingest.events_raw_from_lines"))
+            result.read = cur.rowcount + len(bad_lines)
+            result.rejected.extend(_json_line_reject(line, doc) for line, doc in bad_lines)
+            line_offset = 0
+        else:
+            columns = _raw_columns(fh.readline(), delimiter)
+            copy = sql.SQL(query("ingest.copy_events_raw")).format(
+                columns=sql.SQL(", ").join(map(sql.Identifier, columns)), delimiter=sql.Literal(delimiter))
+            newlines, ends_with_newline = _copy_chunks(cur, fh, copy, progress)
+            result.read = cur.rowcount
+            line_offset = 1  # the header
+            # line = record number + 1 only when no record spans lines (a quoted newline): else the Python reader
+            if not (newlines == result.read or (newlines == result.read - 1 and not ends_with_newline)):
+                raise _NotCopyable
+    cur.execute(query("ingest.events_from_raw"), {"line_offset": line_offset})
+    cur.execute(query("ingest.bad_event_rows"), {"line_offset": line_offset})
+    bad = [_field_reject(line, field, raw) for line, field, raw in cur.fetchall()]
+    if bad:
+        result.rejected.extend(bad)
+        result.rejected.sort(key=lambda r: r.line)
+        cur.execute(query("ingest.drop_bad_event_rows"))
+
+
+def _raw_columns(header_line: bytes, delimiter: str) -> list[str]:
+    """The stage_events_raw column of each header field (as csv.DictReader maps them: the last of a name wins)."""
+    try:
+        text = header_line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise _NotCopyable from None
+    if not text or text.count('"') % 2:
+        raise _NotCopyable
+    header = next(csv.reader([text], delimiter=delimiter))
+    last = {name: i for i, name in enumerate(header)}
+    extras = iter(_EXTRA_COLUMNS)
+    try:
+        return [name if name in _EVENT_FIELDS and last[name] == i else next(extras) for i, name in enumerate(header)]
+    except StopIteration:
+        raise _NotCopyable from None
+
+
+def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sql.SQL,
+                 progress: Progress | None) -> tuple[int, bool]:
+    """Stream the rest of a file into COPY; returns (newlines seen, whether the data ends with one)."""
+    newlines = 0
+    last = b"\n"
+    with cur.copy(statement) as copy:
+        while chunk := fh.read(_CHUNK):
+            # COPY reads a line holding only \. as the end of the data: let the Python reader handle such a file
+            if b"\\." in last + chunk:
+                raise _NotCopyable
+            n = chunk.count(b"\n")
+            newlines += n
+            last = chunk[-1:]
+            copy.write(chunk)
+            if progress:
+                progress(n)
+    return newlines, last == b"\n"
+
+
+def _json_line_reject(line: int, doc: str) -> Reject:
+    try:
+        json.loads(doc)
+    except json.JSONDecodeError as exc:
+        return Reject(line, "(line)", f"not valid JSON ({exc.msg})")
+    except ValueError:
+        pass
+    else:
+        return Reject(line, "(line)", "must be a JSON object")
+    return Reject(line, "(line)", "not valid JSON")
+
+
+def _check_occurred_at(v: Any) -> None:
+    parse_event({"occurred_at": v, "user_id": "-", "item_id": "-", "event_type": "-"})
+
+
+# Why events_from_raw refused a field, in the Python parser's words: each check raises FieldError on the raw
+# text. When it does not (PostgreSQL is stricter on a rare form), the generic reason below is used.
+_FIELD_CHECKS: dict[str, tuple[Callable[[Any], object], str]] = {
+    "occurred_at": (_check_occurred_at, "not an ISO 8601 time or unix seconds"),
+    "event_id": (lambda v: _text({"event_id": v}, "event_id", required=False), "is not usable"),
+    "user_id": (lambda v: _text({"user_id": v}, "user_id", required=True), "is required"),
+    "item_id": (lambda v: _text({"item_id": v}, "item_id", required=True), "is required"),
+    "event_type": (lambda v: _text({"event_type": v}, "event_type", required=True), "is required"),
+    "value": (lambda v: _number(v, "value"), "not a number"),
+    "properties": (lambda v: _json_object(v, "properties"), "not valid JSON"),
+    "request_id": (lambda v: _uuid(v, "request_id"), "not a UUID"),
+}
+
+
+def _field_reject(line: int, field: str, raw: str | None) -> Reject:
+    check, generic = _FIELD_CHECKS[field]
+    try:
+        check(raw)
+    except FieldError as exc:
+        return Reject(line, exc.field, exc.reason)
+    return Reject(line, field, f"{generic} ({(raw or '')[:40]!r})")
 
 
 def write_rejects(path: Path, rejects: list[Reject]) -> None:
