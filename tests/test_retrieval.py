@@ -14,7 +14,7 @@ from conftest import TEST_DIM, TestDB
 from engine import datasets, ingest
 from engine.errors import InvalidRequest
 from engine.retrieval import ease
-from engine.retrieval.data import FeatureVocabulary, Positives, RetrievalData, item_tokens
+from engine.retrieval.data import FeatureVocabulary, Positives, RetrievalData, item_tokens, property_tokens
 from engine.retrieval.model import Batch, TwoTower, user_vector
 from engine.retrieval.store import check_dimension, stored_user_vector, train_and_store
 from engine.retrieval.train import RetrievalConfig, top_k, train
@@ -29,12 +29,17 @@ def _tiny(rng: np.random.Generator) -> tuple[TwoTower, Batch]:
     n_items, n_feat, dim = 7, 5, 3
     fidx = rng.integers(0, n_feat, size=(n_items, 2))
     fw = np.where(rng.random((n_items, 2)) < 0.8, 0.7, 0.0)
-    model = TwoTower.init(n_items, fidx, fw, n_feat, dim, rng, dtype=np.float64)
+    # three users with property tokens (user 2 has none: history only)
+    uidx = np.array([[0, 1], [2, 0], [0, 0]])
+    uw = np.array([[0.7, 0.7], [1.0, 0.0], [0.0, 0.0]])
+    model = TwoTower.init(n_items, fidx, fw, n_feat, dim, rng, dtype=np.float64, uidx=uidx, uw=uw,
+                          n_user_features=3)
     model.ids = rng.normal(size=model.ids.shape)  # nonzero ids so their gradients are exercised too
+    model.ufeats = rng.normal(size=model.ufeats.shape)
     hist = rng.integers(0, n_items, size=(4, 3))
     weights = rng.random((4, 3))
     weights[1, 0] = 0.0  # padding
-    batch = Batch(hist, weights, np.array([0, 2, 2, 5]), np.array([6, 0]))
+    batch = Batch(hist, weights, np.array([0, 2, 2, 5]), np.array([6, 0]), users=np.array([0, 1, 2, 0]))
     return model, batch
 
 
@@ -48,7 +53,8 @@ def test_gradients_match_finite_differences(dropout: np.ndarray | None) -> None:
     full_ids = np.zeros_like(model.ids)
     full_ids[grads.rows] = grads.ids
     eps = 1e-6
-    for name, analytic in (("ids", full_ids), ("feats", grads.feats)):
+    assert grads.ufeats is not None
+    for name, analytic in (("ids", full_ids), ("feats", grads.feats), ("ufeats", grads.ufeats)):
         param = getattr(model, name)
         for idx in np.ndindex(param.shape):
             old = param[idx]
@@ -195,12 +201,31 @@ def test_train_and_store_then_sql_user_vector_matches_python(db: TestDB) -> None
                 assert np.allclose(np.asarray(sql), py, atol=2e-5), (u, t)
                 compared += 1
     assert compared > 40
+    # the user tower's property tokens were learned and stored; a user with no events at all still gets
+    # a vector from them, the same in SQL and Python
+    assert db.scalar("SELECT count(*) FROM pgrec.user_feature_embeddings WHERE model_version = %s",
+                     (str(stored.version),)) > 0
+    db.conn.execute("SELECT pgrec.upsert_user('newcomer', %s::jsonb)",
+                    (json.dumps({"country": db.scalar("SELECT properties->>'country' FROM pgrec.users LIMIT 1")}),))
+    cold = db.scalar("SELECT user_key FROM pgrec.users WHERE user_id = 'newcomer'")
+    sql = db.scalar("SELECT pgrec.user_vector(%s)::real[]", (cold,))
+    py = stored_user_vector(db.conn, cold, stored.based_on)
+    assert sql is not None and py is not None and np.allclose(np.asarray(sql), py, atol=2e-5)
+    assert db.scalar("SELECT count(*) FROM pgrec.source_ann(%s, 10)", (cold,)) == 10
     # the stored user row (used by SQL at based_on) is the same formula at the end of the data
     for u in users[:10]:
         stored_vec = db.scalar("SELECT embedding::real[] FROM pgrec.user_embeddings WHERE user_key = %s", (u,))
         py = stored_user_vector(db.conn, u, stored.based_on)
         if py is not None:
             assert np.allclose(np.asarray(stored_vec), py, atol=2e-5)
+
+
+def test_property_tokens_same_in_sql_and_python(db: TestDB) -> None:
+    props = {"country": "DE", "age": 35, "vip": True, "score": 2.5, "neg": -3.0, "tags": ["A", "b", 7],
+             "long": "x" * 65, "empty": "", "nested": {"a": 1}, "none": None, "big": 12345678901234}
+    sql = {r[0] for r in db.conn.execute("SELECT pgrec.property_tokens(%s::jsonb)", (json.dumps(props),))}
+    assert sql == set(property_tokens(props))
+    assert "age=35" in sql and "vip=true" in sql and "score~1" in sql and "neg~2-" in sql and "tags=a" in sql
 
 
 def test_retraining_switches_in_one_transaction(db: TestDB) -> None:

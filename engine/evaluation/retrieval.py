@@ -107,14 +107,17 @@ def evaluate_retrieval(conn: psycopg.Connection[Any], cutoff: datetime, config: 
     V = result.model.item_vectors().astype(np.float32)
     C = result.model.context_vectors().astype(np.float32).astype(np.float64)
     t1 = time.perf_counter()
-    exact = top_k(V.astype(np.float64), C, hi, hw, seen_rows, seen_items, kmax)
+    # the user tower's property part, as stored (float32)
+    feats = result.model.user_feature_sum(test_users)
+    feats = None if feats is None else feats.astype(np.float32).astype(np.float64)
+    exact = top_k(V.astype(np.float64), C, hi, hw, seen_rows, seen_items, kmax, features=feats)
     keys = data.user_keys[test_users].tolist()
     lists: dict[str, dict[int, list[int]]] = {
         "two-tower (exact)": {u: data.item_keys[exact[r]].tolist() for r, u in enumerate(keys)}}
     if use_ann:
         from engine.retrieval.model import user_vectors
 
-        U = user_vectors(C, hi, hw)
+        U = user_vectors(C, hi, hw, feats)
         seen = {u: sorted(split.seen.get(u, ())) for u in keys}
         lists["two-tower (ann, HNSW)"] = ann_lists(conn, data.item_keys, V, dict(zip(keys, U, strict=True)),
                                                    seen, kmax)

@@ -38,16 +38,31 @@ def item_tokens(categories: Sequence[str] | None, properties: Mapping[str, Any] 
     """
     out = [GLOBAL_TOKEN]
     out += [f"cat:{c}" for c in categories or () if c]
+    out += property_tokens(properties, keys)
+    return list(dict.fromkeys(out))
+
+
+def property_tokens(properties: Mapping[str, Any] | None, keys: Sequence[str] | None = None) -> list[str]:
+    """``<key>=<value>`` per selected property value (see :func:`item_tokens`), distinct, in key order.
+    ``pgrec.property_tokens`` computes the same tokens in SQL (for the user tower)."""
+    out: list[str] = []
     for key, value in sorted((properties or {}).items()):
         if (keys is None and key in EXCLUDED_PROPERTIES) or (keys is not None and key not in keys):
             continue
         values = value if isinstance(value, list) else [value]
         for v in values:
-            if isinstance(v, bool) or isinstance(v, int) or (isinstance(v, str) and 0 < len(v) <= 64):
+            if isinstance(v, bool):
+                out.append(f"{key}={str(v).lower()}")
+            elif isinstance(v, int) or (isinstance(v, str) and 0 < len(v) <= 64):
                 out.append(f"{key}={str(v).lower()}")
             elif isinstance(v, float) and math.isfinite(v):
                 out.append(f"{key}~{math.floor(math.log2(abs(v) + 1.0))}{'-' if v < 0 else ''}")
     return list(dict.fromkeys(out))
+
+
+def user_tokens(properties: Mapping[str, Any] | None) -> list[str]:
+    """The feature tokens of one user for the user tower: every property value but free text."""
+    return property_tokens(properties)
 
 
 @dataclass
@@ -111,6 +126,7 @@ class RetrievalData:
     as_of: datetime | None = None
     ignored_user: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     ignored_item: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    user_tokens: list[list[str]] = field(default_factory=list)  # per user index (empty: no user features)
 
     @property
     def n_items(self) -> int:
@@ -133,7 +149,8 @@ class RetrievalData:
                     user: Ints, item: Ints, polarity: Ints, weight: Floats,
                     time: Floats, *, item_created: Floats | None = None,
                     max_events: int = 50, half_life_days: float = 30.0, as_of: datetime | None = None,
-                    ignored: tuple[Ints, Ints] | None = None) -> RetrievalData:
+                    ignored: tuple[Ints, Ints] | None = None,
+                    user_properties: Mapping[int, Mapping[str, Any] | None] | None = None) -> RetrievalData:
         """Build from raw keys. Events are re-sorted by (user, time, input order); they must name known items."""
         ik = np.asarray(item_keys, dtype=np.int64)
         order_items = np.argsort(ik, kind="stable")
@@ -166,6 +183,8 @@ class RetrievalData:
             ipos = _lookup(data.item_keys, np.asarray(ignored[1], dtype=np.int64))
             keep = (upos >= 0) & (ipos >= 0)  # users without events before as_of have no training pairs
             data.ignored_user, data.ignored_item = upos[keep], ipos[keep]
+        props = user_properties or {}
+        data.user_tokens = [user_tokens(props.get(int(k))) for k in data.user_keys.tolist()]
         return data
 
 
@@ -189,10 +208,11 @@ def load(conn: psycopg.Connection[Any], as_of: datetime | None = None, *,
     arr = np.array(rows, dtype=np.float64).reshape(-1, 5)
     ignored_rows = conn.execute(query("retrieval.ignored_impressions"), params).fetchall()
     ig = np.array(ignored_rows, dtype=np.int64).reshape(-1, 2)
+    user_props = {int(k): p for k, p in conn.execute(query("retrieval.user_properties"))}
     return RetrievalData.from_arrays(
         keys, tokens, arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2].astype(np.int64),
         arr[:, 3], arr[:, 4], item_created=created, max_events=int(max_events), half_life_days=float(half_life),
-        as_of=as_of, ignored=(ig[:, 0], ig[:, 1]),
+        as_of=as_of, ignored=(ig[:, 0], ig[:, 1]), user_properties=user_props,
     )
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import psycopg
 
 from engine.errors import InvalidRequest
-from engine.retrieval.data import Positives, RetrievalData, load
-from engine.retrieval.model import user_vector, user_vectors
+from engine.retrieval.data import Positives, RetrievalData, load, user_tokens
+from engine.retrieval.model import TwoTower, user_vector, user_vectors
 from engine.retrieval.train import BatchHook, EpochHook, RetrievalConfig, TrainResult, train
 from engine.sql import query
 
@@ -49,9 +49,11 @@ def check_dimension(conn: psycopg.Connection[Any], dim: int) -> None:
         )
 
 
-def final_user_vectors(data: RetrievalData, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def final_user_vectors(data: RetrievalData, context: np.ndarray,
+                       model: TwoTower | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(user keys, vectors) at the end of ``data`` for the users with a positive history, by the contract's
-    formula over ``context`` (the stored, float32-rounded context vectors)."""
+    formula over ``context`` (the stored, float32-rounded context vectors) and the model's user feature
+    vectors (float32-rounded as stored)."""
     pos = Positives.of(data)
     users = np.unique(pos.user)
     if len(users) == 0:
@@ -59,7 +61,13 @@ def final_user_vectors(data: RetrievalData, context: np.ndarray) -> tuple[np.nda
     starts = np.searchsorted(pos.user, users, side="left")
     ends = np.searchsorted(pos.user, users, side="right")
     hi, hw = pos.histories(ends, starts, data.max_events, data.half_life_days)
-    U = user_vectors(context.astype(np.float64), hi, hw)
+    feats = None
+    if model is not None and len(model.ufeats):
+        stored = TwoTower(model.ids, model.feats, model.fidx, model.fw,
+                          model.ufeats.astype(np.float32).astype(np.float64), model.uidx,
+                          model.uw.astype(np.float64))
+        feats = stored.user_feature_sum(users)
+    U = user_vectors(context.astype(np.float64), hi, hw, feats)
     ok = np.linalg.norm(U, axis=1) > 0
     return data.user_keys[users[ok]], U[ok]
 
@@ -88,7 +96,7 @@ def store(conn: psycopg.Connection[Any], data: RetrievalData, result: TrainResul
     C = result.model.context_vectors().astype(np.float32)
     if not (np.all(np.isfinite(V)) and np.all(np.isfinite(C))):
         raise InvalidRequest("training diverged: NaN or infinite vectors (lower --lr); nothing was stored")
-    user_keys, U = final_user_vectors(data, C)
+    user_keys, U = final_user_vectors(data, C, result.model)
     last = float(data.ev_time.max())
     based_on = data.as_of or (datetime.fromtimestamp(last, tz=UTC) + timedelta(microseconds=1))
     window = {"as_of": data.as_of.isoformat() if data.as_of else None, "based_on": based_on.isoformat(),
@@ -116,6 +124,11 @@ def store(conn: psycopg.Connection[Any], data: RetrievalData, result: TrainResul
             for key, u in zip(user_keys.tolist(), U, strict=True):
                 copy.write_row((key, _vec(u.astype(np.float32)), tag, based_on))
         cur.execute(query("retrieval.merge_user_vectors"))
+        # the user tower's property-token vectors: replaced as a whole, in the same transaction
+        cur.execute(query("retrieval.clear_user_features"))
+        with cur.copy("COPY pgrec.user_feature_embeddings (token, embedding, model_version) FROM STDIN") as copy:
+            for token, g in zip(result.user_vocabulary.tokens, result.model.ufeats.astype(np.float32), strict=True):
+                copy.write_row((token, _vec(g), tag))
         cur.execute(query("retrieval.deactivate_models"), {"version": version})
         cur.execute(query("retrieval.activate_model"), {"version": version})
     return StoredModel(version, len(data.item_keys), len(user_keys), based_on, result)
@@ -140,10 +153,16 @@ def stored_user_vector(conn: psycopg.Connection[Any], user_key: int, as_of: date
     keys = [r[0] for r in rows]
     ctx = dict(conn.execute(query("retrieval.context_vectors_of"), {"items": keys}).fetchall())
     kept = [(np.asarray(ctx[k], dtype=np.float64), w, t) for k, w, t in rows if k in ctx]
-    if not kept:
+    props = conn.execute(query("retrieval.user_properties_of"), {"user_key": user_key}).fetchone()
+    tokens = user_tokens(props[0] if props else None)
+    fvec = dict(conn.execute(query("retrieval.user_feature_vectors_of"), {"tokens": tokens}).fetchall())
+    features = [np.asarray(fvec[t], dtype=np.float64) for t in tokens if t in fvec]
+    if not kept and not features:
         return None
     # the decay is anchored at the newest of the last max_events events, with or without a vector
-    latest = max(t for _, _, t in rows)
+    latest = max((t for _, _, t in rows), default=0.0)
     weights = [w * 2.0 ** (-(latest - t) / (float(half_life) * 86400.0)) for _, w, t in kept]
-    return user_vector([c for c, _, _ in kept], weights, [latest] * len(kept), max_events=int(max_events),
-                       half_life_days=float(half_life))
+    dim = len(features[0]) if features else len(kept[0][0])
+    return user_vector(np.asarray([c for c, _, _ in kept], dtype=np.float64).reshape(-1, dim), weights,
+                       [latest] * len(kept), max_events=int(max_events), half_life_days=float(half_life),
+                       features=np.asarray(features, dtype=np.float64).reshape(-1, dim) if features else None)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InvalidRequest
-from engine.retrieval.data import FeatureVocabulary, Positives, RetrievalData
+from engine.retrieval.data import GLOBAL_TOKEN, FeatureVocabulary, Positives, RetrievalData
 from engine.retrieval.model import Batch, Gradients, TwoTower, user_vectors
 
 
@@ -42,6 +42,7 @@ class RetrievalConfig:
     min_feature_count: int = 2           # feature tokens rarer than this are dropped
     max_features_per_item: int = 16
     properties: tuple[str, ...] | None = None  # item properties used as features (None: all but free text)
+    user_features: bool = True           # the users' property tokens join the user tower (pgrec.user_vector too)
     seed: int = 0
 
     def validate(self) -> None:
@@ -78,6 +79,7 @@ class TrainResult:
     seconds_total: float = 0.0
     pairs: int = 0
     trained_items: int = 0   # items with at least one training pair (the rest are embedded by features only)
+    user_vocabulary: FeatureVocabulary = field(default_factory=lambda: FeatureVocabulary([]))
 
     def metrics(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "val_recall@100": self.best_val_recall,
@@ -100,6 +102,8 @@ class Adam:
         self.v_ids = np.zeros_like(model.ids)
         self.m_f = np.zeros_like(model.feats)
         self.v_f = np.zeros_like(model.feats)
+        self.m_u = np.zeros_like(model.ufeats)
+        self.v_u = np.zeros_like(model.ufeats)
         self.t = 0
 
     def step(self, g: Gradients) -> None:
@@ -113,18 +117,25 @@ class Adam:
         if self.wd:
             upd += self.lr * self.wd * self.model.ids[rows]
         self.model.ids[rows] -= upd.astype(self.model.ids.dtype)
-        self.m_f *= self.b1
-        self.m_f += (1 - self.b1) * g.feats
-        self.v_f *= self.b2
-        self.v_f += (1 - self.b2) * g.feats * g.feats
-        updf = lr * self.m_f / (np.sqrt(self.v_f) + self.eps)
+        self._dense(self.model.feats, self.m_f, self.v_f, g.feats, lr)
+        if g.ufeats is not None and len(self.model.ufeats):
+            self._dense(self.model.ufeats, self.m_u, self.v_u, g.ufeats, lr)
+
+    def _dense(self, param: np.ndarray, m: np.ndarray, v: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        """One Adam step on a whole table (moments updated in place)."""
+        m *= self.b1
+        m += (1 - self.b1) * grad
+        v *= self.b2
+        v += (1 - self.b2) * grad * grad
+        upd = lr * m / (np.sqrt(v) + self.eps)
         if self.wd:
-            updf += self.lr * self.wd * self.model.feats
-        self.model.feats -= updf.astype(self.model.feats.dtype)
+            upd += self.lr * self.wd * param
+        param -= upd.astype(param.dtype)
 
 
 @dataclass
 class _Validation:
+    users: np.ndarray          # user indices, one per row
     hist_items: np.ndarray
     hist_weights: np.ndarray
     seen_rows: np.ndarray
@@ -154,7 +165,8 @@ def recall_at_k(model: TwoTower, val: _Validation, k: int, chunk: int = 1024) ->
     V = model.item_vectors()
     C = model.context_vectors()
     n_users = len(val.hist_items)
-    lists = top_k(V, C, val.hist_items, val.hist_weights, val.seen_rows, val.seen_items, k, chunk)
+    lists = top_k(V, C, val.hist_items, val.hist_weights, val.seen_rows, val.seen_items, k, chunk,
+                  features=model.user_feature_sum(val.users))
     truth = np.zeros((n_users, model.n_items), dtype=bool)
     truth[val.truth_rows, val.truth_items] = True
     hits = truth[np.arange(n_users)[:, None], lists].sum(axis=1)
@@ -164,14 +176,17 @@ def recall_at_k(model: TwoTower, val: _Validation, k: int, chunk: int = 1024) ->
 
 
 def top_k(item_vectors: np.ndarray, context: np.ndarray, hist_items: np.ndarray, hist_weights: np.ndarray,
-          seen_rows: np.ndarray, seen_items: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """(users, k) best items by exact cosine for each history, the (row, item) pairs in ``seen`` excluded."""
+          seen_rows: np.ndarray, seen_items: np.ndarray, k: int, chunk: int = 1024,
+          features: np.ndarray | None = None) -> np.ndarray:
+    """(users, k) best items by exact cosine for each history (plus the users' feature sums), the (row, item)
+    pairs in ``seen`` excluded."""
     n_users, n_items = len(hist_items), len(item_vectors)
     k = min(k, n_items)
     out = np.zeros((n_users, k), dtype=np.int64)
     for lo in range(0, n_users, chunk):
         hi = min(n_users, lo + chunk)
-        U = user_vectors(context, hist_items[lo:hi], hist_weights[lo:hi])
+        U = user_vectors(context, hist_items[lo:hi], hist_weights[lo:hi],
+                         None if features is None else features[lo:hi])
         s = U @ item_vectors.T
         sel = (seen_rows >= lo) & (seen_rows < hi)
         s[seen_rows[sel] - lo, seen_items[sel]] = -np.inf
@@ -209,7 +224,7 @@ def _validation(data: RetrievalData, pos: Positives, cut: float, max_users: int,
     new = ~np.isin(truth[0] * data.n_items + truth[1], seen_codes)
     truth = truth[:, new]
     hi, hw = pos.histories(ends, starts, data.max_events, data.half_life_days)
-    return _Validation(hi, hw, seen[0], seen[1], truth[0], truth[1])
+    return _Validation(users, hi, hw, seen[0], seen[1], truth[0], truth[1])
 
 
 def train(data: RetrievalData, config: RetrievalConfig | None = None, *, on_batch: BatchHook | None = None,
@@ -222,6 +237,10 @@ def train(data: RetrievalData, config: RetrievalConfig | None = None, *, on_batc
     vocab = FeatureVocabulary.build(data.item_tokens, min_count=cfg.min_feature_count,
                                     max_per_item=cfg.max_features_per_item)
     fidx, fw = vocab.encode(data.item_tokens)
+    uvocab = FeatureVocabulary.build(data.user_tokens if cfg.user_features else [], min_count=cfg.min_feature_count,
+                                     max_per_item=1_000_000)
+    uvocab.tokens = [t for t in uvocab.tokens if t != GLOBAL_TOKEN]
+    uidx, uw = uvocab.encode(data.user_tokens) if len(uvocab) else (None, None)
     pos = Positives.of(data)
     pairs = np.flatnonzero(pos.hist_end > pos.block_start)
     if len(pairs) == 0:
@@ -234,7 +253,8 @@ def train(data: RetrievalData, config: RetrievalConfig | None = None, *, on_batc
         val = _validation(data, pos, cut, cfg.validation_users, rng)
         if val is None or len(val.truth_rows) == 0 or np.sum(pos.time[pairs] < cut) < cfg.batch_size:
             val, cut = None, np.inf
-    result = TrainResult(TwoTower.init(data.n_items, fidx, fw, len(vocab), cfg.dim, rng, dtype), vocab, cfg)
+    result = TrainResult(TwoTower.init(data.n_items, fidx, fw, len(vocab), cfg.dim, rng, dtype, uidx, uw,
+                                       len(uvocab)), vocab, cfg, user_vocabulary=uvocab)
     t0 = time.perf_counter()
     neg_mask = data.ev_polarity == -1
     if val is None:
@@ -248,7 +268,8 @@ def train(data: RetrievalData, config: RetrievalConfig | None = None, *, on_batc
         _fit(result, data, pos, train_pairs, cfg, cfg.epochs, val, "fit", t0, on_batch, on_epoch, hard)
         if cfg.refit:
             rng = np.random.default_rng(cfg.seed)
-            result.model = TwoTower.init(data.n_items, fidx, fw, len(vocab), cfg.dim, rng, dtype)
+            result.model = TwoTower.init(data.n_items, fidx, fw, len(vocab), cfg.dim, rng, dtype, uidx, uw,
+                                         len(uvocab))
             _fit(result, data, pos, pairs, cfg, result.best_epoch, None, "refit", t0, on_batch, on_epoch)
     result.seconds_total = time.perf_counter() - t0
     result.pairs = len(pairs)
@@ -275,7 +296,7 @@ def _fit(result: TrainResult, data: RetrievalData, pos: Positives, pairs: np.nda
     log_q = np.log(expected) if cfg.log_q else None
     opt = Adam(model, cfg.lr, cfg.weight_decay)
     n_batches = max(1, len(pairs) // cfg.batch_size)
-    best: tuple[np.ndarray, np.ndarray] | None = None
+    best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     since_best = 0
     for epoch in range(1, epochs + 1):
         order = rng.permutation(pairs)
@@ -291,8 +312,8 @@ def _fit(result: TrainResult, data: RetrievalData, pos: Positives, pairs: np.nda
             if cfg.id_dropout:
                 items = pos.item[idx]
                 drop = items[rng.random(len(items)) < cfg.id_dropout]
-            loss, grads = model.loss_and_grad(Batch(hi, hw, pos.item[idx], negatives), cfg.temperature, log_q,
-                                              id_dropout=drop)
+            loss, grads = model.loss_and_grad(Batch(hi, hw, pos.item[idx], negatives, pos.user[idx]),
+                                              cfg.temperature, log_q, id_dropout=drop)
             assert grads is not None
             opt.step(grads)
             losses.append(loss)
@@ -309,14 +330,14 @@ def _fit(result: TrainResult, data: RetrievalData, pos: Positives, pairs: np.nda
         if result.best_val_recall is None or recall > result.best_val_recall:
             result.best_val_recall, result.best_epoch = recall, epoch
             result.seconds_to_best = stats.seconds
-            best = (model.ids.copy(), model.feats.copy())
+            best = (model.ids.copy(), model.feats.copy(), model.ufeats.copy())
             since_best = 0
         else:
             since_best += 1
             if since_best >= cfg.patience:
                 break
     if val is not None and best is not None:
-        model.ids, model.feats = best
+        model.ids, model.feats, model.ufeats = best
 
 
 def batches_per_epoch(data: RetrievalData, config: RetrievalConfig) -> int:

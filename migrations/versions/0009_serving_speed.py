@@ -5,6 +5,9 @@ trend, globally and per segment) for whole UTC days before as_of. v1 aggregated 
 candidate on every request (about 36,000 rows, 20+ ms, for 500 candidates at 20k items); v2 reads one row per
 candidate from a snapshot of the day (``pgrec.item_stats``), built once a day by ``pgrec.refresh_item_stats``.
 
+User tower with user features: ``pgrec.user_feature_embeddings`` (one vector per user property token, written
+by the retrieval model) and ``pgrec.user_vector`` v2 adding them (``pgrec.property_tokens``).
+
 candidates v2: the history source looks its scored items up one by one (the planner hash-joined the whole
 catalog: 16.9 -> 5.7 ms at 20k items).
 
@@ -72,6 +75,16 @@ CREATE TABLE pgrec.item_segment_trend (
 );
 COMMENT ON TABLE pgrec.item_segment_trend IS
   'Ranker item trend per user segment as of a UTC day (pgrec.item_segment_trend_compute).';
+-- The user tower's user features: one learned vector per known property token (written with the retrieval
+-- model's vectors, in the same transaction), added to the history part of pgrec.user_vector.
+CREATE TABLE pgrec.user_feature_embeddings (
+    token         text PRIMARY KEY,
+    embedding     public.vector NOT NULL,
+    model_version bigint,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pgrec.user_feature_embeddings IS
+  'Retrieval model: vectors of user property tokens ("<key>=<value>", pgrec.property_tokens) for the user tower.';
 """
     )
     sqlfiles.apply("features", 2)
@@ -89,4 +102,5 @@ def downgrade() -> None:
     # v1's definition carries no SET clause: restore what 0008 pinned
     bind.exec_driver_sql("ALTER FUNCTION pgrec.candidate_features_by_key(bigint, text, integer, timestamptz, bigint[]) "
                          "SET plan_cache_mode = force_custom_plan")
-    bind.exec_driver_sql("DROP TABLE IF EXISTS pgrec.item_stats, pgrec.item_segment_trend, pgrec.item_stats_days")
+    bind.exec_driver_sql("DROP TABLE IF EXISTS pgrec.item_stats, pgrec.item_segment_trend, pgrec.item_stats_days, "
+                         "pgrec.user_feature_embeddings")

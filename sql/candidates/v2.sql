@@ -27,6 +27,30 @@ COMMENT ON FUNCTION pgrec.pow2_safe(float8) IS '2^x for x clamped to [-1000, 100
 
 -- ---------------------------------------------------------------- the user vector (docs/contracts.md)
 
+CREATE OR REPLACE FUNCTION pgrec.property_tokens(p_properties jsonb)
+RETURNS SETOF text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- engine.retrieval.data.property_tokens: "<key>=<value>" for strings (1-64 characters), integers and
+    -- booleans, "<key>~<floor(log2(|x| + 1))>[-]" for other numbers; one per element of a list
+    SELECT DISTINCT CASE
+               WHEN jsonb_typeof(v.v) = 'boolean' THEN p.key || '=' || (v.v #>> '{}')
+               WHEN jsonb_typeof(v.v) = 'number' AND (v.v #>> '{}') ~ '^-?[0-9]+$' THEN p.key || '=' || (v.v #>> '{}')
+               WHEN jsonb_typeof(v.v) = 'number'
+                   THEN p.key || '~' || floor(log(2::numeric, abs((v.v #>> '{}')::numeric) + 1))::bigint::text
+                        || CASE WHEN (v.v #>> '{}')::numeric < 0 THEN '-' ELSE '' END
+               ELSE p.key || '=' || lower(v.v #>> '{}') END
+      FROM jsonb_each(CASE WHEN jsonb_typeof(p_properties) = 'object' THEN p_properties ELSE '{}' END) AS p(key, value)
+     CROSS JOIN LATERAL (SELECT e.v FROM jsonb_array_elements(p.value) AS e(v) WHERE jsonb_typeof(p.value) = 'array'
+                         UNION ALL SELECT p.value WHERE jsonb_typeof(p.value) <> 'array') AS v(v)
+     WHERE jsonb_typeof(v.v) IN ('boolean', 'number')
+        OR (jsonb_typeof(v.v) = 'string' AND length(v.v #>> '{}') BETWEEN 1 AND 64)
+$$;
+COMMENT ON FUNCTION pgrec.property_tokens(jsonb) IS
+    'The feature tokens of a properties object (the user tower''s user features): as '
+    'engine.retrieval.data.property_tokens in Python.';
+
 CREATE OR REPLACE FUNCTION pgrec.user_vector(user_key bigint, as_of timestamptz DEFAULT NULL)
 RETURNS public.vector
 LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
@@ -40,6 +64,8 @@ DECLARE
     maxn    int := pgrec.candidates_setting('user_vector_max_events', 50)::int;
     half_s  float8 := pgrec.candidates_setting('user_vector_half_life_days', 30) * 86400;
     v       public.vector;
+    fv      public.vector;
+    nf      int;
 BEGIN
     IF uk IS NULL THEN
         RETURN NULL;
@@ -66,6 +92,16 @@ BEGIN
                OPERATOR(public.*) array_fill(w.w::real, ARRAY[public.vector_dims(ie.embedding)])::public.vector)
       INTO v
       FROM w JOIN pgrec.item_embeddings ie ON ie.item_key = w.item_key;
+    -- the user features: the vectors of the user's known property tokens, summed / sqrt(how many)
+    SELECT public.sum(f.embedding), count(*) INTO fv, nf
+      FROM pgrec.users u
+     CROSS JOIN LATERAL pgrec.property_tokens(u.properties) AS tok(token)
+      JOIN pgrec.user_feature_embeddings f ON f.token = tok.token
+     WHERE u.user_key = uk;
+    IF nf > 0 THEN
+        fv := fv OPERATOR(public.*) array_fill((1 / sqrt(nf::float8))::real, ARRAY[public.vector_dims(fv)])::public.vector;
+        v := CASE WHEN v IS NULL THEN fv ELSE v OPERATOR(public.+) fv END;
+    END IF;
     IF v IS NULL OR public.vector_norm(v) = 0 THEN
         RETURN NULL;
     END IF;
@@ -76,7 +112,9 @@ COMMENT ON FUNCTION pgrec.user_vector(bigint, timestamptz) IS
     'The user''s vector at as_of (NULL = now): the stored user_embeddings row when as_of >= based_on and no positive '
     'event falls in [based_on, as_of); else the L2-normalised sum over the last user_vector_max_events positive events '
     'before as_of (ties by item_key, type_id, descending) of weight * 2^(-(t_latest - t)/half_life) * '
-    'coalesce(context_embedding, embedding). NULL when nothing to sum.';
+    'coalesce(context_embedding, embedding), plus the vectors of the user''s known property tokens '
+    '(pgrec.user_feature_embeddings, from the retrieval model) summed and divided by sqrt(their number). '
+    'NULL when nothing sums.';
 
 -- ---------------------------------------------------------------- nearest items to a vector
 

@@ -19,6 +19,12 @@ SELECT user_key, item_key, polarity, weight::float8, extract(epoch FROM occurred
  WHERE %(as_of)s::timestamptz IS NULL OR occurred_at < %(as_of)s::timestamptz
  ORDER BY user_key, occurred_at, item_key, type_id
 
+-- name: user_properties
+-- Users' properties (the user tower's feature tokens), for the users with events.
+SELECT u.user_key, u.properties FROM pgrec.users u
+ WHERE u.properties IS NOT NULL AND u.properties <> '{}'::jsonb
+   AND EXISTS (SELECT 1 FROM pgrec.events e WHERE e.user_key = u.user_key)
+
 -- name: ignored_impressions
 -- Items shown before as_of that the user never engaged with afterwards (before as_of): extra negatives.
 SELECT DISTINCT i.user_key, i.item_key
@@ -57,6 +63,15 @@ SELECT s.user_key, s.embedding, s.model_version, s.based_on, now()
   FROM stage_retrieval_users s JOIN pgrec.users u ON u.user_key = s.user_key
 ON CONFLICT (user_key) DO UPDATE SET embedding = excluded.embedding, model_version = excluded.model_version,
     based_on = excluded.based_on, updated_at = now()
+
+-- name: clear_user_features
+DELETE FROM pgrec.user_feature_embeddings
+
+-- name: user_properties_of
+SELECT u.properties FROM pgrec.users u WHERE u.user_key = %(user_key)s
+
+-- name: user_feature_vectors_of
+SELECT f.token, f.embedding::real[] FROM pgrec.user_feature_embeddings f WHERE f.token = ANY (%(tokens)s::text[])
 
 -- name: deactivate_models
 UPDATE pgrec.models SET active = false WHERE kind = 'retrieval' AND active AND version <> %(version)s
