@@ -26,6 +26,8 @@ Seed = Annotated[int, typer.Option("--seed")]
 Lr = Annotated[float, typer.Option("--lr", help="Adam step size")]
 Temperature = Annotated[float, typer.Option("--temperature", help="softmax temperature on cosines")]
 BatchSize = Annotated[int, typer.Option("--batch-size")]
+UserFeatures = Annotated[bool, typer.Option("--user-features/--no-user-features",
+                                            help="users' property tokens in the user tower")]
 
 
 def _time(value: str | None, name: str) -> datetime | None:
@@ -38,12 +40,12 @@ def _time(value: str | None, name: str) -> datetime | None:
 
 
 def _config(conn: Any, dim: int | None, epochs: int, seed: int, lr: float, temperature: float,
-            batch_size: int) -> Any:
+            batch_size: int, user_features: bool = True) -> Any:
     from engine.retrieval.store import schema_dim
     from engine.retrieval.train import RetrievalConfig
 
     cfg = RetrievalConfig(dim=dim if dim is not None else schema_dim(conn), epochs=epochs, seed=seed, lr=lr,
-                          temperature=temperature, batch_size=batch_size)
+                          temperature=temperature, batch_size=batch_size, user_features=user_features)
     try:
         cfg.validate()
     except InvalidRequest as exc:
@@ -84,6 +86,7 @@ def train_retrieval(
     lr: Lr = 0.005,
     temperature: Temperature = 0.07,
     batch_size: BatchSize = 512,
+    user_features: UserFeatures = True,
 ) -> None:
     """Train the two-tower model on the events, store item/context/user vectors and activate the model.
 
@@ -93,7 +96,7 @@ def train_retrieval(
 
     t = _time(as_of, "--as-of")
     with db_connection() as conn:
-        cfg = _config(conn, dim, epochs, seed, lr, temperature, batch_size)
+        cfg = _config(conn, dim, epochs, seed, lr, temperature, batch_size, user_features)
         try:
             with _training_bar() as (on_batch, on_epoch):
                 stored = train_and_store(conn, cfg, as_of=t, on_batch=on_batch, on_epoch=on_epoch)
@@ -121,6 +124,7 @@ def eval_retrieval(
     batch_size: BatchSize = 512,
     no_ann: Annotated[bool, typer.Option("--no-ann", help="exact numpy top k only (no HNSW index)")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    user_features: UserFeatures = True,
 ) -> None:
     """Recall@50/100/200 of the two-tower ann source on a temporal split, beside popularity and EASE."""
     from engine.evaluation.retrieval import evaluate_retrieval
@@ -129,7 +133,7 @@ def eval_retrieval(
     if split_at is not None and split_fraction is not None:
         raise fail("give --split-at or --split-fraction, not both")
     with db_connection() as conn:
-        cfg = _config(conn, dim, epochs, seed, lr, temperature, batch_size)
+        cfg = _config(conn, dim, epochs, seed, lr, temperature, batch_size, user_features)
         try:
             cutoff = resolve_cutoff(conn, _time(split_at, "--split-at"), split_fraction)
             with _training_bar() as (on_batch, on_epoch):
