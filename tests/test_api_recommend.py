@@ -87,6 +87,23 @@ def test_recommendation_errors(api: Api) -> None:
     assert 400 <= r.status_code < 500, r.text
 
 
+def test_recommendations_can_leave_out_seen_items(api: Api) -> None:
+    _world(api)
+    c = api.client
+    uid = api.db.scalar("SELECT u.user_id FROM pgrec.events e JOIN pgrec.users u USING (user_key) "
+                        "GROUP BY u.user_id ORDER BY count(*) DESC, u.user_id LIMIT 1")
+    seen = {r[0] for r in api.db.conn.execute(
+        "SELECT i.item_id FROM pgrec.events e JOIN pgrec.items i USING (item_key) JOIN pgrec.users u "
+        "USING (user_key) WHERE u.user_id = %s", (uid,)).fetchall()}
+    plain = c.post("/v1/recommendations", json={"user_id": uid, "k": 20}, headers=api.read).json()
+    clean = c.post("/v1/recommendations", json={"user_id": uid, "k": 20, "exclude_seen": True},
+                   headers=api.read).json()
+    assert seen & {i["item_id"] for i in plain["items"]}, "the heaviest user's list holds no seen item"
+    assert len(clean["items"]) == 20 and not seen & {i["item_id"] for i in clean["items"]}
+    bad = c.post("/v1/recommendations", json={"user_id": uid, "exclude_seen": "maybe"}, headers=api.read)
+    assert bad.status_code == 422
+
+
 def test_similar_and_trending(api: Api) -> None:
     data = _world(api)
     c = api.client

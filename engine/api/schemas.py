@@ -125,6 +125,8 @@ class RecommendRequest(Strict):
     surface: Name = "default"
     context: dict[str, Any] | None = Field(
         None, description="Request-time filters for the policies (exclude / include-only lists, filter values).")
+    exclude_seen: bool = Field(
+        False, description="Also leave out every item the user already had an event with (whatever the policies say).")
 
     @field_validator("context")
     @classmethod

@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["recommendations"])
 def recommend(body: RecommendRequest, key: ReadKey, services: ServicesDep) -> RecommendationOut:
     variant = services.assigner.assign(body.user_id, body.surface)
     rec = services.recommender.recommend(body.user_id, k=body.k, surface=body.surface, context=body.context,
-                                         variant=variant)
+                                         variant=variant, exclude_seen=body.exclude_seen)
     sources: dict[str, int] = dict(getattr(rec, "candidates", None) or {})
     if not sources:
         for it in rec.items:
