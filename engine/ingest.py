@@ -67,6 +67,7 @@ class ImportResult:
     duplicates: int = 0
     rejected: list[Reject] = field(default_factory=list)
     seconds: float = 0.0
+    checked_by: str = "python"  # "sql": the file was cast and checked by one SQL pass (events, PostgreSQL >= 16)
 
     @property
     def rows_per_second(self) -> float:
@@ -507,9 +508,11 @@ def _stage_raw_events(cur: psycopg.Cursor[Any], path: Path, result: ImportResult
             if not (newlines == result.read or (newlines == result.read - 1 and not ends_with_newline)):
                 raise _NotCopyable
     cur.execute(query("ingest.events_from_raw"), {"line_offset": line_offset})
-    cur.execute(query("ingest.bad_event_rows"), {"line_offset": line_offset})
-    bad = [_field_reject(line, field, raw) for line, field, raw in cur.fetchall()]
-    if bad:
+    result.checked_by = "sql"
+    cur.execute(query("ingest.count_bad_event_rows"))
+    if (cur.fetchone() or (0,))[0]:
+        cur.execute(query("ingest.bad_event_rows"), {"line_offset": line_offset})
+        bad = [_field_reject(line, field, raw) for line, field, raw in cur.fetchall()]
         result.rejected.extend(bad)
         result.rejected.sort(key=lambda r: r.line)
         cur.execute(query("ingest.drop_bad_event_rows"))

@@ -127,6 +127,9 @@ SELECT line, event_id, user_id, item_id, event_type, ts, num, props, rid,
                   FROM stage_events_raw r OFFSET 0) f
         OFFSET 0) c
 
+-- name: count_bad_event_rows
+SELECT count(*) FROM stage_events WHERE bad_field IS NOT NULL
+
 -- name: bad_event_rows
 -- The rows events_from_raw could not use, with the raw text of the field that failed.
 SELECT s.line, s.bad_field,
