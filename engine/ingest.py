@@ -380,9 +380,7 @@ def _merge_events(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], resul
     """From staged, checked rows: reference checks, missing users (and items), partitions, then the merge."""
     _check_event_references(cur, result, skip_invalid, create_missing_items, source)
     cur.execute(query("ingest.create_missing_users"))
-    cur.execute(query("ingest.event_time_range"))
-    lo, hi = cur.fetchone() or (None, None)
-    cur.execute(query("ingest.ensure_partitions"), {"lo": lo, "hi": hi})
+    cur.execute(query("ingest.ensure_partitions"))
     try:  # new events (the usual bulk load): plain INSERTs, no per-row conflict handling
         with conn.transaction():
             cur.execute(query("ingest.insert_new_event_ids"))

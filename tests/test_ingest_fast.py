@@ -192,3 +192,20 @@ def test_known_and_repeated_events_fall_back_to_the_merge(db: TestDB, tmp_path: 
     r = ingest.import_file(db.conn, "events", _write(tmp_path / "c.csv", dup))
     assert (r.stored, r.duplicates) == (2, 1)
     assert db.scalar("SELECT count(*) FROM pgrec.item_daily_counts WHERE day = '2024-02-05'") == 2
+
+
+def test_partitions_only_for_months_with_events(db: TestDB, tmp_path: Path) -> None:
+    _setup(db, tmp_path)
+    text = "user_id,item_id,event_type,occurred_at\nu1,a,view,0\nu1,b,view,2024-02-01T00:00:00Z\n"
+    assert ingest.import_file(db.conn, "events", _write(tmp_path / "ev.csv", text)).stored == 2
+    assert db.scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = 'pgrec.events'::regclass") == 2
+
+
+def test_bench_ingest_prints_rates(db: TestDB, tmp_path: Path) -> None:
+    from engine.bench import ingest as bench
+
+    lines = list(bench.run(db.settings, events=1500, single=40, workdir=tmp_path))
+    bulk = next(x for x in lines if x.startswith("bulk import"))
+    assert "checked by sql" in bulk and "events/s" in bulk and "rows per CPU-second" in bulk
+    assert any(x.startswith("same file again: 0 new rows") for x in lines)
+    assert sum("track_event" in x and "events/s" in x for x in lines) == 3

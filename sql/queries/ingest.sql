@@ -170,11 +170,11 @@ SELECT DISTINCT s.user_id FROM stage_events s
  WHERE NOT EXISTS (SELECT 1 FROM pgrec.users u WHERE u.user_id = s.user_id)
 ON CONFLICT (user_id) DO NOTHING
 
--- name: event_time_range
-SELECT min(occurred_at), max(occurred_at) FROM stage_events
-
 -- name: ensure_partitions
-SELECT pgrec.ensure_event_partitions(%(lo)s, %(hi)s)
+-- The partitions of the months that have events (not every month between the oldest and the newest: one
+-- event of 1970 among this year's must not create 600 empty partitions).
+SELECT coalesce(sum(pgrec.ensure_event_partitions(m, m)), 0)
+  FROM (SELECT DISTINCT date_trunc('month', occurred_at, 'UTC') AS m FROM stage_events ORDER BY 1) d
 
 -- name: merge_events
 -- Rows with a client event_id are kept only if (user, event_id) is new; all rows are deduplicated on the
