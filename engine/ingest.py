@@ -489,6 +489,7 @@ def _stage_raw_events(cur: psycopg.Cursor[Any], path: Path, result: ImportResult
         if delimiter is None:  # JSONL: each line is one text value, then split into fields by SQL
             cur.execute(query("ingest.create_lines_stage"))
             _copy_chunks(cur, fh, sql.SQL(query("ingest.copy_lines")), progress)
+            padded = True  # JSON puts spaces everywhere; the values themselves are checked by SQL
             cur.execute(query("ingest.bad_json_lines"))
             bad_lines = cur.fetchall()
             cur.execute(query("ingest.events_raw_from_lines"))
@@ -499,13 +500,13 @@ def _stage_raw_events(cur: psycopg.Cursor[Any], path: Path, result: ImportResult
             columns = _raw_columns(fh.readline(), delimiter)
             copy = sql.SQL(query("ingest.copy_events_raw")).format(
                 columns=sql.SQL(", ").join(map(sql.Identifier, columns)), delimiter=sql.Literal(delimiter))
-            newlines, ends_with_newline = _copy_chunks(cur, fh, copy, progress)
+            newlines, ends_with_newline, padded = _copy_chunks(cur, fh, copy, progress, delimiter.encode())
             result.read = cur.rowcount
             line_offset = 1  # the header
             # line = record number + 1 only when no record spans lines (a quoted newline): else the Python reader
             if not (newlines == result.read or (newlines == result.read - 1 and not ends_with_newline)):
                 raise _NotCopyable
-    cur.execute(query("ingest.events_from_raw"), {"line_offset": line_offset})
+    cur.execute(query("ingest.events_from_raw"), {"line_offset": line_offset, "trim": padded})
     result.checked_by = "sql"
     cur.execute(query("ingest.count_bad_event_rows"))
     if (cur.fetchone() or (0,))[0]:
@@ -533,23 +534,53 @@ def _raw_columns(header_line: bytes, delimiter: str) -> list[str]:
         raise _NotCopyable from None
 
 
-def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sql.SQL,
-                 progress: Progress | None) -> tuple[int, bool]:
-    """Stream the rest of a file into COPY; returns (newlines seen, whether the data ends with one)."""
+def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sql.SQL, progress: Progress | None,
+                 delimiter: bytes = b"") -> tuple[int, bool, bool]:
+    """Stream the rest of a file into COPY.
+
+    Returns (newlines seen, whether the data ends with one, whether some value may start or end with whitespace).
+    """
     newlines = 0
-    last = b"\n"
+    last = b"\n"  # as if after a line end: whitespace at the start of the data is found like any other
+    padded = False
+    patterns = _padding_patterns(delimiter)
     with cur.copy(statement) as copy:
         while chunk := fh.read(_CHUNK):
+            seam = last + chunk
             # COPY reads a line holding only \. as the end of the data: let the Python reader handle such a file
-            if b"\\." in last + chunk:
+            if b"\\." in seam:
                 raise _NotCopyable
+            padded = padded or any(p in seam for p in patterns)
             n = chunk.count(b"\n")
             newlines += n
             last = chunk[-1:]
             copy.write(chunk)
             if progress:
                 progress(n)
-    return newlines, last == b"\n"
+    padded = padded or (last != b"\n" and last in _WS_BYTES)
+    return newlines, last == b"\n", padded
+
+
+_WS_BYTES = tuple(c.encode() for c in _WS)
+
+
+def _padding_patterns(delimiter: bytes) -> tuple[bytes, ...]:
+    """Byte pairs that any value starting or ending with whitespace puts in a CSV file (and some that are harmless).
+
+    A value's first character follows a delimiter, a line end or an opening quote; its last one precedes a
+    delimiter, a line end or a closing quote. Outside quotes COPY reads \r only as (part of) a line end, and a
+    newline inside quotes makes the record span lines (the Python reader takes those files), so line-end
+    characters count only next to a quote. Vertical tab and form feed count wherever they are.
+    """
+    if not delimiter:
+        return ()
+    pairs = {b"\x0b", b"\x0c", b'"\r', b'\r"', b'"\n', b'\n"'}
+    for w in (b" ", b"\t"):
+        for edge in (delimiter, b'"', b"\n", b"\r"):
+            pairs.add(edge + w)
+            pairs.add(w + edge)
+    pairs.discard(delimiter + delimiter)  # an empty field (TSV: two tabs)
+    return tuple(sorted(pairs))
 
 
 def _json_line_reject(line: int, doc: str) -> Reject:

@@ -86,7 +86,8 @@ SELECT line, j ->> 'event_id', j ->> 'user_id', j ->> 'item_id', j ->> 'event_ty
  WHERE jsonb_typeof(j) = 'object'
 
 -- name: events_from_raw
--- One set-based pass (PostgreSQL >= 16) over the raw text: trim ASCII whitespace ('' is missing), cast,
+-- One set-based pass (PostgreSQL >= 16) over the raw text: trim ASCII whitespace (unless the reader saw none
+-- next to a field boundary: %(trim)s false; '' is missing), cast,
 -- and name the first unusable field of a bad row in the order the Python parser checks them. Times are
 -- YYYY-MM-DD[(T| )HH:MM[:SS[.ffffff]]][Z|+HH[:MM]] (naive = the session's zone, UTC on import) or unix
 -- seconds; the Python parser (engine/ingest.py parse_time) accepts the same forms.
@@ -116,14 +117,14 @@ SELECT line, event_id, user_id, item_id, event_type, ts, num, props, rid,
                CASE WHEN pg_input_is_valid(p, 'jsonb') THEN p::jsonb END AS props,
                CASE WHEN pg_input_is_valid(q, 'uuid') THEN q::uuid END AS rid
           FROM (SELECT r.line + %(line_offset)s AS line,
-                       nullif(btrim(r.event_id, E' \t\r\n\v\f'), '') AS event_id,
-                       nullif(btrim(r.user_id, E' \t\r\n\v\f'), '') AS user_id,
-                       nullif(btrim(r.item_id, E' \t\r\n\v\f'), '') AS item_id,
-                       nullif(btrim(r.event_type, E' \t\r\n\v\f'), '') AS event_type,
-                       nullif(btrim(r.occurred_at, E' \t\r\n\v\f'), '') AS o,
-                       nullif(btrim(r.value, E' \t\r\n\v\f'), '') AS v,
-                       nullif(btrim(r.properties, E' \t\r\n\v\f'), '') AS p,
-                       nullif(btrim(r.request_id, E' \t\r\n\v\f'), '') AS q
+                       nullif(CASE WHEN %(trim)s THEN btrim(r.event_id, E' \t\r\n\v\f') ELSE r.event_id END, '') AS event_id,
+                       nullif(CASE WHEN %(trim)s THEN btrim(r.user_id, E' \t\r\n\v\f') ELSE r.user_id END, '') AS user_id,
+                       nullif(CASE WHEN %(trim)s THEN btrim(r.item_id, E' \t\r\n\v\f') ELSE r.item_id END, '') AS item_id,
+                       nullif(CASE WHEN %(trim)s THEN btrim(r.event_type, E' \t\r\n\v\f') ELSE r.event_type END, '') AS event_type,
+                       nullif(CASE WHEN %(trim)s THEN btrim(r.occurred_at, E' \t\r\n\v\f') ELSE r.occurred_at END, '') AS o,
+                       nullif(CASE WHEN %(trim)s THEN btrim(r.value, E' \t\r\n\v\f') ELSE r.value END, '') AS v,
+                       nullif(CASE WHEN %(trim)s THEN btrim(r.properties, E' \t\r\n\v\f') ELSE r.properties END, '') AS p,
+                       nullif(CASE WHEN %(trim)s THEN btrim(r.request_id, E' \t\r\n\v\f') ELSE r.request_id END, '') AS q
                   FROM stage_events_raw r OFFSET 0) f
         OFFSET 0) c
 
@@ -173,8 +174,8 @@ ON CONFLICT (user_id) DO NOTHING
 -- name: ensure_partitions
 -- The partitions of the months that have events (not every month between the oldest and the newest: one
 -- event of 1970 among this year's must not create 600 empty partitions).
-SELECT coalesce(sum(pgrec.ensure_event_partitions(m, m)), 0)
-  FROM (SELECT DISTINCT date_trunc('month', occurred_at, 'UTC') AS m FROM stage_events ORDER BY 1) d
+SELECT coalesce(sum(pgrec.ensure_event_partitions(m AT TIME ZONE 'UTC', m AT TIME ZONE 'UTC')), 0)
+  FROM (SELECT DISTINCT date_trunc('month', occurred_at AT TIME ZONE 'UTC') AS m FROM stage_events ORDER BY 1) d
 
 -- name: merge_events
 -- Rows with a client event_id are kept only if (user, event_id) is new; all rows are deduplicated on the
