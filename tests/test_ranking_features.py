@@ -173,3 +173,19 @@ def test_item_counter_snapshot_equals_the_per_request_aggregate(db: TestDB) -> N
     assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 0
     with pytest.raises(Exception, match="in the future"):
         db.conn.execute("SELECT pgrec.refresh_item_stats(%s)", (today + timedelta(days=1),))
+
+
+def test_read_only_transaction_reads_past_features_without_building(db: TestDB) -> None:
+    # a read replica (or a read-only transaction) cannot store a snapshot: the per-request aggregate serves
+    _load(db)
+    user = db.scalar("SELECT user_key FROM pgrec.events GROUP BY user_key ORDER BY count(*) DESC LIMIT 1")
+    as_of = NOW - timedelta(days=10)
+    db.conn.autocommit = False
+    db.conn.execute("SET TRANSACTION READ ONLY")
+    fly = features.for_user_key(db.conn, user, n=40, as_of=as_of)
+    db.conn.rollback()
+    db.conn.autocommit = True
+    assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 0
+    built = features.for_user_key(db.conn, user, n=40, as_of=as_of)
+    assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 1
+    _same(fly, built)

@@ -234,10 +234,10 @@ BEGIN
         uvec := pgrec.user_vector(p_user_key, t);
     END IF;
     -- the item counters of day d: the snapshot when built; a past day's is built now (training replays ask for
-    -- the same few days again and again); today's is built by pgrec.refresh_item_stats, and until then the same
-    -- aggregate runs over this request's candidates
+    -- the same few days again and again); today's is built by pgrec.refresh_item_stats, and until then (or on a
+    -- read-only replica) the same aggregate runs over this request's candidates
     snap := EXISTS (SELECT 1 FROM pgrec.item_stats_days s WHERE s.day = d AND s.half_life_days = hl);
-    IF NOT snap AND d < (now() AT TIME ZONE 'UTC')::date THEN
+    IF NOT snap AND d < (now() AT TIME ZONE 'UTC')::date AND current_setting('transaction_read_only') = 'off' THEN
         PERFORM pgrec.refresh_item_stats(d, true);
         snap := true;
     END IF;
