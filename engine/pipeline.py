@@ -98,6 +98,7 @@ class Recommender:
         self._active = ActiveModel(check_every_s=float("inf"))
         self._pinned: dict[int, LoadedModel] = {}
         self._stats_day: date | None = None
+        self._stats_retry_at = 0.0  # after a failed build (e.g. a read-only replica), wait before trying again
         self._stats_lock = threading.Lock()
 
     def close(self) -> None:
@@ -170,7 +171,7 @@ class Recommender:
         function aggregates the daily counters per request: the same numbers, slower."""
         today = datetime.now(UTC).date()
         with self._stats_lock:
-            if self._stats_day == today:
+            if self._stats_day == today or time.monotonic() < self._stats_retry_at:
                 return
             self._stats_day = today
         threading.Thread(target=self._refresh_item_stats, name="pgrec-item-stats", daemon=True).start()
@@ -181,9 +182,10 @@ class Recommender:
             with connect(self.settings, check=False) as conn:
                 conn.execute("SELECT pgrec.refresh_item_stats(NULL, true)")
         except (psycopg.Error, DatabaseError) as e:
-            log.warning("building today's item counter snapshot failed (will retry): %s", e)
+            log.warning("building today's item counter snapshot failed (retrying in 15 minutes): %s", e)
             with self._stats_lock:
                 self._stats_day = None
+                self._stats_retry_at = time.monotonic() + 900
 
     # ------------------------------------------------------------ the funnel
 
