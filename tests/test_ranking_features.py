@@ -189,3 +189,26 @@ def test_read_only_transaction_reads_past_features_without_building(db: TestDB) 
     built = features.for_user_key(db.conn, user, n=40, as_of=as_of)
     assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 1
     _same(fly, built)
+
+
+def test_refresh_stats_command(db: TestDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.config import get_settings
+
+    _load(db)
+    monkeypatch.setenv("PGREC_DATABASE_URL", db.url)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        res = runner.invoke(app, ["db", "refresh-stats", "--day", "2026-05-20"])
+        assert res.exit_code == 0, res.output
+        assert db.scalar("SELECT items FROM pgrec.item_stats_days WHERE day = '2026-05-20'") == \
+            db.scalar("SELECT count(*) FROM pgrec.item_stats WHERE day = '2026-05-20'") > 0
+        res = runner.invoke(app, ["db", "refresh-stats", "--day", "tomorrow"])
+        assert res.exit_code == 1 and "is not a date" in res.output
+        res = runner.invoke(app, ["db", "refresh-stats", "--day", "2999-01-01"])
+        assert res.exit_code == 1 and "in the future" in res.output
+    finally:
+        get_settings.cache_clear()

@@ -75,6 +75,28 @@ def db_current() -> None:
     console.print(migrate.current(get_settings()))
 
 
+@db_app.command("refresh-stats")
+def db_refresh_stats(
+    day: Annotated[str | None, typer.Option("--day", help="UTC day (YYYY-MM-DD); default today")] = None,
+) -> None:
+    """Build the day's snapshot of the ranker's item counters (pgrec.refresh_item_stats); run it daily from
+    cron when no pgrec service or Python facade does it."""
+    from datetime import date
+
+    try:
+        d = date.fromisoformat(day) if day is not None else None
+    except ValueError:
+        raise fail(f"--day: {day!r} is not a date (YYYY-MM-DD)") from None
+    t0 = time.perf_counter()
+    with db_connection() as conn:
+        try:
+            row = conn.execute("SELECT pgrec.refresh_item_stats(%s)", (d,)).fetchone()
+        except psycopg.errors.InvalidParameterValue as exc:
+            raise fail(str(exc.diag.message_primary or exc)) from None
+    console.print(f"item counter snapshot of {d or 'today'}: {row[0] if row else 0:,} items "
+                  f"in {time.perf_counter() - t0:.1f}s")
+
+
 @db_app.command("stop")
 def db_stop() -> None:
     """Stop the embedded PostgreSQL server (if this machine runs one)."""
