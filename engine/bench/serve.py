@@ -52,6 +52,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+WARM = 20  # untimed warm-up requests per path (plans cached, pages in memory)
+
+
 def _pct(xs: list[float]) -> tuple[float, float, float]:
     a = np.asarray(xs)
     return float(np.percentile(a, 50)), float(np.percentile(a, 95)), float(np.percentile(a, 99))
@@ -160,6 +163,7 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         compiled = conn.execute(query("serving.compiled"), {"version": version}).fetchone()
         counts: tuple[Any, ...] = conn.execute(query("core.row_counts")).fetchone() or (0, 0, 0)
         picks = [rng.choice(users) for _ in range(cfg.requests)]
+        warm = [rng.choice(users) for _ in range(WARM)]
         yield (f"data: {counts[0]:,} items, {counts[1]:,} users, {counts[2]:,} events; ranker v{version} "
                f"({compiled[2] if compiled else '?'} trees); {n_cand} candidates per request; k={cfg.k}; "
                f"{cfg.requests} requests per path, one client")
@@ -167,12 +171,12 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         # bare probe: HNSW top-100 on the same table, same session settings
         conn.execute("SET hnsw.ef_search = 100")
         probe: list[float] = []
-        for i in range(cfg.requests + 20):
+        for i in range(cfg.requests + WARM):
             v = vecs[rng.randrange(len(vecs))]
             t0 = time.perf_counter()
             conn.execute("SELECT item_key FROM pgrec.item_embeddings ORDER BY embedding OPERATOR(public.<=>) %s "
                          "LIMIT 100", (v,)).fetchall()
-            if i >= 20:
+            if i >= WARM:
                 probe.append((time.perf_counter() - t0) * 1e3)
 
         # SQL-only path, total and its parts measured one by one
@@ -189,20 +193,20 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
             "pgrec.recommend (total)": "SELECT count(*) FROM pgrec.recommend(%(u)s, %(k)s)",
         }
         for name, sql in stmts.items():
-            for i, u in enumerate(picks[:20] + picks):
+            for i, u in enumerate(warm + picks):
                 t0 = time.perf_counter()
                 conn.execute(sql, {"u": u, "k": cfg.k}).fetchall()
-                if i >= 20:
+                if i >= WARM:
                     stages[name].append((time.perf_counter() - t0) * 1e3)
 
     # Python path
     py: dict[str, list[float]] = {}
     with Recommender(settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2})) as rec:
-        for i, u in enumerate(picks[:20] + picks):
+        for i, u in enumerate(warm + picks):
             t0 = time.perf_counter()
             r = rec.recommend(u, k=cfg.k)
             wall = (time.perf_counter() - t0) * 1e3
-            if i >= 20:
+            if i >= WARM:
                 for key, val in r.timings_ms.items():
                     py.setdefault(key, []).append(val)
                 py.setdefault("wall (incl. pool)", []).append(wall)
