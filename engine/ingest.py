@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -543,14 +544,14 @@ def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sq
     newlines = 0
     last = b"\n"  # as if after a line end: whitespace at the start of the data is found like any other
     padded = False
-    patterns = _padding_patterns(delimiter)
+    padding_in = _padding_finder(delimiter)
     with cur.copy(statement) as copy:
         while chunk := fh.read(_CHUNK):
             seam = last + chunk
             # COPY reads a line holding only \. as the end of the data: let the Python reader handle such a file
             if b"\\." in seam:
                 raise _NotCopyable
-            padded = padded or any(p in seam for p in patterns)
+            padded = padded or padding_in(seam)
             n = chunk.count(b"\n")
             newlines += n
             last = chunk[-1:]
@@ -581,6 +582,21 @@ def _padding_patterns(delimiter: bytes) -> tuple[bytes, ...]:
             pairs.add(w + edge)
     pairs.discard(delimiter + delimiter)  # an empty field (TSV: two tabs)
     return tuple(sorted(pairs))
+
+
+def _padding_finder(delimiter: bytes) -> Callable[[bytes], bool]:
+    """Whether a chunk holds one of ``_padding_patterns``: a few byte scans, and one regex search only when the
+    chunk has spaces, quotes or (CSV) tabs at all."""
+    patterns = _padding_patterns(delimiter)
+    if not patterns:
+        return lambda data: False
+    regex = re.compile(b"|".join(re.escape(p) for p in patterns))
+    triggers = tuple(b for b in (b" ", b'"', b"\t", b"\x0b", b"\x0c") if b != delimiter)
+
+    def find(data: bytes) -> bool:
+        return any(t in data for t in triggers) and regex.search(data) is not None
+
+    return find
 
 
 def _json_line_reject(line: int, doc: str) -> Reject:
