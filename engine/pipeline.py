@@ -133,21 +133,17 @@ class Recommender:
         with self._connection() as conn:
             for start in range(0, len(user_ids), BATCH):
                 batch = list(user_ids[start:start + BATCH])
-                contexts = self._contexts(conn, batch, ctx, as_of, exclude_seen)
+                contexts = self._contexts(batch, ctx, exclude_seen)
                 out.extend(self._serve(conn, batch, k, surface, contexts, as_of, log, variant))
         return out
 
-    def _contexts(self, conn: psycopg.Connection[Any], user_ids: list[str], ctx: str, as_of: datetime | None,
-                  exclude_seen: bool) -> dict[str, str]:
-        """The request context per user: the same for all, plus each user's seen items with ``exclude_seen``."""
-        if not exclude_seen:
-            return dict.fromkeys(user_ids, ctx)
-        base = json.loads(ctx)
-        if "exclude" in base and not isinstance(base["exclude"], list):
-            raise InvalidRequest("context.exclude must be a list of item ids")
-        seen = dict(conn.execute(query("serving.seen_items"), {"user_ids": user_ids, "as_of": as_of}).fetchall())
-        return {uid: json.dumps(base | {"exclude": list(base.get("exclude") or []) + list(seen.get(uid) or [])})
-                for uid in user_ids}
+    @staticmethod
+    def _contexts(user_ids: list[str], ctx: str, exclude_seen: bool) -> dict[str, str]:
+        """The request context per user (the same for all); ``exclude_seen`` sets context.exclude_seen, which
+        ``pgrec.finish_request`` turns into the user's seen items (the SQL-only path reads the same key)."""
+        if exclude_seen:
+            ctx = json.dumps(json.loads(ctx) | {"exclude_seen": True})
+        return dict.fromkeys(user_ids, ctx)
 
     def similar(self, item_id: str, k: int = 20) -> list[ScoredItem]:
         """Items like ``item_id`` (item-embedding HNSW neighbours plus co-occurrence). Unknown item: NotFound."""

@@ -289,3 +289,25 @@ def test_exclude_seen_without_a_policy(sdb: TestDB) -> None:
         assert len(r.items) == 10
         assert not seen(r.user_id) & {i.item_id for i in r.items}
         assert r.dropped.get("request_exclude", 0) > 0
+
+
+def test_exclude_seen_on_the_sql_path(sdb: TestDB) -> None:
+    sdb.conn.execute("UPDATE pgrec.policies SET enabled = false WHERE name = 'exclude-seen'")
+    user = _users(sdb, 1)[0]
+    seen = {r[0] for r in sdb.conn.execute(
+        "SELECT i.item_id FROM pgrec.events e JOIN pgrec.items i USING (item_key) JOIN pgrec.users u "
+        "USING (user_key) WHERE u.user_id = %s AND e.occurred_at < %s", (user, AS_OF)).fetchall()}
+
+    def sql(context: dict[str, Any]) -> list[str]:
+        return [r[2] for r in sdb.conn.execute(query("serving.recommend_sql"), {
+            "user_id": user, "k": 10, "surface": "default", "context": json.dumps(context), "as_of": AS_OF,
+            "model_version": None, "policy_set": None, "variant": None, "log": False}).fetchall()]
+
+    assert seen & set(sql({}))
+    clean = sql({"exclude_seen": True})
+    assert len(clean) == 10 and not seen & set(clean)
+    with Recommender(sdb.settings) as rec:   # the Python path sends the same flag: the same list
+        assert [i.item_id for i in rec.recommend(user, as_of=AS_OF, log=False, exclude_seen=True).items] == clean
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="exclude_seen must be true or false"):
+        sql({"exclude_seen": "yes"})
+    sdb.conn.rollback()

@@ -11,6 +11,9 @@ by the retrieval model) and ``pgrec.user_vector`` v2 adding them (``pgrec.proper
 candidates v2: the history source looks its scored items up one by one (the planner hash-joined the whole
 catalog: 16.9 -> 5.7 ms at 20k items).
 
+serving v2: ``context.exclude_seen`` (true: every item the user had an event with is excluded), handled in
+``pgrec.finish_request`` for the Python and SQL paths alike.
+
 Request-path functions also pin ``max_parallel_workers_per_gather = 0``: a parallel plan for a per-user
 statement spends milliseconds starting workers (measured 8.6 vs 2.4 ms for the fresh source's query).
 
@@ -89,6 +92,7 @@ COMMENT ON TABLE pgrec.user_feature_embeddings IS
     )
     sqlfiles.apply("features", 2)
     sqlfiles.apply("candidates", 2)
+    sqlfiles.apply("serving", 2)
     for fn in NO_PARALLEL:
         bind.exec_driver_sql(f"ALTER FUNCTION {fn} SET max_parallel_workers_per_gather = 0")
 
@@ -97,10 +101,12 @@ def downgrade() -> None:
     bind = op.get_bind()
     for fn in NO_PARALLEL:
         bind.exec_driver_sql(f"ALTER FUNCTION {fn} RESET max_parallel_workers_per_gather")
+    sqlfiles.revert("serving", 2)
     sqlfiles.revert("candidates", 2)
     sqlfiles.revert("features", 2)
     # v1's definition carries no SET clause: restore what 0008 pinned
-    bind.exec_driver_sql("ALTER FUNCTION pgrec.candidate_features_by_key(bigint, text, integer, timestamptz, bigint[]) "
-                         "SET plan_cache_mode = force_custom_plan")
+    for fn in ("pgrec.candidate_features_by_key(bigint, text, integer, timestamptz, bigint[])",
+               "pgrec.recommend(text, integer, text, jsonb, timestamptz, bigint, text, text, boolean)"):
+        bind.exec_driver_sql(f"ALTER FUNCTION {fn} SET plan_cache_mode = force_custom_plan")
     bind.exec_driver_sql("DROP TABLE IF EXISTS pgrec.item_stats, pgrec.item_segment_trend, pgrec.item_stats_days, "
                          "pgrec.user_feature_embeddings")

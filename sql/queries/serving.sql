@@ -84,12 +84,3 @@ SELECT DISTINCT ON (u.user_id) u.user_id, c.category
  WHERE e.polarity = 1 AND u.user_id = ANY(%(users)s::text[])
  GROUP BY u.user_id, c.category
  ORDER BY u.user_id, count(*) DESC, c.category
-
--- name: seen_items
--- Per user id: the items the user had any event with before as_of (NULL = now), for exclude_seen.
-SELECT u.user_id, coalesce(array_agg(DISTINCT i.item_id) FILTER (WHERE i.item_id IS NOT NULL), '{}') AS items
-  FROM unnest(%(user_ids)s::text[]) AS u(user_id)
-  LEFT JOIN pgrec.users us ON us.user_id = u.user_id
-  LEFT JOIN pgrec.events e ON e.user_key = us.user_key AND e.occurred_at < coalesce(%(as_of)s::timestamptz, now())
-  LEFT JOIN pgrec.items i ON i.item_key = e.item_key
- GROUP BY u.user_id
