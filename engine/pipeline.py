@@ -127,23 +127,18 @@ class Recommender:
                        variant: Variant | None = None, exclude_seen: bool = False) -> list[Recommendation]:
         """``recommend`` for many users, in batches: one candidates statement and one LightGBM call per batch,
         the policy calls pipelined. Returns one Recommendation per user id, in order."""
+        # exclude_seen travels as context.exclude_seen: pgrec.finish_request turns it into the user's seen items
+        # (the SQL-only path reads the same key)
         ctx = _check(user_ids, k, surface, context, as_of)
+        if exclude_seen:
+            ctx = json.dumps(json.loads(ctx) | {"exclude_seen": True})
         self._ensure_item_stats()
         out: list[Recommendation] = []
         with self._connection() as conn:
             for start in range(0, len(user_ids), BATCH):
-                batch = list(user_ids[start:start + BATCH])
-                contexts = self._contexts(batch, ctx, exclude_seen)
-                out.extend(self._serve(conn, batch, k, surface, contexts, as_of, log, variant))
+                out.extend(self._serve(conn, list(user_ids[start:start + BATCH]), k, surface, ctx, as_of, log,
+                                       variant))
         return out
-
-    @staticmethod
-    def _contexts(user_ids: list[str], ctx: str, exclude_seen: bool) -> dict[str, str]:
-        """The request context per user (the same for all); ``exclude_seen`` sets context.exclude_seen, which
-        ``pgrec.finish_request`` turns into the user's seen items (the SQL-only path reads the same key)."""
-        if exclude_seen:
-            ctx = json.dumps(json.loads(ctx) | {"exclude_seen": True})
-        return dict.fromkeys(user_ids, ctx)
 
     def similar(self, item_id: str, k: int = 20) -> list[ScoredItem]:
         """Items like ``item_id`` (item-embedding HNSW neighbours plus co-occurrence). Unknown item: NotFound."""
@@ -185,9 +180,8 @@ class Recommender:
 
     # ------------------------------------------------------------ the funnel
 
-    def _serve(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str,
-               context: dict[str, str], as_of: datetime | None, log: bool,
-               variant: Variant | None) -> list[Recommendation]:
+    def _serve(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
+               as_of: datetime | None, log: bool, variant: Variant | None) -> list[Recommendation]:
         t0 = time.perf_counter()
         model = self._model(conn, variant)
         rows, cols = self._candidates(conn, user_ids, surface, as_of, model)      # 1. candidates + features
@@ -236,12 +230,11 @@ class Recommender:
         cols = {d.name: i for i, d in enumerate(cur.description or ())}
         return rows, cols
 
-    def _finish(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str,
-                context: dict[str, str],
+    def _finish(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
                 as_of: datetime | None, log: bool, variant: Variant | None, model: LoadedModel | None,
                 scored: dict[str, _Scored]) -> list[dict[str, Any]]:
         params = [{"user_id": uid, "surface": surface, "k": k, "item_keys": scored[uid].item_keys,
-                   "scores": scored[uid].scores, "sources": scored[uid].sources, "context": context[uid],
+                   "scores": scored[uid].scores, "sources": scored[uid].sources, "context": context,
                    "as_of": as_of, "policy_set": variant.policy_set if variant else None,
                    "model_version": model.version if model else None, "variant": variant.name if variant else None,
                    "log": log} for uid in user_ids]
