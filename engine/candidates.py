@@ -1,11 +1,12 @@
 """Stage 1, candidate generation: from the whole catalog to a few hundred items per request, in SQL.
 
-The work happens in ``sql/candidates/v1.sql``; this module calls it by name. Five sources, each one SQL
+The work happens in ``sql/candidates/v2.sql``; this module calls it by name. Five sources, each one SQL
 function ``pgrec.source_<name>(user_key, k, as_of, categories, params)`` returning rows
 ``(item_key, source, score, rank)``:
 
 - ``ann``: the user vector (``pgrec.user_vector``: the latest positive events' item vectors, weighted by event
-  weight and recency, so the next request follows a new event) against the HNSW index of item embeddings,
+  weight and recency, so the next request follows a new event, plus the retrieval model's vectors of the
+  user's properties, so a user with no events has one too) against the HNSW index of item embeddings,
   available items only. ``hnsw.ef_search`` (raised to the LIMIT, at most 1000), ``iterative_scan`` and
   ``max_scan_tuples`` come from the source's params. With a category filter the function counts the matching
   items first (GIN index, capped): at most ``exact_max_rows`` -> an exact distance sort of those rows; more ->
