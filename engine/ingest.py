@@ -569,8 +569,8 @@ def _padding_patterns(delimiter: bytes) -> tuple[bytes, ...]:
     """Byte pairs that any value starting or ending with whitespace puts in a CSV file (and some that are harmless).
 
     A value's first character follows a delimiter, a line end or an opening quote; its last one precedes a
-    delimiter, a line end or a closing quote. Outside quotes COPY reads \r only as (part of) a line end, and a
-    newline inside quotes makes the record span lines (the Python reader takes those files), so line-end
+    delimiter, a line end or a closing quote. Outside quotes COPY reads a carriage return only as (part of) a
+    line end, and a newline inside quotes makes the record span lines (the Python reader takes those files), so line-end
     characters count only next to a quote. Vertical tab and form feed count wherever they are.
     """
     if not delimiter:
