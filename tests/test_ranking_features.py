@@ -206,6 +206,13 @@ def test_refresh_stats_command(db: TestDB, monkeypatch: pytest.MonkeyPatch) -> N
         assert res.exit_code == 0, res.output
         assert db.scalar("SELECT items FROM pgrec.item_stats_days WHERE day = '2026-05-20'") == \
             db.scalar("SELECT count(*) FROM pgrec.item_stats WHERE day = '2026-05-20'") > 0
+        res = runner.invoke(app, ["doctor"])
+        assert res.exit_code == 0, res.output
+        assert "none for today" in " ".join(res.output.split())
+        res = runner.invoke(app, ["db", "refresh-stats"])
+        assert res.exit_code == 0 and "snapshot of today" in res.output, res.output
+        res = runner.invoke(app, ["doctor"])
+        assert "none for today" not in " ".join(res.output.split()) and "built" in res.output
         res = runner.invoke(app, ["db", "refresh-stats", "--day", "tomorrow"])
         assert res.exit_code == 1 and "is not a date" in res.output
         res = runner.invoke(app, ["db", "refresh-stats", "--day", "2999-01-01"])

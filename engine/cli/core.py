@@ -249,6 +249,11 @@ def doctor() -> None:
             names = ("items", "users", "events", "item_embeddings", "user_embeddings", "impressions", "models")
             for name, value in zip(names, row or (), strict=False):
                 t.add_row(f"rows {name}", f"{value:,}")
+            snap = conn.execute(query("core.item_stats_status")).fetchone()
+            t.add_row("item counter snapshot",
+                      f"{snap[0]} ({snap[1]:,} items, built {snap[2]:%Y-%m-%d %H:%M} UTC)" if snap and snap[3] else
+                      "[yellow]none for today: features aggregate per request until the service builds it or "
+                      "`pgrec db refresh-stats` runs[/]")
             for key, value, _ in conn.execute(query("core.config")).fetchall():
                 t.add_row(f"config {key}", value)
         except psycopg.errors.UndefinedTable:

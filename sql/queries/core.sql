@@ -9,6 +9,11 @@ SELECT (SELECT count(*) FROM pgrec.items) AS items,
        (SELECT count(*) FROM pgrec.impressions) AS impressions,
        (SELECT count(*) FROM pgrec.models) AS models
 
+-- name: item_stats_status
+-- The newest item counter snapshot (pgrec.refresh_item_stats) and whether it is today's.
+SELECT s.day, s.items, s.built_at, s.day = (now() AT TIME ZONE 'UTC')::date AS today
+  FROM pgrec.item_stats_days s ORDER BY s.day DESC LIMIT 1
+
 -- name: dataset_stats
 SELECT count(*) AS events,
        count(DISTINCT user_key) AS active_users,
