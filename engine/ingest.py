@@ -112,7 +112,9 @@ def parse_time(v: Any, name: str, *, required: bool) -> datetime | None:
         if isinstance(v, int | float) and not isinstance(v, bool):
             seconds: float | None = float(v)
         elif len(s) >= 10 and s[4] == "-" and s[7] == "-":
-            if not _ISO_CHARS.issuperset(s):
+            # a date, then nothing or a time from HH:MM on (hours 00-23), digits and ISO punctuation only
+            if not _ISO_CHARS.issuperset(s) or (len(s) > 10 and not (s[10] in "T " and s[13:14] == ":"
+                                                                     and "00" <= s[11:13] <= "23")):
                 raise ValueError(s)
             seconds = None
         elif _UNIX_CHARS.issuperset(s):

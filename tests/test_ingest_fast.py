@@ -40,6 +40,9 @@ b13,u1,a,click,2024-02-01T10:00:00Z,,,not-a-uuid
 b14,u1,a,poke,2024-02-01T10:00:00Z,,,
 b15,u1,ghost,click,2024-02-01T10:00:00Z,,,
 b16,u1,a,click,2024-02-01 10:00 Europe/Berlin,,,
+b17,u1,a,click,2024-02-01T10,,,
+b18,u1,a,click,2024-02-01+02:00,,,
+b19,u1,a,click,2024-02-01T24:00:00,,,
 """.format(long="x" * 300)
 
 
@@ -84,7 +87,8 @@ def test_bad_rows_get_the_python_parsers_reasons(db: TestDB, tmp_path: Path, mon
     assert [(line, f) for line, f, _ in fast] == [
         (3, "occurred_at"), (4, "occurred_at"), (5, "occurred_at"), (6, "occurred_at"), (7, "user_id"),
         (8, "item_id"), (9, "event_type"), (10, "event_id"), (11, "value"), (12, "value"), (13, "properties"),
-        (14, "properties"), (15, "request_id"), (18, "occurred_at")]
+        (14, "properties"), (15, "request_id"), (18, "occurred_at"), (19, "occurred_at"), (20, "occurred_at"),
+        (21, "occurred_at")]
     assert fast[0][2] == "not an ISO 8601 time or unix seconds ('not-a-time')"
     assert "in the future" in fast[2][2] and fast[3][2] == "is required"
     assert fast[9][2] == "must be a finite number" and fast[10][2].startswith("not valid JSON (")
@@ -99,7 +103,7 @@ def test_skip_invalid_same_result_on_both_paths(db: TestDB, tmp_path: Path, monk
     _setup(db, tmp_path)
     path = _write(tmp_path / "bad.csv", BAD_CSV)
     r = ingest.import_file(db.conn, "events", path, skip_invalid=True, rejects_path=tmp_path / "fast.jsonl")
-    assert (r.checked_by, r.stored, len(r.rejected)) == ("sql", 1, 16)
+    assert (r.checked_by, r.stored, len(r.rejected)) == ("sql", 1, 19)
     # unknown type and item come from the reference check, after the field checks
     assert [(x.line, x.field) for x in r.rejected][-2:] == [(16, "event_type"), (17, "item_id")]
     fast_rows = _events(db)
@@ -110,7 +114,7 @@ def test_skip_invalid_same_result_on_both_paths(db: TestDB, tmp_path: Path, monk
     assert sorted((x.line, x.field, x.reason) for x in s.rejected) == sorted(
         (x.line, x.field, x.reason) for x in r.rejected)
     assert _events(db) == fast_rows
-    assert (tmp_path / "fast.jsonl").read_text().count("\n") == 16
+    assert (tmp_path / "fast.jsonl").read_text().count("\n") == 19
 
 
 def test_jsonl_on_the_sql_path(db: TestDB, tmp_path: Path) -> None:

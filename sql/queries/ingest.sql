@@ -105,8 +105,10 @@ SELECT line, event_id, user_id, item_id, event_type, ts, num, props, rid,
             WHEN q IS NOT NULL AND rid IS NULL THEN 'request_id'
        END
   FROM (SELECT line, event_id, user_id, item_id, event_type, v, p, q,
-               CASE WHEN o LIKE '____-__-__%%' THEN
-                        CASE WHEN o !~ '[^0-9T:.Z+ -]' AND pg_input_is_valid(o, 'timestamptz')
+               CASE WHEN o LIKE '____-__-__%%' THEN  -- a date, then nothing or a time from HH:MM on
+                        CASE WHEN (octet_length(o) = 10 OR o LIKE '____-__-__T__:%%' OR o LIKE '____-__-__ __:%%')
+                                  AND o NOT LIKE '____-__-___24%%'
+                                  AND o !~ '[^0-9T:.Z+ -]' AND pg_input_is_valid(o, 'timestamptz')
                              THEN o::timestamptz END
                     WHEN o !~ '[^0-9.-]' AND pg_input_is_valid(o, 'float8') THEN
                         CASE WHEN o::float8 BETWEEN -62135596800 AND 253402300799
