@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import lightgbm as lgb
@@ -138,3 +139,28 @@ def test_label_windows_hold_equal_shares_of_events(db: TestDB) -> None:
         assert abs(n - 0.1 * before) <= 2
     with pytest.raises(InvalidRequest, match="window_share"):
         plan_windows(db.conn, until, RankerConfig(cutoffs=3, window_share=0.3))
+
+
+def test_latest_windows_validate_then_every_window_trains(db: TestDB) -> None:
+    """Early stopping on the last ``valid_windows`` windows; the refit model is trained on every window for the
+    chosen number of rounds; without refit the early-stopped model is kept."""
+    from engine.ranking import dataset
+    from engine.ranking.train import plan_windows
+
+    datasets.generate(datasets.GeneratorConfig(users=80, items=60, events=2500, days=60, dim=16, seed=3),
+                      now=NOW).load(db.conn)
+    until = NOW - timedelta(days=1)
+    config = RankerConfig(cutoffs=3, window_share=0.08, valid_windows=2, n_candidates=30, num_boost_round=40,
+                          early_stopping_rounds=10, min_data_in_leaf=5, num_threads=1)
+    windows = plan_windows(db.conn, until, config)
+    per_window = [len(dataset.replay(db.conn, c, end=e, n=30).group) for c, e in windows]
+    assert all(per_window)
+    trained = train_ranker(db.conn, config, until=until)
+    m = trained.metrics
+    assert m["train_groups"] == sum(per_window[:2]) and m["valid_groups"] == sum(per_window[2:])
+    assert trained.data_window["validation_cutoff"] == windows[2][0].isoformat()
+    assert m["refit_rounds"] == m["best_iteration"] == trained.booster.current_iteration()
+    kept = train_ranker(db.conn, replace(config, refit=False), until=until)
+    assert "refit_rounds" not in kept.metrics and kept.metrics["best_iteration"] == m["best_iteration"]
+    x = np.random.default_rng(0).normal(size=(5, len(trained.names)))
+    assert not np.allclose(trained.booster.predict(x), kept.booster.predict(x, num_iteration=m["best_iteration"]))

@@ -48,25 +48,29 @@ def _stages() -> Iterator[Any]:
 
 
 def _ranker_config(horizon_days: float | None, cutoff_count: int, n: int, max_users: int, rounds: int, seed: int,
-                   source: str, window_share: float = 0.025) -> Any:
+                   source: str, window_share: float = 0.025, valid_windows: int = 3) -> Any:
     from engine.ranking.train import RankerConfig
 
     if source not in ("replay", "impressions"):
         raise fail(f"--from must be 'replay' or 'impressions', got {source!r}")
     checks = {"--horizon-days": horizon_days is None or horizon_days > 0, "--cutoff-count": cutoff_count >= 1,
               "--window-share": 0 < window_share * (cutoff_count + 1) < 1, "--n": n >= 1,
-              "--max-users": max_users >= 1, "--rounds": rounds >= 1}
+              "--max-users": max_users >= 1, "--rounds": rounds >= 1, "--valid-windows": valid_windows >= 1}
     for name, ok in checks.items():
         if not ok:
             raise fail(f"{name}: out of range")
     return RankerConfig(horizon_days=horizon_days, window_share=window_share, cutoffs=cutoff_count, n_candidates=n,
-                        max_users_per_cutoff=max_users, num_boost_round=rounds, seed=seed, source=source)
+                        max_users_per_cutoff=max_users, num_boost_round=rounds, seed=seed, source=source,
+                        valid_windows=valid_windows)
 
 
 HorizonDays = Annotated[float | None, typer.Option(
     "--horizon-days", help="label window after each cutoff in days (default: windows of --window-share events)")]
 WindowShare = Annotated[float, typer.Option("--window-share", help="share of the events in each label window")]
-CutoffCount = Annotated[int, typer.Option("--cutoff-count", help="training cutoffs (plus one for validation)")]
+CutoffCount = Annotated[int, typer.Option("--cutoff-count", help="cutoffs (plus one); the last --valid-windows "
+                                                            "of them validate")]
+ValidWindows = Annotated[int, typer.Option("--valid-windows", help="latest label windows that choose the number of "
+                                                               "rounds (early stopping); then every window trains")]
 N = Annotated[int, typer.Option("--n", help="candidates per user")]
 MaxUsers = Annotated[int, typer.Option("--max-users", help="users sampled per cutoff")]
 Rounds = Annotated[int, typer.Option("--rounds", help="boosting rounds at most (early stopping)")]
@@ -91,7 +95,8 @@ def train_ranker_cmd(
     since: Annotated[str | None, typer.Option("--since", help="impressions: served from this time")] = None,
     horizon_days: HorizonDays = None,
     window_share: WindowShare = 0.025,
-    cutoff_count: CutoffCount = 4,
+    cutoff_count: CutoffCount = 9,
+    valid_windows: ValidWindows = 3,
     n: N = 300,
     max_users: MaxUsers = 2000,
     rounds: Rounds = 400,
@@ -101,7 +106,8 @@ def train_ranker_cmd(
     """Train the LightGBM lambdarank ranker and store it in the registry (active unless --no-activate)."""
     from engine.ranking.train import train_ranker
 
-    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, source, window_share)
+    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, source, window_share,
+                            valid_windows)
     cuts = None
     if cutoffs:
         cuts = [t for t in (_time(c.strip(), "--cutoffs") for c in cutoffs.split(",") if c.strip()) if t]
@@ -120,7 +126,8 @@ def train_ranker_cmd(
 def train_all_cmd(
     horizon_days: HorizonDays = None,
     window_share: WindowShare = 0.025,
-    cutoff_count: CutoffCount = 4,
+    cutoff_count: CutoffCount = 9,
+    valid_windows: ValidWindows = 3,
     n: N = 300,
     max_users: MaxUsers = 2000,
     rounds: Rounds = 400,
@@ -134,7 +141,8 @@ def train_all_cmd(
     event for serving."""
     from engine.ranking.train import train_all
 
-    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, "replay", window_share)
+    config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, "replay", window_share,
+                            valid_windows)
     with db_connection() as conn:
         try:
             with _stages() as progress:
@@ -217,7 +225,8 @@ def eval_cmd(
     ranker_horizon: Annotated[float | None, typer.Option("--ranker-horizon-days",
                                                          help="ranker label window (default: by event share)")] = None,
     window_share: WindowShare = 0.025,
-    cutoff_count: CutoffCount = 4,
+    cutoff_count: CutoffCount = 9,
+    valid_windows: ValidWindows = 3,
     no_retrieval: Annotated[bool, typer.Option("--no-retrieval", help="keep the stored item vectors")] = False,
     output: Annotated[Path, typer.Option("--output", help="folder for report.html/json and the PNGs")] = Path("out/eval"),
     seed: Seed = 42,
@@ -233,8 +242,10 @@ def eval_cmd(
 
     if split_at is not None and split_fraction is not None:
         raise fail("give --split-at or --split-fraction, not both")
+    if valid_windows < 1:
+        raise fail("--valid-windows: out of range")
     rc = replace(RankerConfig(), horizon_days=ranker_horizon, window_share=window_share, cutoffs=cutoff_count,
-                 n_candidates=n, seed=seed)
+                 n_candidates=n, seed=seed, valid_windows=valid_windows)
     config = funnel.EvalConfig(split_at=_time(split_at, "--split-at"), split_fraction=split_fraction,
                                horizon_days=horizon_days, n_candidates=n, max_users=max_users,
                                retrieval=not no_retrieval, ranker=rc, seed=seed)

@@ -51,6 +51,7 @@ class EvalConfig:
     ease_lambda: float = 200.0
     retrain: bool = True                       # co-occurrence and retrieval as of the cutoffs and the split
     retrieval: bool = True                     # train the two-tower model (else keep the stored vectors)
+    retrieval_every: int = 4                   # ranker replay: retrain it at the first and every k-th cutoff
     ranker: RankerConfig = field(default_factory=RankerConfig)
     seed: int = 42
 
@@ -213,14 +214,16 @@ def run(conn: psycopg.Connection[Any], config: EvalConfig | None = None, *,
     # 1. the ranker, on cutoffs before the split; co-occurrence / retrieval rebuilt as of each cutoff
     rc = config.ranker
     cutoffs = [c for c, _ in plan_windows(conn, cutoff, rc)]
-    # co-occurrence at every cutoff (cheap), the retrieval model once, as of the first cutoff (stale for the
-    # later ones but blind to every label window)
+    # co-occurrence at every cutoff (cheap), the retrieval model at the first and every k-th cutoff (stale for
+    # the ones in between but blind to every label window)
+    every = max(1, config.retrieval_every)
+
     def prepare(c: datetime) -> None:
-        _retrain(conn, c, config, retrieval=c == cutoffs[0], progress=progress)
+        _retrain(conn, c, config, retrieval=cutoffs.index(c) % every == 0, progress=progress)
 
     if config.retrieval and config.retrain:
-        notes.append("ranker training: co-occurrence rebuilt as of each cutoff, the retrieval model trained once "
-                     "as of the first cutoff; both again as of the split for the test")
+        notes.append(f"ranker training: co-occurrence rebuilt as of each cutoff, the retrieval model as of the first "
+                     f"and every {every}th cutoff; both again as of the split for the test")
     trained = train_ranker(conn, rc, until=cutoff, cutoffs=cutoffs, prepare=prepare if config.retrain else None,
                            progress=progress)
     timings["train_ranker"] = time.perf_counter() - t0

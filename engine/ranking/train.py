@@ -2,8 +2,11 @@
 
 Label windows: with an end time ``until`` (default: the newest event), the windows are consecutive and end at
 ``until``: by default each holds the same share of the events (``window_share``), so a sparse stretch of the log
-gets a longer window; with ``horizon_days`` each is that many days. The last window is used only for early
-stopping (validation, a later time than every training label); no label window overlaps another.
+gets a longer window; with ``horizon_days`` each is that many days. The last ``valid_windows`` windows are used
+for early stopping (validation, a later time than every training label); no label window overlaps another.
+With ``refit`` (the default) the model is then trained again on every window, validation included, for the
+number of rounds early stopping chose: the served model has seen the most recent behaviour, and the number of
+rounds comes from several windows instead of one small one.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ class RankerConfig:
 
     horizon_days: float | None = None   # label window after each cutoff (None: windows of window_share events)
     window_share: float = 0.025         # share of the events before `until` in each label window
-    cutoffs: int = 4                    # training cutoffs (plus one validation cutoff after them)
+    cutoffs: int = 9                    # cutoffs (plus one): the windows before the validation ones train
+    valid_windows: int = 3              # the latest windows validate early stopping (at most all but one)
+    refit: bool = True                  # then train on every window for the early-stopped number of rounds
     n_candidates: int = 300             # candidates per group (the serving n should match)
     max_users_per_cutoff: int = 2000    # sampled (seeded) when more users are active after a cutoff
     surface: str = "default"
@@ -170,10 +175,17 @@ def importance(booster: lgb.Booster) -> dict[str, float]:
                                                    key=lambda p: -p[1])}
 
 
+def refit(train: TrainingSet, valid: TrainingSet, rounds: int, config: RankerConfig) -> lgb.Booster:
+    """Train on ``train`` and ``valid`` together for a fixed number of rounds (chosen by early stopping)."""
+    both = train.extend(valid)
+    return lgb.train(_lgb_params(config), _dataset(both), num_boost_round=max(1, rounds))
+
+
 def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, windows: Sequence[Window],
                progress: Progress | None = None,
                prepare: Callable[[datetime], None] | None = None) -> tuple[TrainingSet, TrainingSet]:
-    """Replay at every window: all but the last train, the last validates (one window: no validation).
+    """Replay at every window: the last ``valid_windows`` (at most all but one) validate, the earlier ones
+    train (one window: no validation).
 
     ``prepare(cutoff)`` runs before each replay (an evaluation rebuilds the stage-1 models as of the cutoff
     there, so the candidate sources never saw the label window)."""
@@ -185,10 +197,14 @@ def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, windows: Seq
                                    max_users=config.max_users_per_cutoff, seed=config.seed, progress=progress))
     if len(sets) == 1:
         return sets[0], TrainingSet.empty(sets[0].names)
+    v = min(max(1, config.valid_windows), len(sets) - 1)
     train = sets[0]
-    for s in sets[1:-1]:
+    for s in sets[1:-v]:
         train = train.extend(s)
-    return train, sets[-1]
+    valid = sets[-v]
+    for s in sets[len(sets) - v + 1:]:
+        valid = valid.extend(s)
+    return train, valid
 
 
 def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = None, *,
@@ -211,10 +227,11 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
     if config.source == "replay":
         windows = plan_windows(conn, end, config, cutoffs)
         train, valid = build_sets(conn, config, windows, progress, prepare)
+        v = min(max(1, config.valid_windows), len(windows) - 1)
         window = {"source": "replay", "cutoffs": [c.isoformat() for c, _ in windows],
                   "label_windows": [[c.isoformat(), e.isoformat()] for c, e in windows],
                   "horizon_days": config.horizon_days, "window_share": config.window_share,
-                  "validation_cutoff": windows[-1][0].isoformat() if len(windows) > 1 else None,
+                  "validation_cutoff": windows[-v][0].isoformat() if len(windows) > 1 else None,
                   "until": end.isoformat()}
     elif config.source == "impressions":
         start = since or first
@@ -227,6 +244,9 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
     else:
         raise InvalidRequest(f"source must be 'replay' or 'impressions', got {config.source!r}")
     booster, metrics = fit(train, valid, config, progress)
+    if config.refit and valid.group:
+        booster = refit(train, valid, metrics["best_iteration"], config)
+        metrics["refit_rounds"] = metrics["best_iteration"]
     metrics.update({"train_groups": len(train.group), "train_rows": train.rows,
                     "valid_groups": len(valid.group), "valid_rows": valid.rows,
                     "seconds": round(time.perf_counter() - t0, 2)})
