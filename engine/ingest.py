@@ -493,10 +493,11 @@ def _stage_raw_events(cur: psycopg.Cursor[Any], path: Path, result: ImportResult
             cur.execute(query("ingest.create_lines_stage"))
             _copy_chunks(cur, fh, sql.SQL(query("ingest.copy_lines")), progress)
             padded = True  # JSON puts spaces everywhere; the values themselves are checked by SQL
+            cur.execute(query("ingest.events_raw_from_lines"))
+            result.read = cur.rowcount
             cur.execute(query("ingest.bad_json_lines"))
             bad_lines = cur.fetchall()
-            cur.execute(query("ingest.events_raw_from_lines"))
-            result.read = cur.rowcount + len(bad_lines)
+            result.read += len(bad_lines)
             result.rejected.extend(_json_line_reject(line, doc) for line, doc in bad_lines)
             line_offset = 0
         else:

@@ -69,11 +69,12 @@ CREATE TEMP TABLE stage_lines (line int GENERATED ALWAYS AS IDENTITY, doc text) 
 COPY stage_lines (doc) FROM STDIN (FORMAT csv, DELIMITER E'\x01', QUOTE E'\x02')
 
 -- name: bad_json_lines
--- Lines of a JSONL file that are not one JSON object (blank lines are skipped, as the Python reader does).
-SELECT line, doc FROM stage_lines
- WHERE btrim(doc, E' \t\r\n') <> ''
-   AND (NOT pg_input_is_valid(doc, 'jsonb') OR jsonb_typeof(doc::jsonb) <> 'object')
- ORDER BY line
+-- After events_raw_from_lines: the lines of a JSONL file that are not one JSON object (blank lines are
+-- skipped, as the Python reader does), found without parsing any JSON again.
+SELECT l.line, l.doc FROM stage_lines l
+ WHERE btrim(l.doc, E' \t\r\n') <> ''
+   AND NOT EXISTS (SELECT 1 FROM stage_events_raw r WHERE r.line = l.line)
+ ORDER BY l.line
 
 -- name: events_raw_from_lines
 -- The fields of JSON-object lines, as text (->> gives strings bare, numbers and nested JSON as their text).
