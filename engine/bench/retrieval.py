@@ -28,6 +28,7 @@ def synthetic_data(events: int, users: int, items: int, seed: int = 11) -> Retri
         [ukeys[e["user_id"]] for e in ev], [keys[e["item_id"]] for e in ev], [p for _, p in w],
         [x for x, _ in w], [datetime.fromisoformat(e["occurred_at"]).timestamp() for e in ev],
         item_created=[datetime.fromisoformat(it["created_at"]).timestamp() for it in data.items],
+        user_properties={n: u.get("properties") for n, u in enumerate(data.users)},  # the user tower's features
     )
 
 
@@ -38,7 +39,7 @@ def run(*, events: int, users: int, items: int, dim: int, epochs: int) -> Iterat
     t0 = time.perf_counter()
     data = synthetic_data(events, users, items)
     yield (f"generated {len(data.ev_time):,} events, {data.n_users:,} users, {data.n_items:,} items "
-           f"in {time.perf_counter() - t0:.1f}s")
+           f"({sum(1 for t in data.user_tokens if t)} users with property tokens) in {time.perf_counter() - t0:.1f}s")
     lines: list[str] = []
 
     def on_epoch(s: EpochStats, batches: int) -> None:
