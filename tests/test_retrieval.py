@@ -350,3 +350,29 @@ def test_import_embeddings_rejects_bad_rows_and_stores_nothing(db: TestDB, tmp_p
         ingest.import_embeddings(db.conn, "users", ingest.read_embeddings(users))
     assert db.scalar("SELECT count(*) FROM pgrec.item_embeddings") == 0
     assert db.scalar("SELECT count(*) FROM pgrec.user_embeddings") == 0
+
+
+def test_bulk_vector_import_builds_the_index_after_the_load(db: TestDB) -> None:
+    _items(db)
+    index_def = "SELECT indexdef FROM pg_indexes WHERE schemaname = 'pgrec' AND indexname = 'item_embeddings_hnsw'"
+    before = db.scalar(index_def)
+    ids = [r[0] for r in db.conn.execute("SELECT item_id FROM pgrec.items ORDER BY item_key").fetchall()]
+    rng = np.random.default_rng(1)
+    rows = [(n + 1, i, rng.normal(size=TEST_DIM).tolist()) for n, i in enumerate(ids)]
+    # a bulk load into an empty table: the index is dropped and built again after the merge, the same one
+    assert ingest.import_embeddings(db.conn, "items", rows, bulk_index_rows=2) == len(ids)
+    assert db.scalar(index_def) == before
+    q = rows[0][2]
+    db.conn.execute("SET enable_seqscan = off")
+    plan = "\n".join(r[0] for r in db.conn.execute(
+        "EXPLAIN SELECT item_key FROM pgrec.item_embeddings ORDER BY embedding <=> %s::real[]::vector LIMIT 3",
+        (q,)).fetchall())
+    assert "item_embeddings_hnsw" in plan
+    top = db.scalar("SELECT i.item_id FROM pgrec.item_embeddings e JOIN pgrec.items i USING (item_key) "
+                    "ORDER BY e.embedding <=> %s::real[]::vector LIMIT 1", (q,))
+    assert top == rows[0][1]
+    db.conn.execute("RESET enable_seqscan")
+    # a smaller import into a filled table keeps the live index (no rebuild)
+    oid = db.scalar("SELECT 'pgrec.item_embeddings_hnsw'::regclass::oid")
+    ingest.import_embeddings(db.conn, "items", rows[:2], bulk_index_rows=2)
+    assert db.scalar("SELECT 'pgrec.item_embeddings_hnsw'::regclass::oid") == oid

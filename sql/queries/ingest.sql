@@ -249,6 +249,22 @@ SELECT s.line, s.id FROM stage_embeddings s LEFT JOIN pgrec.items i ON i.item_id
 SELECT s.line, s.id FROM stage_embeddings s LEFT JOIN pgrec.users u ON u.user_id = s.id
  WHERE u.user_key IS NULL ORDER BY s.line
 
+-- name: item_embedding_rows
+-- How many item vectors are stored, counted up to %(upto)s.
+SELECT count(*) FROM (SELECT 1 FROM pgrec.item_embeddings LIMIT %(upto)s) x
+
+-- name: drop_item_index
+DROP INDEX pgrec.item_embeddings_hnsw
+
+-- name: index_build_memory
+-- For the import transaction only: an index build that stays in memory.
+SELECT set_config('maintenance_work_mem', '1GB', true)
+
+-- name: create_item_index
+-- As migration 0001 creates it (a test compares the definitions).
+CREATE INDEX item_embeddings_hnsw ON pgrec.item_embeddings
+    USING hnsw (embedding public.vector_cosine_ops) WITH (m = 16, ef_construction = 64)
+
 -- name: merge_item_embeddings
 INSERT INTO pgrec.item_embeddings AS e (item_key, embedding, model_version)
 SELECT DISTINCT ON (i.item_key) i.item_key, pgrec.check_vector('item', s.id, s.v), %(model_version)s
