@@ -51,9 +51,7 @@ def property_tokens(properties: Mapping[str, Any] | None, keys: Sequence[str] | 
             continue
         values = value if isinstance(value, list) else [value]
         for v in values:
-            if isinstance(v, bool):
-                out.append(f"{key}={str(v).lower()}")
-            elif isinstance(v, int) or (isinstance(v, str) and 0 < len(v) <= 64):
+            if isinstance(v, int) or (isinstance(v, str) and 0 < len(v) <= 64):  # bool is an int
                 out.append(f"{key}={str(v).lower()}")
             elif isinstance(v, float) and math.isfinite(v):
                 out.append(f"{key}~{math.floor(math.log2(abs(v) + 1.0))}{'-' if v < 0 else ''}")

@@ -241,14 +241,13 @@ def user_vector(context: Sequence[Sequence[float]] | Sequence[np.ndarray] | np.n
     if not (np.all(np.isfinite(ctx)) and np.all(np.isfinite(w)) and np.all(np.isfinite(t))
             and np.all(np.isfinite(f))):
         raise InvalidRequest("user_vector: NaN or infinite value in the history")
-    u = np.zeros(f.shape[1] if len(f) else (ctx.shape[1] if ctx.ndim == 2 else 0))
-    if len(w):
-        ctx, w, t = ctx[-max_events:], w[-max_events:], t[-max_events:]
-        a = w * np.exp2(-(t.max() - t) / (half_life_days * 86400.0))
-        u = a @ ctx
-    if len(f):
-        u = u + f.sum(axis=0) / np.sqrt(len(f))
     if len(w) == 0 and len(f) == 0:
         return None
+    u = np.zeros(f.shape[1] if len(f) else ctx.shape[1])
+    if len(w):
+        ctx, w, t = ctx[-max_events:], w[-max_events:], t[-max_events:]
+        u = u + (w * np.exp2(-(t.max() - t) / (half_life_days * 86400.0))) @ ctx
+    if len(f):
+        u = u + f.sum(axis=0) / np.sqrt(len(f))
     n = float(np.linalg.norm(u))
     return None if n <= EPS else u / n

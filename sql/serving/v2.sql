@@ -78,15 +78,14 @@ BEGIN
         SELECT us.user_key INTO u FROM pgrec.users us WHERE us.user_id = p_user_id;
     END IF;
     IF (ctx ->> 'exclude_seen')::boolean AND u IS NOT NULL THEN
-        -- every item the user had any event with before as_of joins the request's exclude list
-        IF ctx ? 'exclude' AND jsonb_typeof(ctx -> 'exclude') NOT IN ('array', 'null') THEN
-            RAISE EXCEPTION 'pgrec.rerank: context.exclude must be a list of item ids' USING ERRCODE = '22023';
-        END IF;
-        ctx := jsonb_set(ctx, '{exclude}', coalesce(CASE WHEN jsonb_typeof(ctx -> 'exclude') = 'array'
-                                                          THEN ctx -> 'exclude' END, '[]')
+        -- every item the user had any event with before as_of joins the request's exclude list (a malformed
+        -- exclude is left as it is, for pgrec.rerank to refuse)
+        ctx := CASE WHEN coalesce(jsonb_typeof(ctx -> 'exclude'), 'null') NOT IN ('array', 'null') THEN ctx
+                    ELSE jsonb_set(ctx, '{exclude}', coalesce(CASE WHEN jsonb_typeof(ctx -> 'exclude') = 'array'
+                                                                    THEN ctx -> 'exclude' END, '[]')
             || coalesce((SELECT jsonb_agg(DISTINCT i.item_id)
                            FROM pgrec.events e JOIN pgrec.items i ON i.item_key = e.item_key
-                          WHERE e.user_key = u AND e.occurred_at < coalesce(p_as_of, now())), '[]'));
+                          WHERE e.user_key = u AND e.occurred_at < coalesce(p_as_of, now())), '[]')) END;
     END IF;
     r := pgrec.rerank(u, p_surface, p_k, coalesce(p_item_keys, '{}'), coalesce(p_scores, '{}'),
                       coalesce(p_sources, '{}'), ctx - 'exclude_seen', p_as_of, p_policy_set);
