@@ -359,6 +359,11 @@ def test_bulk_vector_import_builds_the_index_after_the_load(db: TestDB) -> None:
     ids = [r[0] for r in db.conn.execute("SELECT item_id FROM pgrec.items ORDER BY item_key").fetchall()]
     rng = np.random.default_rng(1)
     rows = [(n + 1, i, rng.normal(size=TEST_DIM).tolist()) for n, i in enumerate(ids)]
+    # a bad vector in a bulk load: refused by name, the index and the table as they were
+    bad = [*rows[:-1], (len(rows), rows[-1][1], [float("nan")] * TEST_DIM)]
+    with pytest.raises(ingest.ImportFailed, match="NaN"):
+        ingest.import_embeddings(db.conn, "items", bad, bulk_index_rows=2)
+    assert db.scalar(index_def) == before and db.scalar("SELECT count(*) FROM pgrec.item_embeddings") == 0
     # a bulk load into an empty table: the index is dropped and built again after the merge, the same one
     assert ingest.import_embeddings(db.conn, "items", rows, bulk_index_rows=2) == len(ids)
     assert db.scalar(index_def) == before
