@@ -1,0 +1,54 @@
+"""request-path speed and ranker features (third session)
+
+Applies the next version of each SQL concern changed in this session. A concern whose file ends up unchanged
+is dropped from this list before release.
+
+Revision ID: 0010
+Revises: 0009
+"""
+
+from __future__ import annotations
+
+import sqlfiles
+from alembic import op
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+# concern -> the version this migration applies
+VERSIONS = {"ingest": 2, "policies": 2, "features": 3, "candidates": 3}
+
+# what 0008 and 0009 pinned with ALTER FUNCTION on the request path; a file re-applied on downgrade carries no
+# SET clause of its own, so the downgrade pins these again (new files put their SET clauses in the definition)
+PINNED = {
+    "pgrec.candidates_by_key(bigint, text, integer, timestamptz, text[])":
+        ["max_parallel_workers_per_gather = 0"],
+    "pgrec.candidate_sources_call(text, bigint, integer, timestamptz, text[], jsonb)":
+        ["max_parallel_workers_per_gather = 0"],
+    "pgrec.rerank(bigint, text, integer, bigint[], float8[], text[], jsonb, timestamptz, text)":
+        ["max_parallel_workers_per_gather = 0", "plan_cache_mode = auto"],
+    "pgrec.similar_items(text, integer)": ["max_parallel_workers_per_gather = 0"],
+    "pgrec.trending_items(text, integer, timestamptz)": ["max_parallel_workers_per_gather = 0"],
+}
+
+
+def upgrade() -> None:
+    for concern, version in VERSIONS.items():
+        sqlfiles.apply(concern, version)
+    # until a new file states them in the definition, keep the settings 0008/0009 pinned
+    _pin()
+
+
+def downgrade() -> None:
+    for concern, version in reversed(VERSIONS.items()):
+        sqlfiles.revert(concern, version)
+    _pin()
+
+
+def _pin() -> None:
+    bind = op.get_bind()
+    for fn, settings in PINNED.items():
+        for setting in settings:
+            bind.exec_driver_sql(f"ALTER FUNCTION {fn} SET {setting}")
