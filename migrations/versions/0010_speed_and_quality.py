@@ -18,7 +18,9 @@ branch_labels = None
 depends_on = None
 
 # concern -> the version this migration applies
-VERSIONS = {"ingest": 2, "policies": 2, "features": 3, "candidates": 3}
+# (aggregates v1 holds the triggers on pgrec.events, moved out of features v2 and candidates v2: applied last,
+# reverted first, so reverting it drops them and re-applying features v2 / candidates v2 restores them)
+VERSIONS = {"ingest": 2, "policies": 2, "features": 3, "candidates": 3, "aggregates": 1}
 
 # what 0008 and 0009 pinned with ALTER FUNCTION on the request path; a file re-applied on downgrade carries no
 # SET clause of its own, so the downgrade pins these again (new files put their SET clauses in the definition)
