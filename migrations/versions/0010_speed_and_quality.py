@@ -37,6 +37,23 @@ PINNED = {
 
 
 def upgrade() -> None:
+    op.get_bind().exec_driver_sql(
+        """
+-- Item-to-item neighbours learned by a model other than co-occurrence (pgrec.item_neighbors): top-N per item,
+-- one list per model name (for example 'ease' item-item weights, 'embedding' nearest item vectors).
+CREATE TABLE pgrec.model_neighbors (
+    model        text NOT NULL,
+    item_key     bigint NOT NULL,
+    rank         int NOT NULL,
+    neighbor_key bigint NOT NULL,
+    score        real NOT NULL,
+    built_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (model, item_key, rank)
+);
+COMMENT ON TABLE pgrec.model_neighbors IS
+  'Top-N neighbours per item from a learned item-item model (model: ease, embedding, ...), rank 1 = best.';
+"""
+    )
     for concern, version in VERSIONS.items():
         sqlfiles.apply(concern, version)
     # until a new file states them in the definition, keep the settings 0008/0009 pinned
@@ -47,6 +64,7 @@ def downgrade() -> None:
     for concern, version in reversed(VERSIONS.items()):
         sqlfiles.revert(concern, version)
     _pin()
+    op.get_bind().exec_driver_sql("DROP TABLE IF EXISTS pgrec.model_neighbors")
 
 
 def _pin() -> None:
