@@ -85,10 +85,20 @@ def test_models_and_explain_commands(db: TestDB, monkeypatch: pytest.MonkeyPatch
         get_settings.cache_clear()
 
 
-def test_train_all_keeps_label_windows_out_of_the_ranker_features(db: TestDB) -> None:
+def test_train_all_keeps_label_windows_out_of_the_ranker_features(db: TestDB,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import itemsim
     from engine.ranking.train import default_cutoffs, train_all
 
     _world(db)
+    ease_as_of: list[datetime | None] = []
+    build_ease = itemsim.build_ease
+
+    def recording(conn: object, *, as_of: datetime | None = None, **kw: object) -> itemsim.EaseBuild:
+        ease_as_of.append(as_of)
+        return build_ease(conn, as_of=as_of, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(itemsim, "build_ease", recording)
     rc = RankerConfig(horizon_days=7, cutoffs=1, n_candidates=20, max_users_per_cutoff=15, num_boost_round=10,
                       min_data_in_leaf=5, num_threads=1)
     result = train_all(db.conn, rc, retrieval=True, retrieval_epochs=2)
@@ -102,3 +112,6 @@ def test_train_all_keeps_label_windows_out_of_the_ranker_features(db: TestDB) ->
     assert windows == [cutoffs[0].isoformat(), None]  # as of the first cutoff, then on everything
     assert db.scalar("SELECT active FROM pgrec.models WHERE version = %s", (result.retrieval_version,))
     assert result.ranker.metrics["train_groups"] > 0
+    # EASE neighbours likewise: as of each cutoff, then from every event (as_of None = now) for serving
+    assert ease_as_of == [*cutoffs, None]
+    assert db.scalar("SELECT count(*) FROM pgrec.model_neighbors WHERE model = 'ease'") > 0

@@ -122,6 +122,30 @@ def train_ranker_cmd(
     _print_trained(version, trained, not no_activate)
 
 
+@train_app.command("ease")
+def train_ease_cmd(
+    as_of: Annotated[str | None, typer.Option("--as-of", help="fit on the events before this time (default now)")] = None,
+    lam: Annotated[float, typer.Option("--lambda", help="L2 weight")] = 200.0,
+    max_items: Annotated[int, typer.Option("--max-items", help="fit over this many items with the most users "
+                                                               "(EASE inverts an items x items matrix)")] = 5000,
+    top_n: Annotated[int, typer.Option("--top-n", help="neighbours stored per item")] = 50,
+) -> None:
+    """EASE item-item weights -> top-N neighbours per item in pgrec.model_neighbors (model 'ease'), the ranker's
+    f_ease_* features. Only the --max-items items with the most users are fitted (memory ~ items^2)."""
+    from engine import itemsim
+
+    with db_connection() as conn:
+        try:
+            with _stages() as progress:
+                b = itemsim.build_ease(conn, as_of=_time(as_of, "--as-of"),
+                                       config=itemsim.EaseConfig(lam=lam, max_items=max_items, top_n=top_n),
+                                       progress=progress)
+        except InvalidRequest as exc:
+            raise fail(str(exc)) from None
+    console.print(f"ease: {b.items:,} items x {b.users:,} users before {b.as_of.isoformat()}, "
+                  f"{b.rows:,} neighbours stored in {b.seconds:.1f}s")
+
+
 @train_app.command("all")
 def train_all_cmd(
     horizon_days: HorizonDays = None,
@@ -134,10 +158,10 @@ def train_all_cmd(
     seed: Seed = 42,
     epochs: Annotated[int, typer.Option("--epochs", help="retrieval: at most this many epochs")] = 30,
 ) -> None:
-    """Co-occurrence, then the retrieval model, then the ranker (each becomes active).
+    """Co-occurrence, EASE neighbours, then the retrieval model, then the ranker (each becomes active).
 
-    The ranker's training replay sees co-occurrence rebuilt as of each of its cutoffs and the retrieval model
-    trained as of the first one (no label window leaks into its features); both are then rebuilt from every
+    The ranker's training replay sees co-occurrence and EASE rebuilt as of each of its cutoffs and the retrieval
+    model trained as of the first one (no label window leaks into its features); all are then rebuilt from every
     event for serving."""
     from engine.ranking.train import train_all
 

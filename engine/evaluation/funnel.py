@@ -1,6 +1,7 @@
 """``pgrec eval``: the full funnel (candidates -> features -> ranker) beside simple baselines, on a temporal split.
 
-Everything is trained on the past only: co-occurrence and the retrieval model as of each ranker cutoff and
+Everything is trained on the past only: co-occurrence, the EASE neighbours and the retrieval model as of each
+ranker cutoff and
 again as of the split; the ranker on cutoffs before the split (its last label window ends at the split). Then,
 for the users with new positive items after the split, each method's list (seen items excluded) is scored:
 NDCG@10, Recall@10/50, MAP@10, catalog coverage and intra-list diversity of the top 10.
@@ -9,8 +10,8 @@ Methods: the funnel; popularity (positive events before the split); EASE (on the
 popularity for users without any); each candidate source alone, ordered by its own score, over the same
 candidate rows the funnel sees.
 
-The evaluation retrains the co-occurrence table and the item vectors of the database it runs on (as of the
-split): run it on a copy, or retrain afterwards (``pgrec train all``).
+The evaluation retrains the co-occurrence table, the EASE neighbours and the item vectors of the database it
+runs on (as of the split): run it on a copy, or retrain afterwards (``pgrec train all``).
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ class EvalReport:
 
 def _retrain(conn: psycopg.Connection[Any], as_of: datetime, config: EvalConfig, *, retrieval: bool,
              progress: Progress | None = None) -> None:
-    """Co-occurrence (and, with ``retrieval``, the two-tower vectors) from the events before ``as_of`` only."""
-    from engine import cooccurrence
+    """Co-occurrence and the EASE neighbours (and, with ``retrieval``, the two-tower vectors) from the events
+    before ``as_of`` only."""
+    from engine import cooccurrence, itemsim
 
     cooccurrence.build(conn, as_of=as_of)
+    itemsim.build_ease(conn, as_of=as_of, config=itemsim.EaseConfig(lam=config.ease_lambda))
     if retrieval and config.retrieval:
         from engine.retrieval.store import schema_dim, train_and_store
         from engine.retrieval.train import RetrievalConfig
@@ -222,7 +225,8 @@ def run(conn: psycopg.Connection[Any], config: EvalConfig | None = None, *,
         _retrain(conn, c, config, retrieval=cutoffs.index(c) % every == 0, progress=progress)
 
     if config.retrieval and config.retrain:
-        notes.append(f"ranker training: co-occurrence rebuilt as of each cutoff, the retrieval model as of the first "
+        notes.append(f"ranker training: co-occurrence and EASE neighbours rebuilt as of each cutoff, the retrieval "
+                     f"model as of the first "
                      f"and every {every}th cutoff; both again as of the split for the test")
     trained = train_ranker(conn, rc, until=cutoff, cutoffs=cutoffs, prepare=prepare if config.retrain else None,
                            progress=progress)

@@ -22,6 +22,7 @@ import numpy as np
 import psycopg
 
 from engine.errors import InvalidRequest
+from engine.itemsim import EaseConfig
 from engine.ranking import dataset, registry
 from engine.ranking.dataset import Progress, TrainingSet
 from engine.sql import query
@@ -266,13 +267,16 @@ class TrainedAll:
 
 
 def train_all(conn: psycopg.Connection[Any], config: RankerConfig | None = None, *, retrieval: bool = True,
-              retrieval_epochs: int = 30, progress: Progress | None = None) -> TrainedAll:
-    """Co-occurrence, retrieval, ranker, in that order, without leaking a label window into the ranker's
-    features: the ranker's replay sees co-occurrence rebuilt as of each cutoff and the retrieval model trained
-    as of the first cutoff; then both are rebuilt from every event for serving. The ranker is not saved."""
-    from engine import cooccurrence
+              retrieval_epochs: int = 30, progress: Progress | None = None,
+              ease_config: EaseConfig | None = None) -> TrainedAll:
+    """Co-occurrence, EASE neighbours, retrieval, ranker, in that order, without leaking a label window into the
+    ranker's features: the ranker's replay sees co-occurrence and EASE rebuilt as of each cutoff and the
+    retrieval model trained as of the first cutoff; then all are rebuilt from every event for serving. The
+    ranker is not saved."""
+    from engine import cooccurrence, itemsim
 
     config = config or RankerConfig()
+    ease_config = ease_config or EaseConfig()
     row = conn.execute(query("ranking.event_range")).fetchone()
     if row is None or not row[2]:
         raise InvalidRequest("there are no events to train on")
@@ -291,10 +295,12 @@ def train_all(conn: psycopg.Connection[Any], config: RankerConfig | None = None,
 
     def prepare(c: datetime) -> None:
         cooccurrence.build(conn, as_of=c)
+        itemsim.build_ease(conn, as_of=c, config=ease_config)
         if c == cuts[0]:
             _retrieval(c)
 
     ranker = train_ranker(conn, config, cutoffs=cuts, progress=progress, prepare=prepare)
     build = cooccurrence.build(conn, progress=(lambda d, t: progress("co-occurrence", d, t)) if progress else None)
+    itemsim.build_ease(conn, config=ease_config, progress=progress)
     version = _retrieval(None)
     return TrainedAll(build.build_id, version, ranker)

@@ -24,16 +24,37 @@ def fit(X: np.ndarray, lam: float = 500.0) -> np.ndarray:
     """The (items, items) weight matrix B for the user-item matrix X (rows users, columns items)."""
     if X.ndim != 2:
         raise InvalidRequest("X must be a 2-D user-item matrix")
-    if lam <= 0:
-        raise InvalidRequest(f"lambda must be positive, got {lam}")
     if not np.all(np.isfinite(X)):
         raise InvalidRequest("X has NaN or infinite values")
-    G = X.T @ X
+    return fit_gram(X.T @ X, lam)
+
+
+def fit_gram(G: np.ndarray, lam: float = 500.0) -> np.ndarray:
+    """B from the item-item Gram matrix ``G = X^T X`` (overwritten); lets a caller accumulate G in chunks."""
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise InvalidRequest("G must be a square item-item matrix")
+    if lam <= 0:
+        raise InvalidRequest(f"lambda must be positive, got {lam}")
     G[np.diag_indices_from(G)] += lam
     P = np.linalg.inv(G)
     B = -P / np.diag(P)[None, :]
     B[np.diag_indices_from(B)] = 0.0
     return B
+
+
+def top_neighbors(B: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per item h (row of B), the ``n`` items c with the largest positive weight ``B[h, c]``, best first:
+    (indices, weights), both (items, n); missing neighbours (fewer positive weights) are -1 / 0."""
+    n = max(0, min(n, B.shape[0] - 1))
+    if n == 0:
+        return np.zeros((B.shape[0], 0), dtype=np.int64), np.zeros((B.shape[0], 0))
+    part = np.argpartition(-B, n - 1, axis=1)[:, :n]
+    w = np.take_along_axis(B, part, axis=1)
+    order = np.argsort(-w, axis=1, kind="stable")
+    idx = np.take_along_axis(part, order, axis=1)
+    w = np.take_along_axis(w, order, axis=1)
+    keep = w > 0
+    return np.where(keep, idx, -1), np.where(keep, w, 0.0)
 
 
 def scores(B: np.ndarray, X: np.ndarray) -> np.ndarray:

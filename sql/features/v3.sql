@@ -7,6 +7,15 @@
 -- 365 daily rows per candidate on every request; when the day's snapshot is missing, the same aggregate runs
 -- over the request's candidates only. Item vectors are fetched per candidate (no hash join over the catalog).
 
+-- v3: features from a learned item-item model (pgrec.model_neighbors, model 'ease', built by `pgrec train ease`):
+-- f_ease_sum / f_ease_max / f_ease_rank. The feature row type gets their columns here (idempotent: dropped and
+-- added again, so re-applying this file is safe); reverting to v2 must drop them (migration 0010's downgrade).
+
+ALTER TYPE pgrec.candidate_feature_row
+    DROP ATTRIBUTE IF EXISTS f_ease_sum, DROP ATTRIBUTE IF EXISTS f_ease_max, DROP ATTRIBUTE IF EXISTS f_ease_rank;
+ALTER TYPE pgrec.candidate_feature_row
+    ADD ATTRIBUTE f_ease_sum float8, ADD ATTRIBUTE f_ease_max float8, ADD ATTRIBUTE f_ease_rank float8;
+
 -- ---------------------------------------------------------------- item counters per day (snapshots)
 
 CREATE OR REPLACE FUNCTION pgrec.item_stats_half_life()
@@ -154,6 +163,8 @@ DECLARE
     hl     float8 := pgrec.item_stats_half_life();
     snap   boolean;
     nrec   int := coalesce((SELECT c.value::text::int FROM pgrec.config c WHERE c.key = 'feature_recent_items'), 10);
+    nease  int := coalesce((SELECT c.value::text::int FROM pgrec.config c WHERE c.key = 'feature_ease_items'), 100);
+    has_ease boolean := EXISTS (SELECT 1 FROM pgrec.model_neighbors m WHERE m.model = 'ease');
 BEGIN
     IF p_n IS NULL OR p_n < 1 THEN
         RAISE EXCEPTION 'pgrec.candidate_features: n must be >= 1, got %', p_n USING ERRCODE = '22023';
@@ -245,6 +256,21 @@ BEGIN
                                FROM recent rc
                               WHERE rc.embedding IS NOT NULL AND rc.item_key <> r.item_key
                                 AND ie.embedding IS NOT NULL) rs ON true
+    ), eh AS MATERIALIZED (
+        -- the user's latest distinct items (any event: EASE is fitted on every interaction), at most nease
+        SELECT h.item_key FROM hist h GROUP BY h.item_key ORDER BY max(h.occurred_at) DESC, h.item_key LIMIT nease
+    ), iease AS MATERIALIZED (
+        -- EASE score of each candidate (and requested item): its weights from the user's items, one index range
+        -- scan of pgrec.model_neighbors per history item (top-N lists, so an approximation of x_u B)
+        SELECT nb.neighbor_key AS item_key, sum(nb.score)::float8 AS s, max(nb.score)::float8 AS m,
+               bool_or(nb.neighbor_key IN (SELECT c.item_key FROM cand c)) AS is_cand
+          FROM eh JOIN pgrec.model_neighbors nb ON nb.model = 'ease' AND nb.item_key = eh.item_key
+         WHERE has_ease
+           AND (nb.neighbor_key IN (SELECT c.item_key FROM cand c) OR nb.neighbor_key IN (SELECT r.item_key FROM rws r))
+         GROUP BY nb.neighbor_key
+    ), erank AS MATERIALIZED (
+        -- rank among the candidates by EASE score (an item that is not a candidate: where it would rank)
+        SELECT e.item_key, rank() OVER (ORDER BY e.s DESC)::float8 AS rk FROM iease e WHERE e.is_cand
     ), icooc AS (
         SELECT nb.neighbor_key AS item_key, sum(nb.score)::float8 AS s, max(nb.score)::float8 AS m
           FROM recent rc JOIN pgrec.item_neighbors nb ON nb.item_key = rc.item_key
@@ -265,12 +291,18 @@ BEGIN
            u.n, u.n30, (u.npos + 1) / (u.n + 2), u.since,
            CASE WHEN u.n > 0 THEN coalesce(ic.aff, 0) END, ic.cat_since,
            ic.dot, ic.sim_max, ic.sim_mean,
-           CASE WHEN EXISTS (SELECT 1 FROM recent) THEN coalesce(co.s, 0) END, co.m
+           CASE WHEN EXISTS (SELECT 1 FROM recent) THEN coalesce(co.s, 0) END, co.m,
+           CASE WHEN has_ease AND EXISTS (SELECT 1 FROM eh) THEN coalesce(ea.s, 0) END, ea.m,
+           CASE WHEN ea.s IS NULL THEN NULL
+                WHEN ea.is_cand THEN er.rk
+                ELSE 1 + (SELECT count(*) FROM iease x WHERE x.is_cand AND x.s > ea.s)::float8 END
       FROM rws r
      CROSS JOIN utot u
       LEFT JOIN ipop p ON p.item_key = r.item_key
       LEFT JOIN iper ic ON ic.item_key = r.item_key
-      LEFT JOIN icooc co ON co.item_key = r.item_key;
+      LEFT JOIN icooc co ON co.item_key = r.item_key
+      LEFT JOIN iease ea ON ea.item_key = r.item_key
+      LEFT JOIN erank er ON er.item_key = r.item_key;
 END
 $$;
 COMMENT ON FUNCTION pgrec.candidate_features_by_key(bigint, text, int, timestamptz, bigint[]) IS
