@@ -492,6 +492,12 @@ DECLARE
     fb       int[] := '{}';
     fetch_k  jsonb := '{}';
     params   jsonb := '{}';
+    -- the sources' rows (phase 1, then the fallbacks' longer lists when the union is short)
+    x_item   bigint[];
+    x_src    text[];
+    x_score  float8[];
+    x_rank   int[];
+    primary_ int;
 BEGIN
     IF want IS NULL OR want < 1 OR want > 10000 THEN
         RAISE EXCEPTION 'pgrec.candidates: n must be between 1 and 10000, got %', want USING ERRCODE = '22023';
@@ -514,29 +520,52 @@ BEGIN
         srcs := srcs || r.source;
         quota_k := quota_k || ceil(r.quota * want)::int;
         fb := fb || r.fallback_order;
-        -- a fallback source may have to fill the whole list
-        fetch_k := fetch_k || jsonb_build_object(r.source,
-            CASE WHEN r.fallback_order IS NOT NULL THEN want ELSE ceil(r.quota * want)::int END + extra);
+        fetch_k := fetch_k || jsonb_build_object(r.source, ceil(r.quota * want)::int + extra);
         params := params || jsonb_build_object(r.source, r.params);
     END LOOP;
+    -- phase 1: every source's share (+ over-fetch)
+    SELECT array_agg(raw.item_key), array_agg(raw.source), array_agg(raw.score), array_agg(raw.rank)
+      INTO x_item, x_src, x_score, x_rank
+      FROM (SELECT * FROM pgrec.source_ann(uk, (fetch_k ->> 'ann')::int, asof, cats, coalesce(params -> 'ann', '{}'))
+            UNION ALL
+            SELECT * FROM pgrec.source_history(uk, (fetch_k ->> 'history')::int, asof, cats, coalesce(params -> 'history', '{}'))
+            UNION ALL
+            SELECT * FROM pgrec.source_trending(uk, (fetch_k ->> 'trending')::int, asof, cats, coalesce(params -> 'trending', '{}'))
+            UNION ALL
+            SELECT * FROM pgrec.source_fresh(uk, (fetch_k ->> 'fresh')::int, asof, cats, coalesce(params -> 'fresh', '{}'))
+            UNION ALL
+            SELECT * FROM pgrec.source_popular(uk, (fetch_k ->> 'popular')::int, asof, cats, coalesce(params -> 'popular', '{}'))
+           ) raw;
+    -- phase 2, only when the shares hold fewer than n unseen items (overlaps, a cold user): the fallback sources
+    -- fetch the whole list (n + over-fetch) in place of their share, so the fill below can reach n
+    SELECT count(DISTINCT u.item_key) INTO primary_
+      FROM (SELECT x.item_key, x.source,
+                   row_number() OVER (PARTITION BY x.source ORDER BY x.rank) AS urank
+              FROM unnest(x_item, x_src, x_rank) AS x(item_key, source, rank)
+             WHERE NOT EXISTS (SELECT 1 FROM unnest(seen) AS s(item_key) WHERE s.item_key = x.item_key)) u
+      JOIN unnest(srcs, quota_k) AS c(source, quota_k) ON c.source = u.source
+     WHERE u.urank <= c.quota_k;
+    IF primary_ < want AND EXISTS (SELECT 1 FROM unnest(fb) f WHERE f IS NOT NULL) THEN
+        FOR r IN SELECT c.source FROM unnest(srcs, fb) AS c(source, fallback_order)
+                  WHERE c.fallback_order IS NOT NULL ORDER BY c.fallback_order LOOP
+            SELECT coalesce(array_agg(x.item_key), '{}'), coalesce(array_agg(x.source), '{}'),
+                   coalesce(array_agg(x.score), '{}'), coalesce(array_agg(x.rank), '{}')
+              INTO x_item, x_src, x_score, x_rank
+              FROM (SELECT x.item_key, x.source, x.score, x.rank
+                      FROM unnest(x_item, x_src, x_score, x_rank) AS x(item_key, source, score, rank)
+                     WHERE x.source <> r.source
+                    UNION ALL
+                    SELECT * FROM pgrec.candidate_sources_call(r.source, uk, want + extra, asof, cats,
+                                                               coalesce(params -> r.source, '{}'))) x;
+        END LOOP;
+    END IF;
     RETURN QUERY
     WITH cfg AS (
         SELECT c.source, c.quota_k, c.fallback_order FROM unnest(srcs, quota_k, fb) AS c(source, quota_k, fallback_order)
-    ), raw AS (
-        SELECT * FROM pgrec.source_ann(uk, (fetch_k ->> 'ann')::int, asof, cats, coalesce(params -> 'ann', '{}'))
-        UNION ALL
-        SELECT * FROM pgrec.source_history(uk, (fetch_k ->> 'history')::int, asof, cats, coalesce(params -> 'history', '{}'))
-        UNION ALL
-        SELECT * FROM pgrec.source_trending(uk, (fetch_k ->> 'trending')::int, asof, cats, coalesce(params -> 'trending', '{}'))
-        UNION ALL
-        SELECT * FROM pgrec.source_fresh(uk, (fetch_k ->> 'fresh')::int, asof, cats, coalesce(params -> 'fresh', '{}'))
-        UNION ALL
-        SELECT * FROM pgrec.source_popular(uk, (fetch_k ->> 'popular')::int, asof, cats, coalesce(params -> 'popular', '{}'))
-    ), seen_ AS (
-        SELECT DISTINCT s.item_key FROM unnest(seen) AS s(item_key)
     ), m AS (
-        SELECT raw.item_key, raw.source, raw.score, raw.rank, (sn.item_key IS NOT NULL) AS seen
-          FROM raw LEFT JOIN seen_ sn ON sn.item_key = raw.item_key
+        SELECT x.item_key, x.source, x.score, x.rank, (sn.item_key IS NOT NULL) AS seen
+          FROM unnest(x_item, x_src, x_score, x_rank) AS x(item_key, source, score, rank)
+          LEFT JOIN unnest(seen) AS sn(item_key) ON sn.item_key = x.item_key
     ), u AS (
         -- rank among the source's unseen items
         SELECT m.item_key, m.source, row_number() OVER (PARTITION BY m.source ORDER BY m.rank) AS urank
@@ -552,7 +581,7 @@ BEGIN
                  WHERE NOT EXISTS (SELECT 1 FROM prim p WHERE p.item_key = u.item_key)
                  GROUP BY u.item_key) f
          ORDER BY f.pos, f.item_key
-         LIMIT greatest(0, want - (SELECT count(*) FROM prim))
+         LIMIT greatest(0, want - primary_)
     ), keep AS (
         SELECT prim.item_key FROM prim
         UNION SELECT fill.item_key FROM fill
@@ -566,7 +595,8 @@ BEGIN
            max(m.score) FILTER (WHERE m.source = 'trending'), min(m.rank) FILTER (WHERE m.source = 'trending'),
            max(m.score) FILTER (WHERE m.source = 'fresh'), min(m.rank) FILTER (WHERE m.source = 'fresh'),
            max(m.score) FILTER (WHERE m.source = 'popular'), min(m.rank) FILTER (WHERE m.source = 'popular')
-      FROM m JOIN keep k ON k.item_key = m.item_key JOIN pgrec.items i ON i.item_key = m.item_key
+      FROM m JOIN keep k ON k.item_key = m.item_key
+      CROSS JOIN LATERAL (SELECT it.item_id FROM pgrec.items it WHERE it.item_key = m.item_key) i
      GROUP BY m.item_key, i.item_id
      ORDER BY min(m.rank), m.item_key;
 END
