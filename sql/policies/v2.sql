@@ -764,22 +764,65 @@ COMMENT ON FUNCTION pgrec.policy_floor(boolean[], int, int) IS
 
 -- ---------------------------------------------------------------- filters on the user's history (keys to drop)
 
-CREATE OR REPLACE FUNCTION pgrec.policy_drop_interacted(p jsonb, p_keys bigint[], p_user bigint, p_as_of timestamptz)
+-- v1's pgrec.policy_drop_interacted / policy_drop_served (one query per policy, the SQL functions planned on
+-- every call) and pgrec.policy_drop_rows (a mask, then a second pass to split the list) are replaced by
+-- pgrec.policy_history_keys (over the user's events, read once per request) and pgrec.policy_drop_hits.
+DROP FUNCTION IF EXISTS pgrec.policy_drop_interacted(jsonb, bigint[], bigint, timestamptz);
+DROP FUNCTION IF EXISTS pgrec.policy_drop_served(jsonb, bigint[], bigint, timestamptz);
+DROP FUNCTION IF EXISTS pgrec.policy_drop_rows(text, jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz);
+
+CREATE OR REPLACE FUNCTION pgrec.policy_history_keys(
+    p_kind text, p jsonb, p_ev_key bigint[], p_ev_type smallint[], p_ev_pol smallint[], p_ev_at timestamptz[],
+    p_user bigint, p_as_of timestamptz)
 RETURNS bigint[]
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 AS $$
-    SELECT ARRAY(
-        SELECT DISTINCT e.item_key FROM pgrec.events e
-         WHERE e.user_key = p_user AND e.occurred_at < p_as_of
-           AND e.item_key IN (SELECT unnest(p_keys))
-           AND e.occurred_at >= coalesce(p_as_of - make_interval(secs => (p ->> 'lookback_days')::float8 * 86400),
-                                         '-infinity')
-           AND (p -> 'event_types' IS NULL OR e.type_id IN (
-                SELECT t.type_id FROM pgrec.event_types t
-                 WHERE t.name IN (SELECT jsonb_array_elements_text(p -> 'event_types')))))
+DECLARE
+    lb    timestamptz;
+    types smallint[];
+BEGIN
+    -- the user's events before as_of come in as arrays (read once per request by pgrec.rerank), so the
+    -- history filters of a request share one read; the answer is the item keys to drop (distinct)
+    IF p_kind IN ('exclude_interacted', 'exclude_negative') THEN
+        lb := coalesce(p_as_of - make_interval(secs => (p ->> 'lookback_days')::float8 * 86400), '-infinity');
+    END IF;
+    IF p_kind = 'exclude_interacted' THEN
+        -- events of params.event_types (all types when absent) in the lookback
+        IF p -> 'event_types' IS NOT NULL THEN
+            types := ARRAY(SELECT t.type_id FROM pgrec.event_types t
+                            WHERE t.name IN (SELECT jsonb_array_elements_text(p -> 'event_types')));
+        END IF;
+        RETURN ARRAY(SELECT DISTINCT e.k FROM unnest(p_ev_key, p_ev_type, p_ev_at) e(k, ty, at)
+                      WHERE e.at >= lb AND (types IS NULL OR e.ty = ANY (types)));
+    ELSIF p_kind = 'exclude_negative' THEN
+        -- dislikes (polarity -1) in the lookback; the neighbours variant is pgrec.policy_drop_negative
+        RETURN ARRAY(SELECT DISTINCT e.k FROM unnest(p_ev_key, p_ev_pol, p_ev_at) e(k, pol, at)
+                      WHERE e.pol = -1 AND e.at >= lb);
+    END IF;
+    -- exclude_served: shown in >= min_impressions requests in the window, no engagement since the first of them
+    IF p -> 'engagement_types' IS NOT NULL THEN
+        types := ARRAY(SELECT t.type_id FROM pgrec.event_types t
+                        WHERE t.name IN (SELECT jsonb_array_elements_text(p -> 'engagement_types')));
+    END IF;
+    RETURN ARRAY(
+        SELECT s.item_key
+          FROM (SELECT im.item_key, min(im.served_at) AS first_at
+                  FROM pgrec.impressions im
+                 WHERE im.user_key = p_user AND im.served_at < p_as_of
+                   AND im.served_at >= p_as_of - make_interval(secs => (p ->> 'window_days')::float8 * 86400)
+                 GROUP BY im.item_key
+                HAVING count(DISTINCT im.request_id) >= (p ->> 'min_impressions')::int) s
+         WHERE NOT EXISTS (
+               SELECT 1 FROM unnest(p_ev_key, p_ev_type, p_ev_pol, p_ev_at) e(k, ty, pol, at)
+                WHERE e.k = s.item_key AND e.at >= s.first_at
+                  AND CASE WHEN types IS NULL THEN e.pol = 1 ELSE e.ty = ANY (types) END));
+END
 $$;
-COMMENT ON FUNCTION pgrec.policy_drop_interacted(jsonb, bigint[], bigint, timestamptz) IS
-    'exclude_interacted: of p_keys, the items the user had events of params.event_types with in the lookback before as_of.';
+COMMENT ON FUNCTION pgrec.policy_history_keys(text, jsonb, bigint[], smallint[], smallint[], timestamptz[], bigint, timestamptz) IS
+    'The item keys a history filter drops, from the user''s events before as_of given as arrays: '
+    'exclude_interacted (params.event_types in params.lookback_days), exclude_negative (dislikes in the lookback, '
+    'without neighbours), exclude_served (shown in >= params.min_impressions requests in the last '
+    'params.window_days without an engagement event since the first of them).';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_drop_negative(p jsonb, p_keys bigint[], p_user bigint, p_as_of timestamptz)
 RETURNS bigint[]
@@ -816,40 +859,12 @@ COMMENT ON FUNCTION pgrec.policy_drop_negative(jsonb, bigint[], bigint, timestam
     'exclude_negative: of p_keys, the items the user disliked (polarity -1) and, with params.neighbours, items whose '
     'embedding is within params.min_similarity of one of the last params.max_dislikes dislikes.';
 
-CREATE OR REPLACE FUNCTION pgrec.policy_drop_served(p jsonb, p_keys bigint[], p_user bigint, p_as_of timestamptz)
-RETURNS bigint[]
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$
-    WITH served AS (
-        SELECT im.item_key, min(im.served_at) AS first_at
-          FROM pgrec.impressions im
-         WHERE im.user_key = p_user AND im.served_at < p_as_of
-           AND im.served_at >= p_as_of - make_interval(secs => (p ->> 'window_days')::float8 * 86400)
-           AND im.item_key IN (SELECT unnest(p_keys))
-         GROUP BY im.item_key
-        HAVING count(DISTINCT im.request_id) >= (p ->> 'min_impressions')::int
-    )
-    SELECT ARRAY(
-        SELECT s.item_key FROM served s
-         WHERE NOT EXISTS (
-               SELECT 1 FROM pgrec.events e
-                WHERE e.user_key = p_user AND e.item_key = s.item_key
-                  AND e.occurred_at >= s.first_at AND e.occurred_at < p_as_of
-                  AND CASE WHEN p -> 'engagement_types' IS NULL THEN e.polarity = 1
-                           ELSE e.type_id IN (SELECT t.type_id FROM pgrec.event_types t WHERE t.name IN (
-                                    SELECT jsonb_array_elements_text(p -> 'engagement_types'))) END))
-$$;
-COMMENT ON FUNCTION pgrec.policy_drop_served(jsonb, bigint[], bigint, timestamptz) IS
-    'exclude_served: of p_keys, the items shown to the user in >= params.min_impressions requests during the last '
-    'params.window_days without an engagement event since the first of those impressions.';
+-- ---------------------------------------------------------------- filters on the rows (the rows to drop)
 
--- ---------------------------------------------------------------- filters on the rows (one drop flag per row)
-
-CREATE OR REPLACE FUNCTION pgrec.policy_drop_rows(
+CREATE OR REPLACE FUNCTION pgrec.policy_drop_hits(
     p_kind text, p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_idx int[], p_ctx jsonb, p_as_of timestamptz)
-RETURNS boolean[]
+RETURNS int[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     ids  text[];
@@ -857,9 +872,8 @@ DECLARE
     lim  timestamptz;
     m    boolean[];
     drop boolean;
-    floor float8;
 BEGIN
-    -- one flag per entry of p_idx, true: the row is dropped (NULL: kept)
+    -- the entries of p_idx the filter drops, in one pass (a row whose test is NULL is kept)
     CASE p_kind
     WHEN 'blocklist' THEN
         -- params.items, the items of params.item_sets and items in params.categories
@@ -868,28 +882,24 @@ BEGIN
                      SELECT unnest(s.items) FROM pgrec.item_sets s
                       WHERE s.name IN (SELECT jsonb_array_elements_text(coalesce(p -> 'item_sets', '[]'))));
         cats := ARRAY(SELECT jsonb_array_elements_text(coalesce(p -> 'categories', '[]')));
-        RETURN ARRAY(SELECT (p_rows[x]).item_id IN (SELECT unnest(ids)) OR (p_rows[x]).categories && cats
-                       FROM unnest(p_idx) x);
+        RETURN ARRAY(SELECT x FROM unnest(p_idx) x
+                      WHERE (p_rows[x]).item_id IN (SELECT unnest(ids)) OR (p_rows[x]).categories && cats);
     WHEN 'freshness' THEN
         -- created more than params.max_age_days before as_of
         lim := p_as_of - make_interval(secs => (p ->> 'max_age_days')::float8 * 86400);
-        RETURN ARRAY(SELECT (p_rows[x]).created_at < lim FROM unnest(p_idx) x);
+        RETURN ARRAY(SELECT x FROM unnest(p_idx) x WHERE (p_rows[x]).created_at < lim);
     WHEN 'attribute_filter' THEN
         -- keep (mode keep, the default) or drop (mode drop) the rows matching params.predicate
         m := pgrec.policy_match(p -> 'predicate', p_rows, p_scores, p_idx, p_ctx, p_as_of);
         drop := coalesce(p ->> 'mode', 'keep') = 'drop';
-        RETURN ARRAY(SELECT x = drop FROM unnest(m) x);
-    WHEN 'relevance_floor' THEN
-        -- scored under params.min_score (the fill from trending is done by pgrec.rerank)
-        floor := (p ->> 'min_score')::float8;
-        RETURN ARRAY(SELECT coalesce(p_scores[x] < floor, true) FROM unnest(p_idx) x);
+        RETURN ARRAY(SELECT u.x FROM unnest(p_idx, m) u(x, a) WHERE u.a = drop);
     END CASE;
     RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_drop_rows(text, jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz) IS
-    'The filters that look only at the row (blocklist, freshness, attribute_filter, relevance_floor): one drop '
-    'flag per entry of p_idx.';
+COMMENT ON FUNCTION pgrec.policy_drop_hits(text, jsonb, pgrec.rerank_row[], float8[], int[], jsonb, timestamptz) IS
+    'The filters that look only at the row (blocklist, freshness, attribute_filter): the entries of p_idx they '
+    'drop. (relevance_floor compares scores in pgrec.rerank.)';
 
 -- ---------------------------------------------------------------- order steps (a new order of the list)
 
@@ -1255,6 +1265,13 @@ DECLARE
     slot_s     float8;
     pinres     boolean[];
     is_drop    boolean;
+    min_s      float8;
+    hits       int[];
+    dead       int[] := '{}';   -- rows dropped by the filters since the list was last cut
+    ev_key     bigint[];        -- the user's events before as_of (read once, by the first history filter)
+    ev_type    smallint[];
+    ev_pol     smallint[];
+    ev_at      timestamptz[];
 BEGIN
     -- ---- the request
     max_k := coalesce((SELECT (c.value #>> '{}')::int FROM pgrec.config c WHERE c.key = 'policy_max_k'), 1000);
@@ -1437,12 +1454,18 @@ BEGIN
     FOREACH pol IN ARRAY active LOOP
         lbl := pol.policy_id || '/' || pol.kind;
         step_no := step_no + 1;
+        is_drop := pol.kind = ANY (pgrec.policy_drop_kinds());
+        IF cardinality(dead) > 0 AND NOT (is_drop AND pol.kind <> 'relevance_floor') THEN
+            -- the filters before this step are done: cut what they dropped, once
+            list := ARRAY(SELECT x FROM unnest(list) x WHERE x NOT IN (SELECT unnest(dead)));
+            reserve := ARRAY(SELECT x FROM unnest(reserve) x WHERE x NOT IN (SELECT unnest(dead)));
+            dead := '{}';
+        END IF;
         IF step_no = trunc_at AND cardinality(list) > trunc_len THEN
             list := list[1:trunc_len] || ARRAY(SELECT x FROM unnest(list[trunc_len + 1:]) x
                                                 WHERE (rws[x]).item_id = ANY (pin_ids));
         END IF;
         -- a holdout user gets the control list with the content filters only (no score floor: other scale)
-        is_drop := pol.kind = ANY (pgrec.policy_drop_kinds());
         IF in_holdout AND (NOT is_drop OR pol.kind = 'relevance_floor') THEN
             skipped := skipped || jsonb_build_object(lbl, 'holdout');
             CONTINUE;
@@ -1450,48 +1473,44 @@ BEGIN
         versions := versions || jsonb_build_array(jsonb_build_object(
             'id', pol.policy_id, 'name', pol.name, 'kind', pol.kind, 'version', pol.version));
         cnt := 0;
-        IF is_drop THEN
-            -- a filter is per item: one evaluation covers the list and the reserve (not the score floor: the
-            -- reserve's scores are not on this scale)
-            IF cardinality(list) > 0 OR (cardinality(reserve) > 0 AND pol.kind <> 'relevance_floor') THEN
-                live := CASE WHEN pol.kind = 'relevance_floor' THEN list ELSE list || reserve END;
+        IF is_drop AND pol.kind <> 'relevance_floor' THEN
+            -- a filter is per item: one evaluation covers the list and the reserve. What it drops joins `dead`;
+            -- the list and the reserve are cut once, before the next step that is not such a filter (the rows
+            -- already dead are tested again but not counted again)
+            IF cardinality(list) > 0 OR cardinality(reserve) > 0 THEN
+                live := list || reserve;
+                hits := NULL;
                 IF pol.kind IN ('exclude_interacted', 'exclude_negative', 'exclude_served') THEN
-                    -- per item: asked for every row (a dropped row's key costs nothing more than a filter pass)
-                    dkeys := CASE pol.kind
-                        WHEN 'exclude_interacted' THEN pgrec.policy_drop_interacted(pol.params, keys, user_key, t)
-                        WHEN 'exclude_negative' THEN pgrec.policy_drop_negative(pol.params, keys, user_key, t)
-                        ELSE pgrec.policy_drop_served(pol.params, keys, user_key, t) END;
-                    mask := NULL;
-                    IF cardinality(dkeys) > 0 THEN
-                        -- one pass: what the filter drops from the list, the list and the reserve it leaves
-                        n_i := cardinality(list);
-                        SELECT coalesce(array_agg(f.x) FILTER (WHERE f.o <= n_i AND f.d), '{}'),
-                               coalesce(array_agg(f.x) FILTER (WHERE f.o <= n_i AND NOT f.d), '{}'),
-                               coalesce(array_agg(f.x) FILTER (WHERE f.o > n_i AND NOT f.d), '{}')
-                          INTO hit_i, list, live
-                          FROM (SELECT u.x, u.o, coalesce(keys[u.x] IN (SELECT unnest(dkeys)), false) AS d
-                                  FROM unnest(live) WITH ORDINALITY u(x, o) OFFSET 0) f;
-                        reserve := live;
-                        cnt := cardinality(hit_i);
-                        IF cnt > 0 THEN
-                            dropped := dropped || jsonb_build_object(lbl, cnt);
+                    IF pol.kind = 'exclude_negative' AND coalesce((pol.params ->> 'neighbours')::boolean, false) THEN
+                        dkeys := pgrec.policy_drop_negative(pol.params, keys, user_key, t);
+                    ELSE
+                        IF ev_key IS NULL THEN
+                            -- the user's events before as_of, once for every history filter of the request
+                            SELECT coalesce(array_agg(e.item_key), '{}'), coalesce(array_agg(e.type_id), '{}'),
+                                   coalesce(array_agg(e.polarity), '{}'), coalesce(array_agg(e.occurred_at), '{}')
+                              INTO ev_key, ev_type, ev_pol, ev_at
+                              FROM pgrec.events e
+                             WHERE e.user_key = user_key AND e.occurred_at < t;
                         END IF;
+                        dkeys := pgrec.policy_history_keys(pol.kind, pol.params, ev_key, ev_type, ev_pol, ev_at,
+                                                           user_key, t);
+                    END IF;
+                    IF cardinality(dkeys) > 0 THEN
+                        hits := ARRAY(SELECT l.x FROM unnest(live) l(x) JOIN unnest(dkeys) d(k) ON d.k = keys[l.x]);
                     END IF;
                 ELSE
-                    mask := pgrec.policy_drop_rows(pol.kind, pol.params, rws, sc, live, ctx, t);
+                    hits := pgrec.policy_drop_hits(pol.kind, pol.params, rws, sc, live, ctx, t);
                 END IF;
-                IF mask IS NOT NULL THEN
-                    -- one pass: what the filter drops from the list, the list and the reserve it leaves
-                    n_i := cardinality(list);
-                    SELECT coalesce(array_agg(f.x) FILTER (WHERE f.o <= n_i AND f.d), '{}'),
-                           coalesce(array_agg(f.x) FILTER (WHERE f.o <= n_i AND NOT coalesce(f.d, false)), '{}'),
-                           coalesce(array_agg(f.x) FILTER (WHERE f.o > n_i AND NOT coalesce(f.d, false)), '{}')
-                      INTO hit_i, list, live
-                      FROM unnest(live, mask) WITH ORDINALITY f(x, d, o);
-                    IF pol.kind <> 'relevance_floor' THEN
-                        reserve := live;
+                IF cardinality(hits) > 0 AND cardinality(dead) > 0 THEN
+                    hits := ARRAY(SELECT h FROM unnest(hits) h WHERE h NOT IN (SELECT unnest(dead)));
+                END IF;
+                IF cardinality(hits) > 0 THEN
+                    dead := dead || hits;
+                    -- counted: the items of the list it drops (not the reserve's)
+                    cnt := cardinality(hits);
+                    IF cardinality(reserve) > 0 THEN
+                        cnt := cnt - (SELECT count(*) FROM unnest(hits) h WHERE h = ANY (reserve));
                     END IF;
-                    cnt := cardinality(hit_i);
                     IF cnt > 0 THEN
                         dropped := dropped || jsonb_build_object(lbl, cnt);
                     END IF;
@@ -1501,7 +1520,19 @@ BEGIN
                 -- every item listed in the end passed it (items from outside the candidates too)
                 kept_by := kept_by || lbl;
             END IF;
-            IF pol.kind = 'relevance_floor' AND pol.params ->> 'fill' = 'trending' AND NOT in_holdout
+        ELSIF pol.kind = 'relevance_floor' THEN
+            -- scored under params.min_score: the list only (the reserve's scores are not on this scale)
+            IF cardinality(list) > 0 THEN
+                min_s := (pol.params ->> 'min_score')::float8;
+                SELECT coalesce(array_agg(f.x) FILTER (WHERE f.d), '{}'), coalesce(array_agg(f.x) FILTER (WHERE NOT f.d), '{}')
+                  INTO hit_i, list
+                  FROM (SELECT x, coalesce(sc[x] < min_s, true) AS d FROM unnest(list) x OFFSET 0) f;
+                cnt := cardinality(hit_i);
+                IF cnt > 0 THEN
+                    dropped := dropped || jsonb_build_object(lbl, cnt);
+                END IF;
+            END IF;
+            IF pol.params ->> 'fill' = 'trending' AND NOT in_holdout
                AND cardinality(list) < k THEN
                 -- fill the short list from trending, below the kept items, at the floor score (new rows: the
                 -- reserve keeps its own scores)
@@ -1624,6 +1655,11 @@ BEGIN
                                                            ELSE 'moved' END, ARRAY[cardinality(hit)]);
         END IF;
         IF debug IS NOT NULL THEN
+            IF cardinality(dead) > 0 THEN
+                list := ARRAY(SELECT x FROM unnest(list) x WHERE x NOT IN (SELECT unnest(dead)));
+                reserve := ARRAY(SELECT x FROM unnest(reserve) x WHERE x NOT IN (SELECT unnest(dead)));
+                dead := '{}';
+            END IF;
             steps := steps || jsonb_build_array(jsonb_build_object('policy', lbl, 'name', pol.name, 'kind', pol.kind,
                 'dropped', cnt, 'items', pgrec.policy_show(rws, sc, list, debug),
                 'ms', round(extract(epoch FROM clock_timestamp() - t_step) * 1000, 3)));
@@ -1632,6 +1668,9 @@ BEGIN
     END LOOP;
 
     -- ---- the answer: the top k with reasons
+    IF cardinality(dead) > 0 THEN
+        list := ARRAY(SELECT x FROM unnest(list) x WHERE x NOT IN (SELECT unnest(dead)));
+    END IF;
     list := list[1:k];
     RETURN jsonb_build_object(
         'items', coalesce((
