@@ -386,6 +386,7 @@ def _merge_events(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], resul
     cur.execute(query("ingest.ensure_partitions"))
     try:  # new events (the usual bulk load): plain INSERTs, no per-row conflict handling
         with conn.transaction():
+            cur.execute(query("ingest.resolve_new_events"))
             cur.execute(query("ingest.insert_new_event_ids"))
             cur.execute(query("ingest.insert_new_events"))
             stored = cur.rowcount

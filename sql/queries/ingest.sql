@@ -214,29 +214,39 @@ WITH firsts AS (  -- one row per (user, client event id) in the file: the first 
 )
 SELECT (SELECT count(*) FROM resolved) AS seen, (SELECT count(*) FROM ins) AS stored
 
+-- name: resolve_new_events
+-- The fast path of a bulk load, for files of new events (the usual case): the staged rows with their keys,
+-- polarity and weight, resolved once (one join each with users, items and types) and sorted in the index order
+-- of pgrec.events, for the two plain INSERTs below (which then sort already sorted rows: one pass).
+CREATE TEMP TABLE stage_resolved ON COMMIT DROP AS
+SELECT u.user_key, i.item_key, t.type_id, pgrec.event_polarity(t.polarity, t.positive_min, t.negative_max, s.value)
+       AS polarity, t.weight, s.value, s.occurred_at, s.event_id, s.request_id, s.properties, s.line
+  FROM stage_events s
+  JOIN pgrec.users u ON u.user_id = s.user_id
+  JOIN pgrec.items i ON i.item_id = s.item_id
+  JOIN pgrec.event_types t ON t.name = s.event_type
+ ORDER BY u.user_key, s.occurred_at, i.item_key, t.type_id, s.line
+
 -- name: insert_new_event_ids
--- The fast path of a bulk load, for files of new events (the usual case): a plain INSERT costs one WAL record
--- per row less than ON CONFLICT. It fails on the first (user, event_id) already stored or twice in the file;
--- the caller then rolls back to its savepoint and runs merge_events, which handles every case.
+-- After resolve_new_events: a plain INSERT costs one WAL record per row less than ON CONFLICT. It fails on the
+-- first (user, event_id) already stored or twice in the file; the caller then rolls back to its savepoint and
+-- runs merge_events, which handles every case.
 INSERT INTO pgrec.event_ids (user_key, event_id, occurred_at)
-SELECT u.user_key, s.event_id, s.occurred_at
-  FROM stage_events s JOIN pgrec.users u ON u.user_id = s.user_id
- WHERE s.event_id IS NOT NULL
- ORDER BY u.user_key  -- a user's ids share a few btree pages: each is touched once (a text sort costs more)
+SELECT r.user_key, r.event_id, r.occurred_at
+  FROM stage_resolved r
+ WHERE r.event_id IS NOT NULL
+ ORDER BY r.user_key  -- a user's ids share a few btree pages: each is touched once (a text sort costs more)
 
 -- name: insert_new_events
 -- After insert_new_event_ids: every row, one per natural key (the first line wins), plain INSERT in index order.
 -- Fails (-> merge_events) when a natural key is already stored.
 INSERT INTO pgrec.events (user_key, item_key, type_id, polarity, weight, value, occurred_at, event_id,
                           request_id, properties)
-SELECT DISTINCT ON (u.user_key, s.occurred_at, i.item_key, t.type_id)
-       u.user_key, i.item_key, t.type_id, pgrec.event_polarity(t.polarity, t.positive_min, t.negative_max, s.value),
-       t.weight, s.value, s.occurred_at, s.event_id, s.request_id, s.properties
-  FROM stage_events s
-  JOIN pgrec.users u ON u.user_id = s.user_id
-  JOIN pgrec.items i ON i.item_id = s.item_id
-  JOIN pgrec.event_types t ON t.name = s.event_type
- ORDER BY u.user_key, s.occurred_at, i.item_key, t.type_id, s.line
+SELECT DISTINCT ON (r.user_key, r.occurred_at, r.item_key, r.type_id)
+       r.user_key, r.item_key, r.type_id, r.polarity, r.weight, r.value, r.occurred_at, r.event_id, r.request_id,
+       r.properties
+  FROM stage_resolved r
+ ORDER BY r.user_key, r.occurred_at, r.item_key, r.type_id, r.line
 
 -- name: create_embeddings_stage
 CREATE TEMP TABLE stage_embeddings (line int NOT NULL, id text NOT NULL, v float8[] NOT NULL) ON COMMIT DROP
