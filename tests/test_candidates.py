@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from conftest import TEST_DIM, TestDB
 
-from engine import candidates, cooccurrence
+from engine import candidates, cooccurrence, neighbors
 from engine.errors import InvalidRequest, NotFound
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -165,7 +165,7 @@ def test_history_source_and_a_new_event(db: TestDB) -> None:
     _cooccurring_world(db)
     cooccurrence.build(db.conn)
     uk = _uk(db, "u1")
-    params = {"embedding_k": 3}  # the seed itself and its two neighbours on the fan
+    params = {"embedding_k": 2}  # the seed's two neighbours on the fan
 
     def history(**kw: object) -> list[str]:
         return _ids(db, candidates.run_source(db.conn, "history", uk, 5, params=params, **kw))  # type: ignore[arg-type]
@@ -179,6 +179,44 @@ def test_history_source_and_a_new_event(db: TestDB) -> None:
     assert after[0] == "x20" and set(after[1:3]) == {"x24", "x26"}  # 4 * 0.5 * cos(3) each
     # as_of before the new event ignores it
     assert history(as_of=NOW - timedelta(hours=2)) == names
+
+
+def test_history_reads_stored_embedding_neighbours_only_while_current(db: TestDB) -> None:
+    _cooccurring_world(db)
+    uk = _uk(db, "u1")
+    params = {"embedding_k": 2, "per_item": 0}  # embedding neighbours only
+
+    def history() -> list[tuple[str, float]]:
+        rows = candidates.run_source(db.conn, "history", uk, 5, params=params)
+        return list(zip(_ids(db, rows), [r.score for r in rows], strict=True))
+
+    live = history()
+    assert {n for n, _ in live} == {"x9", "x11"}
+    result = neighbors.build(db.conn, k=4)
+    assert (result.items, result.rows) == (30, 120)
+    stored = db.conn.execute(
+        """SELECT i.item_id, mn.rank, round(mn.score::numeric, 4)::float8 FROM pgrec.model_neighbors mn
+             JOIN pgrec.items s ON s.item_key = mn.item_key JOIN pgrec.items i ON i.item_key = mn.neighbor_key
+            WHERE mn.model = 'embedding' AND s.item_id = 'x0' ORDER BY mn.rank""").fetchall()
+    assert stored == [("x1", 1, round(math.cos(math.radians(3)), 4)), ("x2", 2, round(math.cos(math.radians(6)), 4)),
+                      ("x3", 3, round(math.cos(math.radians(9)), 4)), ("x4", 4, round(math.cos(math.radians(12)), 4))]
+    # the stored lists give the live search's answer (scores as real)
+    assert [n for n, _ in history()] == [n for n, _ in live]
+    assert [s for _, s in history()] == pytest.approx([s for _, s in live], rel=1e-6)
+    # a current stored list is what the source reads: plant x29 as x10's first neighbour
+    db.conn.execute(
+        """UPDATE pgrec.model_neighbors SET neighbor_key = (SELECT item_key FROM pgrec.items WHERE item_id = 'x29')
+            WHERE model = 'embedding' AND rank = 1
+              AND item_key = (SELECT item_key FROM pgrec.items WHERE item_id = 'x10')""")
+    assert "x29" in [n for n, _ in history()]
+    # x10's vector changes after the list was built: the list is stale, the index is searched again
+    db.conn.execute("SELECT pgrec.set_item_embedding('x10', %s)", (_vec(30.5),))
+    after = dict(history())
+    assert set(after) == {"x9", "x11"}  # x10 now at 30.5 degrees: x11 2.5 and x9 3.5 degrees away
+    assert after["x11"] == pytest.approx(4 * 0.5 * math.cos(math.radians(2.5)), rel=1e-6)
+    # rebuilding only the stale lists brings x10's back, current
+    assert neighbors.build(db.conn, k=4, stale_only=True).items == 1
+    assert "x29" not in [n for n, _ in history()]
 
 
 # ---------------------------------------------------------------- trending, popular, fresh

@@ -58,6 +58,13 @@ def test_cli_commands(world: TestDB) -> None:
     assert len(json.loads(res.output)) == 5
     res = runner.invoke(app, ["similar", "nope"])
     assert res.exit_code == 1 and "unknown item" in res.output
+    res = runner.invoke(app, ["train", "neighbours", "--k", "5"])
+    assert res.exit_code == 0, res.output
+    assert "200 items, 1,000 rows" in res.output
+    res = runner.invoke(app, ["train", "neighbours", "--stale-only"])
+    assert res.exit_code == 0 and "0 items" in res.output, res.output
+    res = runner.invoke(app, ["train", "neighbours", "--k", "0"])
+    assert res.exit_code == 1 and "k must be between 1 and 500" in res.output
     res = runner.invoke(app, ["trending", "--segment", "de", "--k", "5", "--json"])
     assert res.exit_code == 0, res.output
     assert 0 < len(json.loads(res.output)) <= 5

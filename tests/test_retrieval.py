@@ -184,6 +184,10 @@ def test_train_and_store_then_sql_user_vector_matches_python(db: TestDB) -> None
                      "context_embedding IS NOT NULL", (str(stored.version),)) == stored.items
     assert db.scalar("SELECT count(*) FROM pgrec.user_embeddings WHERE model_version = %s",
                      (str(stored.version),)) == stored.users > 0
+    # the history source's stored neighbours come with the vectors, current (built in the same commit)
+    assert db.scalar("""SELECT count(DISTINCT mn.item_key) FROM pgrec.model_neighbors mn
+                          JOIN pgrec.item_embeddings e ON e.item_key = mn.item_key
+                         WHERE mn.model = 'embedding' AND mn.built_at >= e.updated_at""") == stored.items
     row = db.conn.execute("SELECT active, params, features, metrics, data_window, length(artifact) "
                           "FROM pgrec.models WHERE version = %s", (stored.version,)).fetchone()
     assert row is not None and row[0] and row[1]["dim"] == TEST_DIM and "*" in row[2]

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from engine import candidates, cooccurrence
+from engine import candidates, cooccurrence, neighbors
 from engine.cli.app import AsOf, app, bench_app, console, eval_app, fail, parse_as_of, train_app
 from engine.cli.core import db_connection, progress_bar
 from engine.errors import InvalidRequest, NotFound
@@ -117,6 +117,28 @@ def train_cooccurrence(
             raise fail(str(exc)) from None
     console.print(f"{result.mode} build #{result.build_id} as of {result.as_of.isoformat()}: "
                   f"{result.pairs:,} pairs, neighbours for {result.items:,} items, {result.seconds:.1f}s")
+
+
+@train_app.command("neighbours")
+def train_neighbours(
+    k: Annotated[int, typer.Option("--k", help="neighbours stored per item")] = 20,
+    stale_only: Annotated[bool, typer.Option("--stale-only", help="only items whose stored list is missing or "
+                                                                  "older than their vector")] = False,
+) -> None:
+    """Store each item's k nearest items by vector (pgrec.model_neighbors 'embedding'): the history source reads
+    them instead of searching the HNSW index per seed item. Training the retrieval model does this itself for
+    catalogs up to 50,000 items."""
+    with db_connection() as conn, progress_bar() as bar:
+        task = bar.add_task("embedding neighbours", total=None)
+
+        def step(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            result = neighbors.build(conn, k=k, stale_only=stale_only, progress=step)
+        except InvalidRequest as exc:
+            raise fail(str(exc)) from None
+    console.print(f"embedding neighbours: {result.items:,} items, {result.rows:,} rows in {result.seconds:.1f}s")
 
 
 @eval_app.command("candidates")

@@ -23,6 +23,10 @@ from engine.retrieval.model import TwoTower, user_vector, user_vectors
 from engine.retrieval.train import BatchHook, EpochHook, RetrievalConfig, TrainResult, train
 from engine.sql import query
 
+# catalogs up to this size get their stored item-embedding neighbours (k each) in the vectors' transaction
+NEIGHBORS_IN_STORE_MAX = 50_000
+NEIGHBORS_K = 20
+
 
 @dataclass
 class StoredModel:
@@ -129,6 +133,11 @@ def store(conn: psycopg.Connection[Any], data: RetrievalData, result: TrainResul
         with cur.copy("COPY pgrec.user_feature_embeddings (token, embedding, model_version) FROM STDIN") as copy:
             for token, g in zip(result.user_vocabulary.tokens, result.model.ufeats.astype(np.float32), strict=True):
                 copy.write_row((token, _vec(g), tag))
+        if len(data.item_keys) <= NEIGHBORS_IN_STORE_MAX:
+            # the history source's stored embedding neighbours, current with these vectors from the same commit
+            # (bigger catalogs: `pgrec train neighbours`; until then the source searches the index per seed item)
+            cur.execute(query("candidates.emb_neighbor_refresh"),
+                        {"item_keys": data.item_keys.tolist(), "k": NEIGHBORS_K})
         cur.execute(query("retrieval.deactivate_models"), {"version": version})
         cur.execute(query("retrieval.activate_model"), {"version": version})
     return StoredModel(version, len(data.item_keys), len(user_keys), based_on, result)

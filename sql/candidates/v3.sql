@@ -300,7 +300,7 @@ BEGIN
     PERFORM 1 FROM pgrec.item_embeddings LIMIT 0;  -- the vector library is loaded, so hnsw.* GUCs exist
     old_ef := current_setting('hnsw.ef_search', true);
     -- the item-embedding neighbours are small top-k searches: a small ef_search (>= their LIMIT) keeps them cheap
-    PERFORM set_config('hnsw.ef_search', least(greatest(ek, 10), 1000)::text, true);
+    PERFORM set_config('hnsw.ef_search', least(greatest(ek + 1, 10), 1000)::text, true);
     RETURN QUERY
     WITH t AS (SELECT coalesce(p_as_of, now()) AS t),
     ev AS (
@@ -323,14 +323,27 @@ BEGIN
             ON n.item_key = s.item_key AND n.rank <= coalesce((p_params ->> 'per_item')::int, 50)
          GROUP BY n.neighbor_key
     ), emb AS (
+        -- each seed's ek nearest items: the stored list (pgrec.model_neighbors 'embedding', built after the
+        -- seed's vector last changed) or, without one, an HNSW search (its LIMIT is the same ek, self excluded)
         SELECT nb.item_key, sum(s.w * nb.sim) * coalesce((p_params ->> 'embedding_weight')::float8, 0.5) AS sc
           FROM seeds s
           JOIN pgrec.item_embeddings se ON se.item_key = s.item_key
           CROSS JOIN LATERAL (
-              SELECT e2.item_key, 1 - (e2.embedding OPERATOR(public.<=>) se.embedding) AS sim
-                FROM pgrec.item_embeddings e2
-               ORDER BY e2.embedding OPERATOR(public.<=>) se.embedding
-               LIMIT ek) nb
+              SELECT EXISTS (SELECT 1 FROM pgrec.model_neighbors mn
+                              WHERE mn.model = 'embedding' AND mn.item_key = s.item_key AND mn.rank = 1
+                                AND mn.built_at >= se.updated_at) AS stored) st
+          CROSS JOIN LATERAL (
+              SELECT mn.neighbor_key AS item_key, mn.score::float8 AS sim
+                FROM pgrec.model_neighbors mn
+               WHERE st.stored AND mn.model = 'embedding' AND mn.item_key = s.item_key AND mn.rank <= ek
+              UNION ALL
+              SELECT l.item_key, l.sim
+                FROM (SELECT e2.item_key, 1 - (e2.embedding OPERATOR(public.<=>) se.embedding) AS sim
+                        FROM pgrec.item_embeddings e2
+                       WHERE e2.item_key <> s.item_key
+                       ORDER BY e2.embedding OPERATOR(public.<=>) se.embedding
+                       LIMIT ek) l
+               WHERE NOT st.stored) nb
          WHERE s.rn <= coalesce((p_params ->> 'embedding_items')::int, 3)
          GROUP BY nb.item_key
     ), scored AS (
@@ -492,12 +505,6 @@ DECLARE
     fb       int[] := '{}';
     fetch_k  jsonb := '{}';
     params   jsonb := '{}';
-    -- the sources' rows (phase 1, then the fallbacks' longer lists when the union is short)
-    x_item   bigint[];
-    x_src    text[];
-    x_score  float8[];
-    x_rank   int[];
-    primary_ int;
 BEGIN
     IF want IS NULL OR want < 1 OR want > 10000 THEN
         RAISE EXCEPTION 'pgrec.candidates: n must be between 1 and 10000, got %', want USING ERRCODE = '22023';
@@ -520,85 +527,64 @@ BEGIN
         srcs := srcs || r.source;
         quota_k := quota_k || ceil(r.quota * want)::int;
         fb := fb || r.fallback_order;
-        fetch_k := fetch_k || jsonb_build_object(r.source, ceil(r.quota * want)::int + extra);
+        -- a fallback source may have to fill the whole list
+        fetch_k := fetch_k || jsonb_build_object(r.source,
+            CASE WHEN r.fallback_order IS NOT NULL THEN want ELSE ceil(r.quota * want)::int END + extra);
         params := params || jsonb_build_object(r.source, r.params);
     END LOOP;
-    -- phase 1: every source's share (+ over-fetch)
-    SELECT array_agg(raw.item_key), array_agg(raw.source), array_agg(raw.score), array_agg(raw.rank)
-      INTO x_item, x_src, x_score, x_rank
-      FROM (SELECT * FROM pgrec.source_ann(uk, (fetch_k ->> 'ann')::int, asof, cats, coalesce(params -> 'ann', '{}'))
-            UNION ALL
-            SELECT * FROM pgrec.source_history(uk, (fetch_k ->> 'history')::int, asof, cats, coalesce(params -> 'history', '{}'))
-            UNION ALL
-            SELECT * FROM pgrec.source_trending(uk, (fetch_k ->> 'trending')::int, asof, cats, coalesce(params -> 'trending', '{}'))
-            UNION ALL
-            SELECT * FROM pgrec.source_fresh(uk, (fetch_k ->> 'fresh')::int, asof, cats, coalesce(params -> 'fresh', '{}'))
-            UNION ALL
-            SELECT * FROM pgrec.source_popular(uk, (fetch_k ->> 'popular')::int, asof, cats, coalesce(params -> 'popular', '{}'))
-           ) raw;
-    -- phase 2, only when the shares hold fewer than n unseen items (overlaps, a cold user): the fallback sources
-    -- fetch the whole list (n + over-fetch) in place of their share, so the fill below can reach n
-    SELECT count(DISTINCT u.item_key) INTO primary_
-      FROM (SELECT x.item_key, x.source,
-                   row_number() OVER (PARTITION BY x.source ORDER BY x.rank) AS urank
-              FROM unnest(x_item, x_src, x_rank) AS x(item_key, source, rank)
-             WHERE NOT EXISTS (SELECT 1 FROM unnest(seen) AS s(item_key) WHERE s.item_key = x.item_key)) u
-      JOIN unnest(srcs, quota_k) AS c(source, quota_k) ON c.source = u.source
-     WHERE u.urank <= c.quota_k;
-    IF primary_ < want AND EXISTS (SELECT 1 FROM unnest(fb) f WHERE f IS NOT NULL) THEN
-        FOR r IN SELECT c.source FROM unnest(srcs, fb) AS c(source, fallback_order)
-                  WHERE c.fallback_order IS NOT NULL ORDER BY c.fallback_order LOOP
-            SELECT coalesce(array_agg(x.item_key), '{}'), coalesce(array_agg(x.source), '{}'),
-                   coalesce(array_agg(x.score), '{}'), coalesce(array_agg(x.rank), '{}')
-              INTO x_item, x_src, x_score, x_rank
-              FROM (SELECT x.item_key, x.source, x.score, x.rank
-                      FROM unnest(x_item, x_src, x_score, x_rank) AS x(item_key, source, score, rank)
-                     WHERE x.source <> r.source
-                    UNION ALL
-                    SELECT * FROM pgrec.candidate_sources_call(r.source, uk, want + extra, asof, cats,
-                                                               coalesce(params -> r.source, '{}'))) x;
-        END LOOP;
-    END IF;
+    -- One pass over the sources' rows (a few hundred): every row knows its item's seen flag and its rank among
+    -- its source's unseen rows; per item, whether it is in a source's quota of unseen items (primary), its fill
+    -- position (fallback order, then that rank) and whether it is a seen item within a source's share
+    -- (+ over-fetch); then the primary items, the first (n - primary) others by fill position, and those seen.
     RETURN QUERY
-    WITH cfg AS (
-        SELECT c.source, c.quota_k, c.fallback_order FROM unnest(srcs, quota_k, fb) AS c(source, quota_k, fallback_order)
+    WITH raw AS (
+        SELECT * FROM pgrec.source_ann(uk, (fetch_k ->> 'ann')::int, asof, cats, coalesce(params -> 'ann', '{}'))
+        UNION ALL
+        SELECT * FROM pgrec.source_history(uk, (fetch_k ->> 'history')::int, asof, cats, coalesce(params -> 'history', '{}'))
+        UNION ALL
+        SELECT * FROM pgrec.source_trending(uk, (fetch_k ->> 'trending')::int, asof, cats, coalesce(params -> 'trending', '{}'))
+        UNION ALL
+        SELECT * FROM pgrec.source_fresh(uk, (fetch_k ->> 'fresh')::int, asof, cats, coalesce(params -> 'fresh', '{}'))
+        UNION ALL
+        SELECT * FROM pgrec.source_popular(uk, (fetch_k ->> 'popular')::int, asof, cats, coalesce(params -> 'popular', '{}'))
     ), m AS (
-        SELECT x.item_key, x.source, x.score, x.rank, (sn.item_key IS NOT NULL) AS seen
-          FROM unnest(x_item, x_src, x_score, x_rank) AS x(item_key, source, score, rank)
-          LEFT JOIN unnest(seen) AS sn(item_key) ON sn.item_key = x.item_key
-    ), u AS (
-        -- rank among the source's unseen items
-        SELECT m.item_key, m.source, row_number() OVER (PARTITION BY m.source ORDER BY m.rank) AS urank
-          FROM m WHERE NOT m.seen
-    ), prim AS (
-        -- each source's quota of unseen items
-        SELECT DISTINCT u.item_key FROM u JOIN cfg c ON c.source = u.source WHERE u.urank <= c.quota_k
-    ), fill AS (
-        -- short of n (overlaps, a cold user): the fallback sources in order, then anything else found
-        SELECT f.item_key
-          FROM (SELECT u.item_key, min(coalesce(c.fallback_order, 1000000)::bigint * 1000000 + u.urank) AS pos
-                  FROM u JOIN cfg c ON c.source = u.source
-                 WHERE NOT EXISTS (SELECT 1 FROM prim p WHERE p.item_key = u.item_key)
-                 GROUP BY u.item_key) f
-         ORDER BY f.pos, f.item_key
-         LIMIT greatest(0, want - primary_)
-    ), keep AS (
-        SELECT prim.item_key FROM prim
-        UNION SELECT fill.item_key FROM fill
-        -- seen items a source ranked within its share (+ over-fetch) stay, for the caller's policies to judge
-        UNION SELECT m.item_key FROM m JOIN cfg c ON c.source = m.source WHERE m.seen AND m.rank <= c.quota_k + extra
+        SELECT raw.item_key, raw.source, raw.score, raw.rank, c.quota_k, c.fallback_order,
+               (sn.item_key IS NOT NULL) AS seen,
+               -- for an unseen row: its rank among the source's unseen rows
+               row_number() OVER (PARTITION BY raw.source, (sn.item_key IS NOT NULL) ORDER BY raw.rank) AS urank
+          FROM raw
+          JOIN unnest(srcs, quota_k, fb) AS c(source, quota_k, fallback_order) ON c.source = raw.source
+          LEFT JOIN unnest(seen) AS sn(item_key) ON sn.item_key = raw.item_key
+    ), per_item AS (
+        SELECT m.item_key,
+               bool_or(NOT m.seen AND m.urank <= m.quota_k) AS prim,
+               bool_or(m.seen AND m.rank <= m.quota_k + extra) AS seen_kept,
+               min(coalesce(m.fallback_order, 1000000)::bigint * 1000000 + m.urank) FILTER (WHERE NOT m.seen) AS pos,
+               min(m.rank) AS best_rank,
+               array_agg(m.source ORDER BY array_position(ARRAY['ann', 'history', 'trending', 'fresh', 'popular'], m.source)) AS sources,
+               max(m.score) FILTER (WHERE m.source = 'ann') AS ann_score, min(m.rank) FILTER (WHERE m.source = 'ann') AS ann_rank,
+               max(m.score) FILTER (WHERE m.source = 'history') AS history_score, min(m.rank) FILTER (WHERE m.source = 'history') AS history_rank,
+               max(m.score) FILTER (WHERE m.source = 'trending') AS trending_score, min(m.rank) FILTER (WHERE m.source = 'trending') AS trending_rank,
+               max(m.score) FILTER (WHERE m.source = 'fresh') AS fresh_score, min(m.rank) FILTER (WHERE m.source = 'fresh') AS fresh_rank,
+               max(m.score) FILTER (WHERE m.source = 'popular') AS popular_score, min(m.rank) FILTER (WHERE m.source = 'popular') AS popular_rank
+          FROM m
+         GROUP BY m.item_key
+    ), placed AS (
+        SELECT p.*,
+               count(*) FILTER (WHERE p.prim) OVER () AS n_prim,
+               -- short of n (overlaps, a cold user): the fallback sources in order, then anything else found
+               row_number() OVER (PARTITION BY p.prim OR p.pos IS NULL ORDER BY p.pos, p.item_key) AS fill_pos
+          FROM per_item p
     )
-    SELECT m.item_key, i.item_id,
-           array_agg(m.source ORDER BY array_position(ARRAY['ann', 'history', 'trending', 'fresh', 'popular'], m.source)),
-           max(m.score) FILTER (WHERE m.source = 'ann'), min(m.rank) FILTER (WHERE m.source = 'ann'),
-           max(m.score) FILTER (WHERE m.source = 'history'), min(m.rank) FILTER (WHERE m.source = 'history'),
-           max(m.score) FILTER (WHERE m.source = 'trending'), min(m.rank) FILTER (WHERE m.source = 'trending'),
-           max(m.score) FILTER (WHERE m.source = 'fresh'), min(m.rank) FILTER (WHERE m.source = 'fresh'),
-           max(m.score) FILTER (WHERE m.source = 'popular'), min(m.rank) FILTER (WHERE m.source = 'popular')
-      FROM m JOIN keep k ON k.item_key = m.item_key
-      CROSS JOIN LATERAL (SELECT it.item_id FROM pgrec.items it WHERE it.item_key = m.item_key) i
-     GROUP BY m.item_key, i.item_id
-     ORDER BY min(m.rank), m.item_key;
+    SELECT p.item_key, i.item_id, p.sources, p.ann_score, p.ann_rank, p.history_score, p.history_rank,
+           p.trending_score, p.trending_rank, p.fresh_score, p.fresh_rank, p.popular_score, p.popular_rank
+      FROM placed p
+     CROSS JOIN LATERAL (SELECT it.item_id FROM pgrec.items it WHERE it.item_key = p.item_key) i
+     WHERE p.prim
+        OR p.seen_kept
+        -- seen items a source ranked within its share (+ over-fetch) stay, for the caller's policies to judge
+        OR (NOT p.prim AND p.pos IS NOT NULL AND p.fill_pos <= want - p.n_prim)
+     ORDER BY p.best_rank, p.item_key;
 END
 $$;
 COMMENT ON FUNCTION pgrec.candidates_by_key(bigint, text, int, timestamptz, text[]) IS
@@ -709,6 +695,46 @@ $$;
 COMMENT ON FUNCTION pgrec.rebuild_trending() IS
     'Recount the running trending/popular sums from pgrec.events (after changing a half-life or the segment '
     'property). Returns the number of (horizon, segment, item) rows.';
+
+-- ---------------------------------------------------------------- stored item-embedding neighbours
+
+CREATE OR REPLACE FUNCTION pgrec.refresh_embedding_neighbors(p_item_keys bigint[], p_k int DEFAULT 20)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF p_k IS NULL OR p_k < 1 OR p_k > 500 THEN
+        RAISE EXCEPTION 'pgrec.refresh_embedding_neighbors: k must be between 1 and 500, got %', p_k
+            USING ERRCODE = '22023';
+    END IF;
+    PERFORM 1 FROM pgrec.item_embeddings LIMIT 0;  -- the vector library is loaded, so hnsw.* GUCs exist
+    -- a wider beam than the request path's (ef_search 2k, at least 40): built once, read many times
+    PERFORM set_config('hnsw.ef_search', least(greatest(2 * p_k, 40), 1000)::text, true);
+    DELETE FROM pgrec.model_neighbors mn WHERE mn.model = 'embedding' AND mn.item_key = ANY (p_item_keys);
+    INSERT INTO pgrec.model_neighbors (model, item_key, rank, neighbor_key, score)
+    SELECT 'embedding', se.item_key, nb.rank, nb.item_key, nb.sim
+      FROM pgrec.item_embeddings se
+     CROSS JOIN LATERAL (
+         SELECT l.item_key, l.sim, (row_number() OVER (ORDER BY l.d, l.item_key))::int AS rank
+           FROM (SELECT e2.item_key, e2.embedding OPERATOR(public.<=>) se.embedding AS d,
+                        1 - (e2.embedding OPERATOR(public.<=>) se.embedding) AS sim
+                   FROM pgrec.item_embeddings e2
+                  WHERE e2.item_key <> se.item_key
+                  ORDER BY e2.embedding OPERATOR(public.<=>) se.embedding
+                  LIMIT p_k) l) nb
+     WHERE se.item_key = ANY (p_item_keys);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION pgrec.refresh_embedding_neighbors(bigint[], int) IS
+    'Store the k nearest items (cosine, HNSW, self excluded) of each given item in pgrec.model_neighbors '
+    '(model ''embedding''); the history source reads them instead of searching while built_at >= the item''s '
+    'item_embeddings.updated_at. Returns the rows written.';
 
 -- ---------------------------------------------------------------- one source by name (the registry)
 
