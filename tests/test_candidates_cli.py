@@ -88,3 +88,16 @@ def test_eval_candidates_reports_recall_and_leaves_live_neighbours(world: TestDB
     assert json.loads(paths["json"].read_text())["ns"] == [10, 50, 200]
     assert paths["png"].stat().st_size > 1000
     assert "| **union** |" in paths["md"].read_text()
+
+
+def test_bench_candidates_runs_on_a_tiny_catalog(db: TestDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGREC_DATABASE_URL", db.url)
+    monkeypatch.setenv("PGREC_EMBEDDING_DIM", str(TEST_DIM))
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["bench", "candidates", "--items", "300", "--requests", "5", "--n", "50"])
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 0, res.output
+    assert "embedding neighbours: 300 items" in res.output
+    assert "source history" in res.output and "union pgrec.candidates n=50" in res.output

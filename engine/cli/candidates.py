@@ -182,10 +182,13 @@ def bench_candidates(
     n: Annotated[int, typer.Option(help="union size")] = 500,
     requests: Annotated[int, typer.Option(help="timed requests per measurement")] = 200,
     reuse: Annotated[bool, typer.Option(help="reuse an existing benchmark catalog of that size")] = True,
+    stored: Annotated[bool, typer.Option("--neighbours/--no-neighbours",
+                                         help="build the stored embedding neighbours first (as a deployment "
+                                              "keeps them; about 1 ms per item)")] = True,
 ) -> None:
     """Latency of each source and of the union beside a bare HNSW top-100 probe (prints numbers)."""
     import engine.bench.candidates as bench
     from engine.config import get_settings
 
-    for line in bench.run(get_settings(), items=items, n=n, requests=requests, reuse=reuse):
+    for line in bench.run(get_settings(), items=items, n=n, requests=requests, reuse=reuse, stored_neighbors=stored):
         console.print(line)
