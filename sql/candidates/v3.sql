@@ -354,8 +354,9 @@ BEGIN
     )
     SELECT r.item_key, 'history'::text, r.sc, (row_number() OVER (ORDER BY r.sc DESC, r.item_key))::int
       FROM (SELECT sc.item_key, sc.sc
-              FROM scored sc, t
-             -- one index lookup per scored item (the planner would hash-join the whole catalog)
+              -- best first, then one index lookup per scored item until k pass (the planner would hash-join
+              -- the whole catalog, or look every scored item up before sorting)
+              FROM (SELECT scored.item_key, scored.sc FROM scored ORDER BY scored.sc DESC, scored.item_key) sc, t
              CROSS JOIN LATERAL (SELECT i.available, i.created_at, i.categories FROM pgrec.items i
                                   WHERE i.item_key = sc.item_key LIMIT 1) i
              WHERE i.available AND i.created_at < t.t
