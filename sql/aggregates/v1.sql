@@ -115,9 +115,17 @@ BEGIN
     IF n = 0 THEN
         RETURN NULL;
     END IF;
-    PERFORM pgrec.trending_prepare(latest);
     SELECT * INTO tr FROM pgrec.trending_epochs e WHERE e.horizon = 'trending';
     SELECT * INTO po FROM pgrec.trending_epochs e WHERE e.horizon = 'popular';
+    -- the epochs are created on first use and rebased when far behind (the check pgrec.trending_prepare makes,
+    -- done here first: a single event, the usual case, then costs no INSERT attempt on pgrec.trending_epochs)
+    IF latest IS NOT NULL AND (tr.epoch IS NULL OR po.epoch IS NULL
+                               OR date_part('epoch', latest - tr.epoch) / tr.half_life_s > 500
+                               OR date_part('epoch', latest - po.epoch) / po.half_life_s > 500) THEN
+        PERFORM pgrec.trending_prepare(latest);
+        SELECT * INTO tr FROM pgrec.trending_epochs e WHERE e.horizon = 'trending';
+        SELECT * INTO po FROM pgrec.trending_epochs e WHERE e.horizon = 'popular';
+    END IF;
     -- One pass over the new rows per (item, UTC day, segment) gives the daily counters and, summed again per
     -- (item, segment), the trending and popular sums (float epochs: date_part, not numeric extract).
     -- A big statement (a bulk load) most often brings (item, day, segment) keys not stored yet: it tries a
@@ -153,7 +161,9 @@ BEGIN
              WHERE x.segment IS NOT NULL
              GROUP BY 1, 2, 3
             ON CONFLICT (horizon, segment, item_key) DO UPDATE SET score = ts.score + excluded.score;
-            PERFORM pgrec.item_stats_invalidate((earliest AT TIME ZONE 'UTC')::date);
+            IF (earliest AT TIME ZONE 'UTC')::date < (clock_timestamp() AT TIME ZONE 'UTC')::date THEN
+                PERFORM pgrec.item_stats_invalidate((earliest AT TIME ZONE 'UTC')::date);
+            END IF;
             RETURN NULL;
         EXCEPTION WHEN unique_violation THEN
             NULL;  -- some key is stored already (or was just stored by another session): the upsert below
@@ -190,8 +200,11 @@ BEGIN
      WHERE x.segment IS NOT NULL
      GROUP BY 1, 2, 3
     ON CONFLICT (horizon, segment, item_key) DO UPDATE SET score = ts.score + excluded.score;
-    -- snapshots of later days counted without these events: drop them (events of today touch none)
-    PERFORM pgrec.item_stats_invalidate((earliest AT TIME ZONE 'UTC')::date);
+    -- snapshots of later days counted without these events: drop them (events of today touch none: a snapshot
+    -- of day d counts the days before d, and none is built for a day after the current one)
+    IF (earliest AT TIME ZONE 'UTC')::date < (clock_timestamp() AT TIME ZONE 'UTC')::date THEN
+        PERFORM pgrec.item_stats_invalidate((earliest AT TIME ZONE 'UTC')::date);
+    END IF;
     RETURN NULL;
 END
 $$;
