@@ -593,6 +593,8 @@ DECLARE
     vals   jsonb;
     val    jsonb;
     texts  text[];
+    strs   text[];
+    nums   numeric[];
     field  text;
     prop   text;
     op     text;
@@ -641,7 +643,13 @@ BEGIN
         WHEN 'equals' THEN
             RETURN ARRAY(SELECT coalesce((p_rows[x]).properties -> prop = val, false) FROM unnest(p_idx) x);
         WHEN 'in' THEN
+            -- a string or a number is listed when an element of the same type equals it (what vals @> [v]
+            -- tests, compared here without building a JSON value per row)
+            strs := ARRAY(SELECT e #>> '{}' FROM jsonb_array_elements(vals) e WHERE jsonb_typeof(e) = 'string');
+            nums := ARRAY(SELECT e::numeric FROM jsonb_array_elements(vals) e WHERE jsonb_typeof(e) = 'number');
             RETURN ARRAY(SELECT CASE jsonb_typeof(v.v)
+                                WHEN 'string' THEN (v.v #>> '{}') = ANY (strs)
+                                WHEN 'number' THEN v.v::numeric = ANY (nums)
                                 WHEN 'array' THEN coalesce(v.v ?| texts, false)  -- any string element listed
                                 WHEN 'null' THEN false
                                 ELSE coalesce(vals @> jsonb_build_array(v.v), false) END
@@ -1324,7 +1332,8 @@ BEGIN
                i.item_id, i.categories, i.properties, i.created_at,
                coalesce(i.item_id = ANY (excl), false) AS ex,
                incl IS NOT NULL AND NOT coalesce(i.item_id = ANY (incl), false) AS notin
-          FROM u LEFT JOIN pgrec.items i ON i.item_key = u.k)
+          FROM u LEFT JOIN pgrec.items i ON i.item_key = u.k
+         ORDER BY u.s DESC NULLS LAST, u.k)  -- the aggregates below take the rows in this order (a plain Agg)
     SELECT coalesce(array_agg(ROW(j.k, j.item_id, j.s, coalesce(j.src, ''), j.categories, j.properties,
                                   j.created_at)::pgrec.rerank_row) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
            coalesce(array_agg(j.k) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
@@ -1337,8 +1346,8 @@ BEGIN
       INTO rws, keys, sc, c_unknown, c_unavail, c_excl, c_incl, gone
       FROM j;
     n_rows := cardinality(rws);
-    -- the rows stay in the order they were read; the list orders them: best score first (ties: item_key)
-    list := ARRAY(SELECT o::int FROM unnest(sc, keys) WITH ORDINALITY x(s, k, o) ORDER BY x.s DESC NULLS LAST, x.k);
+    -- the rows are read in list order: best score first (ties: item_key)
+    list := ARRAY(SELECT generate_series(1, n_rows));
     IF c_unknown > 0 THEN dropped := dropped || jsonb_build_object('unknown', c_unknown); END IF;
     IF c_unavail > 0 THEN dropped := dropped || jsonb_build_object('unavailable', c_unavail); END IF;
     IF c_excl > 0 THEN dropped := dropped || jsonb_build_object('request_exclude', c_excl); END IF;
