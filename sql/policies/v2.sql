@@ -976,18 +976,23 @@ BEGIN
     END IF;
     -- the values of each item (its categories, or the property's value(s)) flattened in list order, then coded as
     -- small integers (their rank among the distinct values)
-    SELECT coalesce(array_agg(f.v) FILTER (WHERE f.n IS NOT NULL), '{}'),
-           coalesce(array_agg(f.l) FILTER (WHERE f.n = 1 OR f.n IS NULL), '{}')
-      INTO fv, ln
-      FROM (SELECT v.v, v.n, cardinality(it.vs) AS l
-              FROM (SELECT CASE WHEN prop IS NULL THEN coalesce((p_rows[x]).categories, '{}')
-                                WHEN jsonb_typeof((p_rows[x]).properties -> prop) = 'array'
-                                     THEN ARRAY(SELECT DISTINCT e FROM jsonb_array_elements_text((p_rows[x]).properties -> prop) e)
-                                WHEN jsonb_typeof((p_rows[x]).properties -> prop) IN ('string', 'number', 'boolean')
-                                     THEN ARRAY[(p_rows[x]).properties ->> prop]
-                                ELSE '{}'::text[] END AS vs
-                      FROM unnest(p_list[1:depth]) x OFFSET 0) it
-              LEFT JOIN LATERAL unnest(it.vs) WITH ORDINALITY v(v, n) ON true) f;
+    IF prop IS NULL THEN
+        -- the categories: flattened by a set-returning function in the select list (no per-row function scan)
+        fv := ARRAY(SELECT unnest((p_rows[x]).categories) FROM unnest(p_list[1:depth]) x);
+        ln := ARRAY(SELECT coalesce(cardinality((p_rows[x]).categories), 0) FROM unnest(p_list[1:depth]) x);
+    ELSE
+        SELECT coalesce(array_agg(f.v) FILTER (WHERE f.n IS NOT NULL), '{}'),
+               coalesce(array_agg(f.l) FILTER (WHERE f.n = 1 OR f.n IS NULL), '{}')
+          INTO fv, ln
+          FROM (SELECT v.v, v.n, cardinality(it.vs) AS l
+                  FROM (SELECT CASE WHEN jsonb_typeof((p_rows[x]).properties -> prop) = 'array'
+                                         THEN ARRAY(SELECT DISTINCT e FROM jsonb_array_elements_text((p_rows[x]).properties -> prop) e)
+                                    WHEN jsonb_typeof((p_rows[x]).properties -> prop) IN ('string', 'number', 'boolean')
+                                         THEN ARRAY[(p_rows[x]).properties ->> prop]
+                                    ELSE '{}'::text[] END AS vs
+                          FROM unnest(p_list[1:depth]) x OFFSET 0) it
+                  LEFT JOIN LATERAL unnest(it.vs) WITH ORDINALITY v(v, n) ON true) f;
+    END IF;
     dv := ARRAY(SELECT DISTINCT x FROM unnest(fv) x ORDER BY 1);
     nvals := cardinality(dv);
     vid := ARRAY(SELECT array_position(dv, x) FROM unnest(fv) x);
@@ -1009,6 +1014,10 @@ BEGIN
                 IF ok THEN
                     chosen := i;
                     EXIT;
+                END IF;
+                IF win IS NULL THEN
+                    -- without a window the counts only grow: an item that does not fit now never will
+                    used[i] := true;
                 END IF;
             END IF;
             i := i + 1;
