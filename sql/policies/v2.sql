@@ -1282,6 +1282,7 @@ DECLARE
     slot_s     float8;
     pinres     boolean[];
     is_drop    boolean;
+    pin_only   boolean;
     min_s      float8;
     hits       int[];
     dead       int[] := '{}';   -- rows dropped by the filters since the list was last cut
@@ -1330,44 +1331,6 @@ BEGIN
     incl := CASE WHEN jsonb_typeof(ctx -> 'include_only') = 'array'
                  THEN ARRAY(SELECT jsonb_array_elements_text(ctx -> 'include_only')) END;
 
-    -- ---- the list: known, available items allowed by the request, best score first (ties: item_key)
-    WITH u AS (
-        SELECT DISTINCT ON (x.k) x.k, x.s, x.src
-          FROM unnest(item_keys, scores, sources) x(k, s, src)
-         WHERE x.k IS NOT NULL
-         ORDER BY x.k, x.s DESC NULLS LAST),
-    j AS (
-        SELECT u.k, u.s, u.src, i.item_key IS NOT NULL AS known, coalesce(i.available, false) AS avail,
-               i.item_id, i.categories, i.properties, i.created_at,
-               coalesce(i.item_id = ANY (excl), false) AS ex,
-               incl IS NOT NULL AND NOT coalesce(i.item_id = ANY (incl), false) AS notin
-          FROM u LEFT JOIN pgrec.items i ON i.item_key = u.k
-         ORDER BY u.s DESC NULLS LAST, u.k)  -- the aggregates below take the rows in this order (a plain Agg)
-    SELECT coalesce(array_agg(ROW(j.k, j.item_id, j.s, coalesce(j.src, ''), j.categories, j.properties,
-                                  j.created_at)::pgrec.rerank_row) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
-           coalesce(array_agg(j.k) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
-           coalesce(array_agg(j.s) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
-           count(*) FILTER (WHERE NOT j.known),
-           count(*) FILTER (WHERE j.known AND NOT j.avail),
-           count(*) FILTER (WHERE j.known AND j.avail AND j.ex),
-           count(*) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND j.notin),
-           coalesce(array_agg(j.k) FILTER (WHERE NOT (j.known AND j.avail AND NOT j.ex AND NOT j.notin)), '{}')
-      INTO rws, keys, sc, c_unknown, c_unavail, c_excl, c_incl, gone
-      FROM j;
-    n_rows := cardinality(rws);
-    -- the rows are read in list order: best score first (ties: item_key)
-    list := ARRAY(SELECT generate_series(1, n_rows));
-    IF c_unknown > 0 THEN dropped := dropped || jsonb_build_object('unknown', c_unknown); END IF;
-    IF c_unavail > 0 THEN dropped := dropped || jsonb_build_object('unavailable', c_unavail); END IF;
-    IF c_excl > 0 THEN dropped := dropped || jsonb_build_object('request_exclude', c_excl); END IF;
-    IF c_incl > 0 THEN dropped := dropped || jsonb_build_object('request_include_only', c_incl); END IF;
-    IF debug IS NOT NULL THEN
-        steps := steps || jsonb_build_array(jsonb_build_object('policy', 'input', 'kind', 'input',
-            'dropped', c_unknown + c_unavail + c_excl + c_incl, 'items', pgrec.policy_show(rws, sc, list, debug),
-            'ms', round(extract(epoch FROM clock_timestamp() - t_step) * 1000, 3)));
-        t_step := clock_timestamp();
-    END IF;
-
     -- ---- the policies in force: enabled, surface, time window, policy set; then segment and request params
     SELECT coalesce(array_agg(p ORDER BY p.priority, array_position(pgrec.policy_kinds(), p.kind), p.policy_id), '{}')
       INTO pols
@@ -1412,20 +1375,57 @@ BEGIN
     END LOOP;
     in_holdout := false;
 
+    -- ---- the list: known, available items allowed by the request, best score first (ties: item_key); when the
+    -- only items from outside the candidates are pins, the same statement reads them (the reserve, by item_key)
+    pin_only := NOT need_trending AND cardinality(pin_ids) > 0;
+    WITH u AS (
+        SELECT DISTINCT ON (x.k) x.k, x.s, x.src
+          FROM unnest(item_keys, scores, sources) x(k, s, src)
+         WHERE x.k IS NOT NULL
+         ORDER BY x.k, x.s DESC NULLS LAST),
+    j AS (
+        SELECT u.k, u.s, u.src, i.item_key IS NOT NULL AS known, coalesce(i.available, false) AS avail,
+               i.item_id, i.categories, i.properties, i.created_at,
+               coalesce(i.item_id = ANY (excl), false) AS ex,
+               incl IS NOT NULL AND NOT coalesce(i.item_id = ANY (incl), false) AS notin, false AS res
+          FROM u LEFT JOIN pgrec.items i ON i.item_key = u.k
+        UNION ALL
+        SELECT i.item_key, NULL, '', true, true, i.item_id, i.categories, i.properties, i.created_at, false, false, true
+          FROM pgrec.items i
+         WHERE pin_only AND i.item_id = ANY (pin_ids) AND i.available
+           AND NOT coalesce(i.item_id = ANY (excl), false) AND (incl IS NULL OR i.item_id = ANY (incl))
+         ORDER BY res, s DESC NULLS LAST, k)  -- the aggregates below take the rows in this order (a plain Agg)
+    SELECT coalesce(array_agg(ROW(j.k, j.item_id, j.s, coalesce(j.src, ''), j.categories, j.properties,
+                                  j.created_at)::pgrec.rerank_row) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
+           coalesce(array_agg(j.k) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
+           coalesce(array_agg(j.s) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
+           count(*) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin AND NOT j.res),
+           count(*) FILTER (WHERE NOT j.known),
+           count(*) FILTER (WHERE j.known AND NOT j.avail),
+           count(*) FILTER (WHERE j.known AND j.avail AND j.ex),
+           count(*) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND j.notin),
+           coalesce(array_agg(j.k) FILTER (WHERE NOT (j.known AND j.avail AND NOT j.ex AND NOT j.notin)), '{}')
+      INTO rws, keys, sc, n_i, c_unknown, c_unavail, c_excl, c_incl, gone
+      FROM j;
+    n_rows := cardinality(rws);
+    -- the rows are read in list order: best score first (ties: item_key), then the pins' reserve
+    list := ARRAY(SELECT generate_series(1, n_i));
+    reserve := ARRAY(SELECT generate_series(n_i + 1, n_rows));
+    IF c_unknown > 0 THEN dropped := dropped || jsonb_build_object('unknown', c_unknown); END IF;
+    IF c_unavail > 0 THEN dropped := dropped || jsonb_build_object('unavailable', c_unavail); END IF;
+    IF c_excl > 0 THEN dropped := dropped || jsonb_build_object('request_exclude', c_excl); END IF;
+    IF c_incl > 0 THEN dropped := dropped || jsonb_build_object('request_include_only', c_incl); END IF;
+    IF debug IS NOT NULL THEN
+        steps := steps || jsonb_build_array(jsonb_build_object('policy', 'input', 'kind', 'input',
+            'dropped', c_unknown + c_unavail + c_excl + c_incl, 'items', pgrec.policy_show(rws, sc, list, debug),
+            'ms', round(extract(epoch FROM clock_timestamp() - t_step) * 1000, 3)));
+        t_step := clock_timestamp();
+    END IF;
+
     -- ---- the reserve: items from outside the candidates (trending fill / holdout control, pins), filtered
     -- by the same policies as the list so that they never bypass a rule
-    IF NOT need_trending AND cardinality(pin_ids) > 0 THEN
-        -- pins only: the named items themselves (no score), by item_key
-        SELECT coalesce(array_agg(ROW(i.item_key, i.item_id, NULL::float8, '', i.categories, i.properties,
-                                      i.created_at)::pgrec.rerank_row ORDER BY i.item_key), '{}'),
-               coalesce(array_agg(i.item_key ORDER BY i.item_key), '{}')
-          INTO extra, hit
-          FROM pgrec.items i
-         WHERE i.item_id = ANY (pin_ids) AND i.available AND NOT (i.item_key = ANY (gone))
-           AND NOT coalesce(i.item_id = ANY (excl), false)
-           AND (incl IS NULL OR i.item_id = ANY (incl));
-        new_sc := array_fill(NULL::float8, ARRAY[cardinality(hit)]);
-    ELSIF need_trending THEN
+    -- (pins only: read with the list above)
+    IF need_trending THEN
         WITH outside AS (
             SELECT tr.item_key, tr.score, 'trending' AS src, 0 AS pref
               FROM pgrec.source_trending(user_key, 2 * k + 20, t) tr
