@@ -219,6 +219,29 @@ def test_history_reads_stored_embedding_neighbours_only_while_current(db: TestDB
     assert "x29" not in [n for n, _ in history()]
 
 
+def test_history_adds_ease_neighbours_when_weighted(db: TestDB) -> None:
+    _cooccurring_world(db)
+    cooccurrence.build(db.conn)
+    uk = _uk(db, "u1")
+    # x10's EASE list (as `pgrec train ease` stores it): x25 weight 0.2, x27 weight 0.05
+    db.conn.execute(
+        """INSERT INTO pgrec.model_neighbors (model, item_key, rank, neighbor_key, score)
+           SELECT 'ease', s.item_key, v.rank, n.item_key, v.score
+             FROM (VALUES (1, 'x25', 0.2), (2, 'x27', 0.05)) v(rank, id, score)
+             JOIN pgrec.items s ON s.item_id = 'x10' JOIN pgrec.items n ON n.item_id = v.id""")
+
+    def history(params: dict[str, object]) -> dict[str, float]:
+        rows = candidates.run_source(db.conn, "history", uk, 10, params=params | {"embedding_items": 0})
+        return dict(zip(_ids(db, rows), [r.score for r in rows], strict=True))
+
+    assert set(history({})) == {"x20"}  # co-occurrence only: off by default
+    with_ease = history({"ease_weight": 2.0})
+    # one seed (x10, weight 4 for a like, newest): 4 * 2.0 * (score / best score of the seed's list)
+    assert with_ease["x25"] == pytest.approx(4 * 2.0 * 1.0)
+    assert with_ease["x27"] == pytest.approx(4 * 2.0 * 0.25)
+    assert with_ease["x20"] == pytest.approx(history({})["x20"])
+
+
 # ---------------------------------------------------------------- trending, popular, fresh
 
 

@@ -322,6 +322,17 @@ BEGIN
           FROM seeds s JOIN pgrec.item_neighbors n
             ON n.item_key = s.item_key AND n.rank <= coalesce((p_params ->> 'per_item')::int, 50)
          GROUP BY n.neighbor_key
+    ), ez AS (
+        -- learned item-item neighbours (pgrec.model_neighbors 'ease', `pgrec train ease`) of the seeds, each
+        -- seed's list scaled by its best weight to [0, 1] like the cosines above; off unless ease_weight > 0
+        SELECT n.neighbor_key AS item_key,
+               sum(s.w * n.score / nullif(top.score, 0)) * coalesce((p_params ->> 'ease_weight')::float8, 0) AS sc
+          FROM seeds s
+          JOIN pgrec.model_neighbors top ON top.model = 'ease' AND top.item_key = s.item_key AND top.rank = 1
+          JOIN pgrec.model_neighbors n
+            ON n.model = 'ease' AND n.item_key = s.item_key AND n.rank <= coalesce((p_params ->> 'per_item')::int, 50)
+         WHERE coalesce((p_params ->> 'ease_weight')::float8, 0) > 0
+         GROUP BY n.neighbor_key
     ), emb AS (
         -- each seed's ek nearest items: the stored list (pgrec.model_neighbors 'embedding', built after the
         -- seed's vector last changed) or, without one, an HNSW search (its LIMIT is the same ek, self excluded)
@@ -348,7 +359,8 @@ BEGIN
          GROUP BY nb.item_key
     ), scored AS (
         SELECT x.item_key, sum(x.sc) AS sc
-          FROM (SELECT co.item_key, co.sc FROM co UNION ALL SELECT emb.item_key, emb.sc FROM emb) x
+          FROM (SELECT co.item_key, co.sc FROM co UNION ALL SELECT emb.item_key, emb.sc FROM emb
+                UNION ALL SELECT ez.item_key, ez.sc FROM ez) x
          WHERE NOT EXISTS (SELECT 1 FROM seeds s WHERE s.item_key = x.item_key)
          GROUP BY x.item_key
     )
@@ -370,9 +382,9 @@ END
 $$;
 COMMENT ON FUNCTION pgrec.source_history(bigint, int, timestamptz, text[], jsonb) IS
     'Candidate source history: co-occurrence neighbours (pgrec.item_neighbors) of the user''s recent positive '
-    'items plus item-embedding neighbours of the newest few, weighted by event weight and recency; the seed '
-    'items themselves are left out. params: max_events, half_life_days, per_item, embedding_items, '
-    'embedding_k, embedding_weight.';
+    'items plus item-embedding neighbours of the newest few (and, with ease_weight > 0, their EASE neighbours '
+    'from pgrec.model_neighbors), weighted by event weight and recency; the seed items themselves are left out. '
+    'params: max_events, half_life_days, per_item, embedding_items, embedding_k, embedding_weight, ease_weight.';
 
 CREATE OR REPLACE FUNCTION pgrec.source_trending(
     p_user_key bigint, p_k int, p_as_of timestamptz DEFAULT NULL, p_categories text[] DEFAULT NULL,
