@@ -1283,6 +1283,8 @@ DECLARE
     pinres     boolean[];
     is_drop    boolean;
     pin_only   boolean;
+    mul        float8;
+    addv       float8;
     min_s      float8;
     hits       int[];
     dead       int[] := '{}';   -- rows dropped by the filters since the list was last cut
@@ -1586,21 +1588,22 @@ BEGIN
         ELSIF pol.kind = 'boost' THEN
             -- score * multiply + add for the matching items of the list, then re-sort
             mask := pgrec.policy_match(pol.params -> 'predicate', rws, sc, list, ctx, t);
+            mul := coalesce((pol.params ->> 'multiply')::float8, 1);
+            addv := coalesce((pol.params ->> 'add')::float8, 0);
             SELECT coalesce(array_agg(b.x ORDER BY b.o), '{}'),
                    coalesce(array_agg(keys[b.x] ORDER BY b.o), '{}'),
-                   coalesce(array_agg(CASE WHEN b.ns > sc[b.x] THEN 'boosted' ELSE 'buried' END ORDER BY b.o), '{}')
-              INTO hit_i, hit, acts
-              FROM (SELECT l.x, l.o, sc[l.x] * coalesce((pol.params ->> 'multiply')::float8, 1)
-                                     + coalesce((pol.params ->> 'add')::float8, 0) AS ns
+                   coalesce(array_agg(CASE WHEN b.ns > sc[b.x] THEN 'boosted' ELSE 'buried' END ORDER BY b.o), '{}'),
+                   coalesce(array_agg(b.ns ORDER BY b.o), '{}')
+              INTO hit_i, hit, acts, new_sc
+              FROM (SELECT l.x, l.o, sc[l.x] * mul + addv AS ns
                       FROM unnest(list, mask) WITH ORDINALITY l(x, m, o) WHERE l.m) b
              WHERE b.ns IS DISTINCT FROM sc[b.x];
             IF cardinality(hit) > 0 THEN
                 eff_key := eff_key || hit;
                 eff_pol := eff_pol || array_fill(lbl, ARRAY[cardinality(hit)]);
                 eff_act := eff_act || acts;
-                FOREACH ix IN ARRAY hit_i LOOP
-                    sc[ix] := sc[ix] * coalesce((pol.params ->> 'multiply')::float8, 1)
-                              + coalesce((pol.params ->> 'add')::float8, 0);
+                FOR n_i IN 1..cardinality(hit_i) LOOP
+                    sc[hit_i[n_i]] := new_sc[n_i];
                 END LOOP;
                 list := ARRAY(SELECT x FROM unnest(list) x ORDER BY sc[x] DESC NULLS LAST, keys[x]);
             END IF;
