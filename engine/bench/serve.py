@@ -38,6 +38,7 @@ class BenchConfig:
     num_trees: int = 100      # a compact ranker: the SQL path scores every candidate with every tree
     num_leaves: int = 15
     seed: int = 5
+    stored_neighbors: bool = True  # the history source's stored embedding neighbours, as a deployment keeps them
 
 
 def machine() -> str:
@@ -91,6 +92,13 @@ def _prepare(settings: Settings, cfg: BenchConfig, say: Callable[[str], None]) -
             conn.execute("VACUUM ANALYZE")
             say(f"  imported in {time.perf_counter() - t0:.0f}s; co-occurrence ...")
             cooccurrence.build(conn)
+        if cfg.stored_neighbors:
+            from engine import neighbors
+
+            t0 = time.perf_counter()
+            built_n = neighbors.build(conn, stale_only=True)
+            if built_n.items:
+                say(f"embedding neighbours: {built_n.items:,} items in {time.perf_counter() - t0:.0f}s")
         # today's item counter snapshot, as a serving process builds it once a day (steady state)
         t0 = time.perf_counter()
         built = conn.execute("SELECT pgrec.refresh_item_stats(NULL, true)").fetchone()

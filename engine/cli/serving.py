@@ -172,11 +172,15 @@ def bench_serve(
     k: Annotated[int, typer.Option("--k")] = 10,
     reuse: Annotated[bool, typer.Option("--reuse/--fresh", help="reuse data of the same size if present")] = True,
     write: Annotated[Path | None, typer.Option("--write", help="update this benchmarks file (section Serving)")] = None,
+    stored: Annotated[bool, typer.Option("--neighbours/--no-neighbours",
+                                         help="build the stored embedding neighbours first (as a deployment "
+                                              "keeps them; about 1 ms per item)")] = True,
 ) -> None:
     """p50/p95/p99 of the Python path and of the SQL-only path, per stage, beside a bare HNSW top-100 probe."""
     from engine.bench.serve import BenchConfig, run
 
-    cfg = BenchConfig(items=items, users=users, events=events, requests=requests, k=k, reuse=reuse)
+    cfg = BenchConfig(items=items, users=users, events=events, requests=requests, k=k, reuse=reuse,
+                      stored_neighbors=stored)
     try:
         for line in run(get_settings(), cfg, write=write, say=console.print):
             console.print(line)
