@@ -1,10 +1,12 @@
 -- Stage 3: re-ranking with business rules stored as rows of pgrec.policies.
 -- One engine for every path (Python, SQL-only, HTTP): pgrec.rerank. Each kind has one validator branch
--- (pgrec.policy_validate, run by a trigger when a row is written) and one apply step: pgrec.policy_drop_<history>
--- (exclude_interacted/negative/served), pgrec.policy_drop_rows (blocklist, freshness, attribute_filter,
--- relevance_floor), pgrec.policy_move_<kind> (source_mix, diversity, mmr, promote, exploration) or a branch of
--- pgrec.rerank (holdout, boost, pin). Predicates are structured JSON interpreted here, never SQL text.
+-- (pgrec.policy_validate, run by a trigger when a row is written) and one apply step: pgrec.policy_history_keys
+-- (exclude_interacted/negative/served, over the user's events read once per request; exclude_negative with
+-- neighbours: pgrec.policy_drop_negative), pgrec.policy_drop_hits (blocklist, freshness, attribute_filter),
+-- pgrec.policy_move_<kind> (source_mix, diversity, mmr, promote, exploration) or a branch of pgrec.rerank
+-- (holdout, relevance_floor, boost, pin). Predicates are structured JSON interpreted here, never SQL text.
 -- The kinds and their parameters are documented in docs/policies.md and engine/policies.py.
+-- v2 is v1 made cheaper per request with the same answers (tests/test_policies.py::test_v2_engine_answers_as_v1).
 
 -- ---------------------------------------------------------------- kinds
 
