@@ -300,3 +300,22 @@ def test_bulk_loads_keep_the_aggregates_a_recount_gives(db: TestDB, tmp_path: Pa
         rebuilt = _trending(db)
         assert kept.keys() == rebuilt.keys() and len(kept) > 10
         assert all(abs(kept[k] - rebuilt[k]) <= 1e-9 * max(1.0, abs(rebuilt[k])) for k in kept)
+
+
+def test_single_events_keep_the_aggregates_a_recount_gives(db: TestDB, tmp_path: Path) -> None:
+    """pgrec.track_event (one row per statement: the trigger's small-statement path) sums as a recount does."""
+    _setup(db, tmp_path)
+    ingest.import_file(db.conn, "users", _write(tmp_path / "users.csv",
+                                                'user_id,properties\nu1,"{""country"": ""de""}"\nu2,\n'))
+    calls = [("u1", "a", "click", "2024-02-01T10:00:00Z", None), ("u1", "a", "click", "2024-02-01T11:00:00Z", None),
+             ("u2", "a", "rating", "2024-02-01T12:00:00Z", 1), ("u2", "b", "like", "2024-02-02T10:00:00Z", None),
+             ("u1", "b", "rating", "2024-02-03T10:00:00Z", 5), ("u3", "c", "view", "2024-02-03T11:00:00Z", None)]
+    for user, item, kind, at, value in calls:
+        db.conn.execute("SELECT pgrec.track_event(%s, %s, %s, %s::timestamptz, %s)", (user, item, kind, at, value))
+    assert _daily_stored(db) == _daily_recount(db)
+    kept = _trending(db)
+    db.conn.execute("SELECT pgrec.rebuild_trending()")
+    rebuilt = _trending(db)
+    assert kept.keys() == rebuilt.keys() and ("trending", "de", db.scalar(
+        "SELECT item_key FROM pgrec.items WHERE item_id = 'a'")) in kept
+    assert all(abs(kept[k] - rebuilt[k]) <= 1e-9 * max(1.0, abs(rebuilt[k])) for k in kept)

@@ -109,6 +109,8 @@ DECLARE
     n        bigint;
     tr       pgrec.trending_epochs%ROWTYPE;
     po       pgrec.trending_epochs%ROWTYPE;
+    one      record;
+    seg      text;
 BEGIN
     SELECT max(x.occurred_at) FILTER (WHERE x.polarity = 1), min(x.occurred_at), count(*)
       INTO latest, earliest, n FROM new_rows x;
@@ -125,6 +127,37 @@ BEGIN
         PERFORM pgrec.trending_prepare(latest);
         SELECT * INTO tr FROM pgrec.trending_epochs e WHERE e.horizon = 'trending';
         SELECT * INTO po FROM pgrec.trending_epochs e WHERE e.horizon = 'popular';
+    END IF;
+    IF n = 1 THEN
+        -- one event (pgrec.track_event): the same sums as below by statements with small plans (the grouping
+        -- statement's plan costs more to start than to run for one row)
+        SELECT x.user_key, x.item_key, x.polarity, x.weight, x.occurred_at INTO one FROM new_rows x;
+        seg := coalesce((SELECT u.properties ->> prop FROM pgrec.users u WHERE u.user_key = one.user_key), '');
+        INSERT INTO pgrec.item_daily_counts AS d (item_key, day, segment, n_events, n_positive, n_negative, w_positive)
+        VALUES (one.item_key, (one.occurred_at AT TIME ZONE 'UTC')::date, seg, 1, (one.polarity = 1)::int,
+                (one.polarity = -1)::int, CASE WHEN one.polarity = 1 THEN one.weight ELSE 0 END)
+        ON CONFLICT (item_key, day, segment) DO UPDATE SET
+            n_events = d.n_events + excluded.n_events,
+            n_positive = d.n_positive + excluded.n_positive,
+            n_negative = d.n_negative + excluded.n_negative,
+            w_positive = d.w_positive + excluded.w_positive;
+        IF one.polarity = 1 THEN
+            INSERT INTO pgrec.trending_scores AS ts (horizon, segment, item_key, score)
+            SELECT v.horizon, v.segment, one.item_key, one.weight * pgrec.pow2_safe(v.exponent)
+              FROM (VALUES ('trending', '', (date_part('epoch', one.occurred_at) - date_part('epoch', tr.epoch))
+                                            / tr.half_life_s),
+                           ('trending', nullif(seg, ''), (date_part('epoch', one.occurred_at) - date_part('epoch', tr.epoch))
+                                                         / tr.half_life_s),
+                           ('popular', '', (date_part('epoch', one.occurred_at) - date_part('epoch', po.epoch))
+                                           / po.half_life_s)) v(horizon, segment, exponent)
+             WHERE v.segment IS NOT NULL
+             ORDER BY 1, 2
+            ON CONFLICT (horizon, segment, item_key) DO UPDATE SET score = ts.score + excluded.score;
+        END IF;
+        IF (earliest AT TIME ZONE 'UTC')::date < (clock_timestamp() AT TIME ZONE 'UTC')::date THEN
+            PERFORM pgrec.item_stats_invalidate((earliest AT TIME ZONE 'UTC')::date);
+        END IF;
+        RETURN NULL;
     END IF;
     -- One pass over the new rows per (item, UTC day, segment) gives the daily counters and, summed again per
     -- (item, segment), the trending and popular sums (float epochs: date_part, not numeric extract).
