@@ -786,6 +786,7 @@ CREATE OR REPLACE FUNCTION pgrec.policy_history_keys(
     p_user bigint, p_as_of timestamptz)
 RETURNS bigint[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     lb    timestamptz;
@@ -875,6 +876,7 @@ CREATE OR REPLACE FUNCTION pgrec.policy_drop_hits(
     p_kind text, p jsonb, p_rows pgrec.rerank_row[], p_scores float8[], p_idx int[], p_ctx jsonb, p_as_of timestamptz)
 RETURNS int[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     ids  text[];
