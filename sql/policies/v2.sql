@@ -783,7 +783,7 @@ DROP FUNCTION IF EXISTS pgrec.policy_drop_rows(text, jsonb, pgrec.rerank_row[], 
 
 CREATE OR REPLACE FUNCTION pgrec.policy_history_keys(
     p_kind text, p jsonb, p_ev_key bigint[], p_ev_type smallint[], p_ev_pol smallint[], p_ev_at timestamptz[],
-    p_user bigint, p_as_of timestamptz)
+    p_keys bigint[], p_user bigint, p_as_of timestamptz)
 RETURNS bigint[]
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -792,8 +792,9 @@ DECLARE
     lb    timestamptz;
     types smallint[];
 BEGIN
-    -- the user's events before as_of come in as arrays (read once per request by pgrec.rerank), so the
-    -- history filters of a request share one read; the answer is the item keys to drop (distinct)
+    -- the user's events before as_of with the items p_keys come in as arrays (read once per request by
+    -- pgrec.rerank), so the history filters of a request share one read; the answer is the item keys to drop
+    -- (distinct)
     IF p_kind IN ('exclude_interacted', 'exclude_negative') THEN
         lb := coalesce(p_as_of - make_interval(secs => (p ->> 'lookback_days')::float8 * 86400), '-infinity');
     END IF;
@@ -821,6 +822,7 @@ BEGIN
                   FROM pgrec.impressions im
                  WHERE im.user_key = p_user AND im.served_at < p_as_of
                    AND im.served_at >= p_as_of - make_interval(secs => (p ->> 'window_days')::float8 * 86400)
+                   AND im.item_key IN (SELECT unnest(p_keys))
                  GROUP BY im.item_key
                 HAVING count(DISTINCT im.request_id) >= (p ->> 'min_impressions')::int) s
          WHERE NOT EXISTS (
@@ -829,8 +831,8 @@ BEGIN
                   AND CASE WHEN types IS NULL THEN e.pol = 1 ELSE e.ty = ANY (types) END));
 END
 $$;
-COMMENT ON FUNCTION pgrec.policy_history_keys(text, jsonb, bigint[], smallint[], smallint[], timestamptz[], bigint, timestamptz) IS
-    'The item keys a history filter drops, from the user''s events before as_of given as arrays: '
+COMMENT ON FUNCTION pgrec.policy_history_keys(text, jsonb, bigint[], smallint[], smallint[], timestamptz[], bigint[], bigint, timestamptz) IS
+    'Of p_keys, the item keys a history filter drops, from the user''s events before as_of given as arrays: '
     'exclude_interacted (params.event_types in params.lookback_days), exclude_negative (dislikes in the lookback, '
     'without neighbours), exclude_served (shown in >= params.min_impressions requests in the last '
     'params.window_days without an engagement event since the first of them).';
@@ -1509,15 +1511,17 @@ BEGIN
                         dkeys := pgrec.policy_drop_negative(pol.params, keys, user_key, t);
                     ELSE
                         IF ev_key IS NULL THEN
-                            -- the user's events before as_of, once for every history filter of the request
+                            -- the user's events before as_of with the items of the request (every row that can
+                            -- be listed is in keys by now), once for every history filter of the request
                             SELECT coalesce(array_agg(e.item_key), '{}'), coalesce(array_agg(e.type_id), '{}'),
                                    coalesce(array_agg(e.polarity), '{}'), coalesce(array_agg(e.occurred_at), '{}')
                               INTO ev_key, ev_type, ev_pol, ev_at
                               FROM pgrec.events e
-                             WHERE e.user_key = user_key AND e.occurred_at < t;
+                             WHERE e.user_key = user_key AND e.occurred_at < t
+                               AND e.item_key IN (SELECT unnest(keys));
                         END IF;
                         dkeys := pgrec.policy_history_keys(pol.kind, pol.params, ev_key, ev_type, ev_pol, ev_at,
-                                                           user_key, t);
+                                                           keys, user_key, t);
                     END IF;
                     IF cardinality(dkeys) > 0 THEN
                         hits := ARRAY(SELECT l.x FROM unnest(live) l(x) JOIN unnest(dkeys) d(k) ON d.k = keys[l.x]);
