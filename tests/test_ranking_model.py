@@ -151,7 +151,7 @@ def test_latest_windows_validate_then_every_window_trains(db: TestDB) -> None:
                       now=NOW).load(db.conn)
     until = NOW - timedelta(days=1)
     config = RankerConfig(cutoffs=3, window_share=0.08, valid_windows=2, n_candidates=30, num_boost_round=40,
-                          early_stopping_rounds=10, min_data_in_leaf=5, num_threads=1)
+                          early_stopping_rounds=10, min_data_in_leaf=5, num_threads=1, min_rounds=0)
     windows = plan_windows(db.conn, until, config)
     per_window = [len(dataset.replay(db.conn, c, end=e, n=30).group) for c, e in windows]
     assert all(per_window)
@@ -164,3 +164,8 @@ def test_latest_windows_validate_then_every_window_trains(db: TestDB) -> None:
     assert "refit_rounds" not in kept.metrics and kept.metrics["best_iteration"] == m["best_iteration"]
     x = np.random.default_rng(0).normal(size=(5, len(trained.names)))
     assert not np.allclose(trained.booster.predict(x), kept.booster.predict(x, num_iteration=m["best_iteration"]))
+    # min_rounds: the refit trains at least that many rounds (at most num_boost_round) whatever early stopping chose
+    floor = m["best_iteration"] + 5
+    floored = train_ranker(db.conn, replace(config, min_rounds=floor), until=until)
+    assert floored.metrics["best_iteration"] == m["best_iteration"]
+    assert floored.metrics["refit_rounds"] == floored.booster.current_iteration() == min(floor, 40)

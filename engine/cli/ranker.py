@@ -82,7 +82,9 @@ def _print_trained(version: int, trained: Any, activated: bool) -> None:
     valid = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("valid_") and isinstance(v, float))
     console.print(f"ranker v{version}{' active' if activated else ''}: {m['train_groups']} training groups "
                   f"({m['train_rows']:,} rows), {m['valid_groups']} validation groups; best iteration "
-                  f"{m['best_iteration']}{'; ' + valid if valid else ''}; {m['seconds']:.1f}s")
+                  f"{m['best_iteration']}"
+                  f"{'' if m.get('refit_rounds') in (None, m['best_iteration']) else ', refit ' + str(m['refit_rounds'])}"
+                  f"{'; ' + valid if valid else ''}; {m['seconds']:.1f}s")
     top = list(trained.importance.items())[:8]
     console.print("top features (gain share): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
 
