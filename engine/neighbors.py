@@ -20,6 +20,7 @@ from engine.errors import InvalidRequest
 from engine.sql import query
 
 BATCH = 2_000
+K = 20  # neighbours stored per item
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class NeighborsResult:
     seconds: float
 
 
-def build(conn: psycopg.Connection[Any], *, k: int = 20, stale_only: bool = False,
+def build(conn: psycopg.Connection[Any], *, k: int = K, stale_only: bool = False,
           progress: Callable[[int, int], None] | None = None) -> NeighborsResult:
     """Store the ``k`` nearest items of every item with a vector (or only of those without a current list)."""
     if not 1 <= k <= 500:

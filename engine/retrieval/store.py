@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from engine import neighbors
 from engine.errors import InvalidRequest
 from engine.retrieval.data import Positives, RetrievalData, load, user_tokens
 from engine.retrieval.model import TwoTower, user_vector, user_vectors
 from engine.retrieval.train import BatchHook, EpochHook, RetrievalConfig, TrainResult, train
 from engine.sql import query
 
-# catalogs up to this size get their stored item-embedding neighbours (k each) in the vectors' transaction
+# catalogs up to this size get their stored item-embedding neighbours in the vectors' transaction
 NEIGHBORS_IN_STORE_MAX = 50_000
-NEIGHBORS_K = 20
 
 
 @dataclass
@@ -137,7 +137,7 @@ def store(conn: psycopg.Connection[Any], data: RetrievalData, result: TrainResul
             # the history source's stored embedding neighbours, current with these vectors from the same commit
             # (bigger catalogs: `pgrec train neighbours`; until then the source searches the index per seed item)
             cur.execute(query("candidates.emb_neighbor_refresh"),
-                        {"item_keys": data.item_keys.tolist(), "k": NEIGHBORS_K})
+                        {"item_keys": data.item_keys.tolist(), "k": neighbors.K})
         cur.execute(query("retrieval.deactivate_models"), {"version": version})
         cur.execute(query("retrieval.activate_model"), {"version": version})
     return StoredModel(version, len(data.item_keys), len(user_keys), based_on, result)
