@@ -63,6 +63,8 @@ def test_cli_commands(world: TestDB) -> None:
     assert "200 items, 1,000 rows" in res.output
     res = runner.invoke(app, ["train", "neighbours", "--stale-only"])
     assert res.exit_code == 0 and "0 items" in res.output, res.output
+    res = runner.invoke(app, ["doctor"])
+    assert res.exit_code == 0 and "200 of 200 items current" in res.output, res.output
     res = runner.invoke(app, ["train", "neighbours", "--k", "0"])
     assert res.exit_code == 1 and "k must be between 1 and 500" in res.output
     res = runner.invoke(app, ["trending", "--segment", "de", "--k", "5", "--json"])

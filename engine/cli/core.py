@@ -254,6 +254,10 @@ def doctor() -> None:
                       f"{snap[0]} ({snap[1]:,} items, built {snap[2]:%Y-%m-%d %H:%M} UTC)" if snap and snap[3] else
                       "[yellow]none for today: features aggregate per request until the service builds it or "
                       "`pgrec db refresh-stats` runs[/]")
+            vectors, current = conn.execute(query("core.embedding_neighbors_status")).fetchone() or (0, 0)
+            t.add_row("stored embedding neighbours",
+                      f"{current:,} of {vectors:,} items current" + ("" if current == vectors else
+                      " [yellow](the others are searched per request: `pgrec train neighbours --stale-only`)[/]"))
             for key, value, _ in conn.execute(query("core.config")).fetchall():
                 t.add_row(f"config {key}", value)
         except psycopg.errors.UndefinedTable:
