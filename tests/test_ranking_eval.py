@@ -23,8 +23,18 @@ def _world(db: TestDB) -> None:
                       now=NOW).load(db.conn)
 
 
-def test_eval_reports_every_method(db: TestDB, tmp_path: Path) -> None:
+def test_eval_reports_every_method(db: TestDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import itemsim
+
     _world(db)
+    ease_as_of: list[datetime | None] = []
+    build_ease = itemsim.build_ease
+
+    def recording(conn: object, *, as_of: datetime | None = None, **kw: object) -> itemsim.EaseBuild:
+        ease_as_of.append(as_of)
+        return build_ease(conn, as_of=as_of, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(itemsim, "build_ease", recording)
     rc = RankerConfig(horizon_days=7, cutoffs=1, n_candidates=30, max_users_per_cutoff=20, num_boost_round=30,
                       min_data_in_leaf=5, num_threads=1)
     config = funnel.EvalConfig(split_at=NOW - timedelta(days=7), n_candidates=30, max_users=15, retrieval=False,
@@ -40,6 +50,9 @@ def test_eval_reports_every_method(db: TestDB, tmp_path: Path) -> None:
     assert trained.names == list(result.importance) or set(trained.names) == set(result.importance)
     # training never saw a label at or after the split
     assert result.ranker["data_window"]["until"] == config.split_at.isoformat()  # type: ignore[union-attr]
+    # EASE neighbours as of each ranker cutoff (no label window in them), then as of the split for the test
+    cutoffs = [datetime.fromisoformat(c) for c in result.split["ranker_cutoffs"]]
+    assert ease_as_of == [*cutoffs, config.split_at]
     paths = report.write(result, tmp_path, command="pgrec eval --split-at ...")
     data = json.loads(paths["json"].read_text())
     s = data["summary"]
