@@ -23,18 +23,24 @@ def _world(db: TestDB) -> None:
                       now=NOW).load(db.conn)
 
 
-def test_eval_reports_every_method(db: TestDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_ease_builds(monkeypatch: pytest.MonkeyPatch) -> list[datetime | None]:
+    """The as_of of every EASE neighbour build from now on (the builds still run)."""
     from engine import itemsim
 
-    _world(db)
-    ease_as_of: list[datetime | None] = []
+    seen: list[datetime | None] = []
     build_ease = itemsim.build_ease
 
     def recording(conn: object, *, as_of: datetime | None = None, **kw: object) -> itemsim.EaseBuild:
-        ease_as_of.append(as_of)
+        seen.append(as_of)
         return build_ease(conn, as_of=as_of, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(itemsim, "build_ease", recording)
+    return seen
+
+
+def test_eval_reports_every_method(db: TestDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _world(db)
+    ease_as_of = _record_ease_builds(monkeypatch)
     rc = RankerConfig(horizon_days=7, cutoffs=1, n_candidates=30, max_users_per_cutoff=20, num_boost_round=30,
                       min_data_in_leaf=5, num_threads=1)
     config = funnel.EvalConfig(split_at=NOW - timedelta(days=7), n_candidates=30, max_users=15, retrieval=False,
@@ -100,18 +106,10 @@ def test_models_and_explain_commands(db: TestDB, monkeypatch: pytest.MonkeyPatch
 
 def test_train_all_keeps_label_windows_out_of_the_ranker_features(db: TestDB,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import itemsim
     from engine.ranking.train import default_cutoffs, train_all
 
     _world(db)
-    ease_as_of: list[datetime | None] = []
-    build_ease = itemsim.build_ease
-
-    def recording(conn: object, *, as_of: datetime | None = None, **kw: object) -> itemsim.EaseBuild:
-        ease_as_of.append(as_of)
-        return build_ease(conn, as_of=as_of, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(itemsim, "build_ease", recording)
+    ease_as_of = _record_ease_builds(monkeypatch)
     rc = RankerConfig(horizon_days=7, cutoffs=1, n_candidates=20, max_users_per_cutoff=15, num_boost_round=10,
                       min_data_in_leaf=5, num_threads=1)
     result = train_all(db.conn, rc, retrieval=True, retrieval_epochs=2)
