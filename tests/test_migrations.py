@@ -74,3 +74,22 @@ def test_yearly_event_partitions(empty_db: TestDB) -> None:
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
             "WHERE i.inhparent = 'pgrec.events'::regclass ORDER BY 1").fetchall()]
     assert parts == ["events_2019", "events_2021"]
+
+
+def test_previous_revision_serves_after_a_step_down(empty_db: TestDB) -> None:
+    """One step down from head leaves the previous release's request path working on the same data."""
+    migrate.upgrade(empty_db.settings)
+    with connect(empty_db.settings) as c:
+        for item in ("a", "b", "c"):
+            c.execute("SELECT pgrec.upsert_item(%s, ARRAY['x'])", (item,))
+        c.execute("SELECT pgrec.track_event('u', 'a', 'like', now() - interval '1 hour')")
+        c.execute("SELECT pgrec.track_event('v', 'b', 'like', now() - interval '2 hours')")
+    head = migrate.current(empty_db.settings).split()[0]
+    migrate.downgrade(empty_db.settings, "-1")
+    with connect(empty_db.settings) as c:
+        feats = c.execute("SELECT * FROM pgrec.candidate_features('u', 'default', 10)")
+        assert {d.name for d in feats.description or ()} >= {"item_key", "f_pop_30d"}
+        assert len(feats.fetchall()) == 3
+        assert len(c.execute("SELECT * FROM pgrec.recommend('u', 2)").fetchall()) == 2
+    migrate.upgrade(empty_db.settings)
+    assert migrate.current(empty_db.settings).split()[0] == head

@@ -22,6 +22,11 @@ depends_on = None
 # reverted first, so reverting it drops them and re-applying features v2 / candidates v2 restores them)
 VERSIONS = {"ingest": 2, "policies": 2, "features": 3, "candidates": 3, "aggregates": 1}
 
+CONFIG = [
+    ("feature_ease_items", "100",
+     "ranker features f_ease_*: the user's latest distinct items whose EASE neighbour lists are summed"),
+]
+
 # what 0008 and 0009 pinned with ALTER FUNCTION on the request path; a file re-applied on downgrade carries no
 # SET clause of its own, so the downgrade pins these again (new files put their SET clauses in the definition)
 PINNED = {
@@ -54,6 +59,12 @@ COMMENT ON TABLE pgrec.model_neighbors IS
   'Top-N neighbours per item from a learned item-item model (model: ease, embedding, ...), rank 1 = best.';
 """
     )
+    for key, value, description in CONFIG:
+        op.get_bind().exec_driver_sql(
+            "INSERT INTO pgrec.config (key, value, description) VALUES (%(k)s, %(v)s::jsonb, %(d)s) "
+            "ON CONFLICT (key) DO NOTHING",
+            {"k": key, "v": value, "d": description},
+        )
     for concern, version in VERSIONS.items():
         sqlfiles.apply(concern, version)
     # until a new file states them in the definition, keep the settings 0008/0009 pinned
@@ -64,7 +75,13 @@ def downgrade() -> None:
     for concern, version in reversed(VERSIONS.items()):
         sqlfiles.revert(concern, version)
     _pin()
-    op.get_bind().exec_driver_sql("DROP TABLE IF EXISTS pgrec.model_neighbors")
+    bind = op.get_bind()
+    # features v3 added the EASE columns to the feature row type; v2's function returns the older shape
+    bind.exec_driver_sql("ALTER TYPE pgrec.candidate_feature_row DROP ATTRIBUTE IF EXISTS f_ease_sum, "
+                         "DROP ATTRIBUTE IF EXISTS f_ease_max, DROP ATTRIBUTE IF EXISTS f_ease_rank")
+    bind.exec_driver_sql("DROP TABLE IF EXISTS pgrec.model_neighbors")
+    for key, _, _ in CONFIG:
+        bind.exec_driver_sql("DELETE FROM pgrec.config WHERE key = %(k)s", {"k": key})
 
 
 def _pin() -> None:
