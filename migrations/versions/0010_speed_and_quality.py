@@ -1,7 +1,14 @@
-"""request-path speed and ranker features (third session)
+"""request-path speed, stored item neighbours and the ranker's EASE features
 
-Applies the next version of each SQL concern changed in this session. A concern whose file ends up unchanged
-is dropped from this list before release.
+- policies v2: the same answers as v1 with fewer passes (one read of the user's history for the history
+  filters, row filters cut the list once per run of filters, the input read in list order).
+- features v3: f_ease_sum / f_ease_max / f_ease_rank from the EASE neighbour lists (``pgrec train ease``).
+- candidates v3: the history source reads stored item-embedding neighbours while they are current (else the
+  HNSW search, the seed itself excluded), looks items up only until k pass, can add EASE neighbours
+  (params.ease_weight); the union in one pass per item (the same rows as v2).
+- aggregates v1: the triggers on pgrec.events in one file; one statement trigger keeps the daily counters and
+  the trending sums in one pass over the new rows.
+- pgrec.model_neighbors: top-N neighbours per item from a learned model ('ease', 'embedding').
 
 Revision ID: 0010
 Revises: 0009
@@ -20,7 +27,7 @@ depends_on = None
 # concern -> the version this migration applies
 # (aggregates v1 holds the triggers on pgrec.events, moved out of features v2 and candidates v2: applied last,
 # reverted first, so reverting it drops them and re-applying features v2 / candidates v2 restores them)
-VERSIONS = {"ingest": 2, "policies": 2, "features": 3, "candidates": 3, "aggregates": 1}
+VERSIONS = {"policies": 2, "features": 3, "candidates": 3, "aggregates": 1}
 
 CONFIG = [
     ("feature_ease_items", "100",
