@@ -142,4 +142,4 @@ SELECT e.item_key FROM pgrec.item_embeddings e
  ORDER BY e.item_key
 
 -- name: emb_neighbor_refresh
-SELECT pgrec.refresh_embedding_neighbors(%(item_keys)s, %(k)s)
+SELECT pgrec.refresh_embedding_neighbors(%(item_keys)s::bigint[], %(k)s::int)
