@@ -63,15 +63,6 @@ def _line(name: str, ms: list[float]) -> str:
     return f"{name:<28} p50 {p50:7.2f} ms   p95 {p95:7.2f} ms   p99 {p99:7.2f} ms"
 
 
-def _ensure_neighbors(conn: psycopg.Connection[Any]) -> Iterator[str]:
-    """The stored item-embedding neighbours a deployment keeps (`pgrec train neighbours`): built for the items
-    whose list is missing or stale, timed."""
-    t0 = time.perf_counter()
-    r = neighbors.build(conn, stale_only=True)
-    if r.items:
-        yield f"embedding neighbours: {r.items:,} items ({r.rows:,} rows) in {time.perf_counter() - t0:.0f}s"
-
-
 def run(settings: Settings, *, items: int = 100_000, n: int = 500, requests: int = 200,
         reuse: bool = True, stored_neighbors: bool = True) -> Iterator[str]:
     yield f"machine: {machine()}"
@@ -79,7 +70,7 @@ def run(settings: Settings, *, items: int = 100_000, n: int = 500, requests: int
         dim = int(conn.execute("SELECT value::int FROM pgrec.config WHERE key = 'embedding_dim'").fetchone()[0])  # type: ignore[index]
         yield from _ensure_data(conn, items, dim, reuse)
         if stored_neighbors:
-            yield from _ensure_neighbors(conn)
+            yield from neighbors.ensure_current(conn)
         else:
             yield "embedding neighbours: not built (--no-neighbours): the history source searches the index per seed"
         prefix = _prefix(items)

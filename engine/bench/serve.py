@@ -95,10 +95,8 @@ def _prepare(settings: Settings, cfg: BenchConfig, say: Callable[[str], None]) -
         if cfg.stored_neighbors:
             from engine import neighbors
 
-            t0 = time.perf_counter()
-            built_n = neighbors.build(conn, stale_only=True)
-            if built_n.items:
-                say(f"embedding neighbours: {built_n.items:,} items in {time.perf_counter() - t0:.0f}s")
+            for line in neighbors.ensure_current(conn):
+                say(line)
         # today's item counter snapshot, as a serving process builds it once a day (steady state)
         t0 = time.perf_counter()
         built = conn.execute("SELECT pgrec.refresh_item_stats(NULL, true)").fetchone()

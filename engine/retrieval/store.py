@@ -136,8 +136,7 @@ def store(conn: psycopg.Connection[Any], data: RetrievalData, result: TrainResul
         if len(data.item_keys) <= NEIGHBORS_IN_STORE_MAX:
             # the history source's stored embedding neighbours, current with these vectors from the same commit
             # (bigger catalogs: `pgrec train neighbours`; until then the source searches the index per seed item)
-            cur.execute(query("candidates.emb_neighbor_refresh"),
-                        {"item_keys": data.item_keys.tolist(), "k": neighbors.K})
+            neighbors.refresh(cur, data.item_keys.tolist())
         cur.execute(query("retrieval.deactivate_models"), {"version": version})
         cur.execute(query("retrieval.activate_model"), {"version": version})
     return StoredModel(version, len(data.item_keys), len(user_keys), based_on, result)

@@ -339,14 +339,11 @@ BEGIN
         SELECT nb.item_key, sum(s.w * nb.sim) * coalesce((p_params ->> 'embedding_weight')::float8, 0.5) AS sc
           FROM seeds s
           JOIN pgrec.item_embeddings se ON se.item_key = s.item_key
-          CROSS JOIN LATERAL (
-              SELECT EXISTS (SELECT 1 FROM pgrec.model_neighbors mn
-                              WHERE mn.model = 'embedding' AND mn.item_key = s.item_key AND mn.rank = 1
-                                AND mn.built_at >= se.updated_at) AS stored) st
+          JOIN pgrec.embedding_neighbor_status st ON st.item_key = s.item_key
           CROSS JOIN LATERAL (
               SELECT mn.neighbor_key AS item_key, mn.score::float8 AS sim
                 FROM pgrec.model_neighbors mn
-               WHERE st.stored AND mn.model = 'embedding' AND mn.item_key = s.item_key AND mn.rank <= ek
+               WHERE st.current AND mn.model = 'embedding' AND mn.item_key = s.item_key AND mn.rank <= ek
               UNION ALL
               SELECT l.item_key, l.sim
                 FROM (SELECT e2.item_key, 1 - (e2.embedding OPERATOR(public.<=>) se.embedding) AS sim
@@ -354,7 +351,7 @@ BEGIN
                        WHERE e2.item_key <> s.item_key
                        ORDER BY e2.embedding OPERATOR(public.<=>) se.embedding
                        LIMIT ek) l
-               WHERE NOT st.stored) nb
+               WHERE NOT st.current) nb
          WHERE s.rn <= coalesce((p_params ->> 'embedding_items')::int, 3)
          GROUP BY nb.item_key
     ), scored AS (
@@ -710,6 +707,18 @@ COMMENT ON FUNCTION pgrec.rebuild_trending() IS
     'property). Returns the number of (horizon, segment, item) rows.';
 
 -- ---------------------------------------------------------------- stored item-embedding neighbours
+
+-- The one definition of a current stored list: built after the item's vector last changed.
+CREATE OR REPLACE VIEW pgrec.embedding_neighbor_status AS
+SELECT e.item_key,
+       EXISTS (SELECT 1 FROM pgrec.model_neighbors mn
+                WHERE mn.model = 'embedding' AND mn.item_key = e.item_key AND mn.rank = 1
+                  AND mn.built_at >= e.updated_at) AS current
+  FROM pgrec.item_embeddings e;
+COMMENT ON VIEW pgrec.embedding_neighbor_status IS
+    'Per item with a vector: whether its stored embedding-neighbour list (pgrec.model_neighbors ''embedding'') is '
+    'current, i.e. built at or after item_embeddings.updated_at. The history source reads a current list instead '
+    'of searching the index.';
 
 CREATE OR REPLACE FUNCTION pgrec.refresh_embedding_neighbors(p_item_keys bigint[], p_k int DEFAULT 20)
 RETURNS bigint

@@ -133,13 +133,10 @@ SELECT max(e.occurred_at) FROM pgrec.events e
 -- ---------------------------------------------------------------- stored item-embedding neighbours
 
 -- name: emb_neighbor_items
--- Items whose stored neighbour list is missing or older than their vector (all items with a vector if not stale_only).
-SELECT e.item_key FROM pgrec.item_embeddings e
- WHERE NOT %(stale_only)s
-    OR NOT EXISTS (SELECT 1 FROM pgrec.model_neighbors mn
-                    WHERE mn.model = 'embedding' AND mn.item_key = e.item_key AND mn.rank = 1
-                      AND mn.built_at >= e.updated_at)
- ORDER BY e.item_key
+-- Items whose stored neighbour list is missing or stale (all items with a vector if not stale_only).
+SELECT s.item_key FROM pgrec.embedding_neighbor_status s
+ WHERE NOT %(stale_only)s OR NOT s.current
+ ORDER BY s.item_key
 
 -- name: emb_neighbor_refresh
 SELECT pgrec.refresh_embedding_neighbors(%(item_keys)s::bigint[], %(k)s::int)

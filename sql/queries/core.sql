@@ -15,12 +15,8 @@ SELECT s.day, s.items, s.built_at, s.day = (now() AT TIME ZONE 'UTC')::date AS t
   FROM pgrec.item_stats_days s ORDER BY s.day DESC LIMIT 1
 
 -- name: embedding_neighbors_status
--- Items with a vector, and how many of them have a stored neighbour list newer than the vector.
-SELECT count(*),
-       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM pgrec.model_neighbors mn
-                                       WHERE mn.model = 'embedding' AND mn.item_key = e.item_key AND mn.rank = 1
-                                         AND mn.built_at >= e.updated_at))
-  FROM pgrec.item_embeddings e
+-- Items with a vector, and how many of them have a current stored neighbour list.
+SELECT count(*), count(*) FILTER (WHERE s.current) FROM pgrec.embedding_neighbor_status s
 
 -- name: dataset_stats
 SELECT count(*) AS events,
