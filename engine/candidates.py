@@ -24,6 +24,9 @@ function ``pgrec.source_<name>(user_key, k, as_of, categories, params)`` returni
 The union ``pgrec.candidates(user_id, surface, n, as_of, categories)`` reads ``pgrec.candidate_sources``
 (per surface: enabled sources, quota = share of n, params, fallback order) and returns one row per item with
 every source's score and rank.
+The database checks each source's ``params`` when a row is written (``sql/sources/v1.sql``: the known keys,
+their types, ranges and defaults are ``pgrec.source_param_specs()``, listed in docs/contracts.md);
+``pgrec sources list|set|params`` edits and shows the rows.
 
 Over-fetch: ``n`` counts items the user has *not* interacted with before ``as_of``. Let ``s`` = the number of
 distinct items the user has seen, capped by config ``candidates_overfetch_max`` (100). Each source fetches
