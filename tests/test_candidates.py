@@ -309,6 +309,62 @@ def test_fresh_source(db: TestDB) -> None:
     assert _ids(db, past) == ["f_liked"]  # the others did not exist yet; its like is in the future
 
 
+def _cache_seconds(db: TestDB, seconds: float) -> None:
+    db.conn.execute("UPDATE pgrec.config SET value = to_jsonb(%s::float8) WHERE key = 'source_cache_seconds'",
+                    (seconds,))
+
+
+def _shared_rows(db: TestDB, user: str | None) -> dict[str, list[tuple[int, float, int]]]:
+    uk = _uk(db, user) if user else None
+    return {s: [(r.item_key, r.score, r.rank) for r in candidates.run_source(db.conn, s, uk, 3)]
+            for s in ("trending", "popular", "fresh")}
+
+
+def test_shared_lists_equal_a_fresh_scan_and_age_out(db: TestDB) -> None:
+    _popularity_world(db)
+    _item(db, "f_new", created=NOW - timedelta(days=1))
+    _event(db, "p0", "f_new", at=NOW - timedelta(hours=3))
+    with db.conn.transaction():  # one moment (now()), so the decay factor is the same for every read
+        _cache_seconds(db, 0)
+        scanned = _shared_rows(db, "de1")
+        _cache_seconds(db, 30)
+        stored = _shared_rows(db, "de1")  # scans and stores the lists
+        assert db.scalar("SELECT count(*) FROM pgrec.source_cache") >= 4  # trending:de, trending:, popular:, fresh
+        cached = _shared_rows(db, "de1")  # reads them
+    assert stored == scanned
+    assert cached == scanned  # same items, order, scores and ranks as a scan
+    # a new event: in the trending API at once, in the sources once the shared list is older than the setting
+    for u in range(3):
+        _event(db, f"q{u}", "us_hit", "purchase", at=NOW - timedelta(minutes=1))
+    assert candidates.trending(db.conn, 1)[0][0] == "us_hit"
+    assert _ids(db, candidates.run_source(db.conn, "trending", None, 1)) != ["us_hit"]
+    db.conn.execute("UPDATE pgrec.source_cache SET computed_at = computed_at - interval '31 seconds'")
+    assert _ids(db, candidates.run_source(db.conn, "trending", None, 1)) == ["us_hit"]
+    # a catalog change drops the lists at once: an unavailable item leaves every source
+    _item(db, "us_hit", available=False)
+    assert db.scalar("SELECT count(*) FROM pgrec.source_cache") == 0
+    assert "us_hit" not in _ids(db, candidates.run_source(db.conn, "trending", None, 5))
+    # a read-only transaction (a replica) reads and scans, never writes
+    db.conn.execute("DELETE FROM pgrec.source_cache")
+    with db.conn.transaction():
+        db.conn.execute("SET TRANSACTION READ ONLY")
+        assert candidates.run_source(db.conn, "popular", None, 2)
+        assert db.scalar("SELECT count(*) FROM pgrec.source_cache") == 0
+
+
+def test_quotas_are_exact_shares(db: TestDB) -> None:
+    _fan(db, 60)
+    for k in range(60):
+        _event(db, f"w{k % 9}", f"x{k}", "view", at=NOW - timedelta(hours=k + 1))
+    db.conn.execute("INSERT INTO pgrec.surfaces (surface) VALUES ('tenth')")
+    db.conn.execute("INSERT INTO pgrec.candidate_sources (surface, source, quota, fallback_order) VALUES "
+                    "('tenth', 'trending', 0.1, NULL), ('tenth', 'popular', 0.9, NULL)")
+    rows = candidates.candidates(db.conn, "nobody", n=40, surface="tenth")
+    # trending fetches its share, 4 rows (a real 0.1 times 40 is 4.0000000596, whose ceil is 5); every row it
+    # found keeps its rank, whichever source put the item in the list
+    assert sorted(r.trending_rank for r in rows if r.trending_rank is not None) == [1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------- the union
 
 
