@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from engine.api import errors
@@ -32,6 +33,10 @@ def create_app(settings: Settings, config: ServiceConfig | None = None) -> FastA
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = make_pool(settings, name="pgrec-api")
         app.state.services = Services(settings, config, pool)
+        # sync endpoints run in anyio's thread pool (40 threads by default); a request holds a database connection
+        # for nearly all of its time, so threads beyond the pool only wait, and many threads contending for the
+        # GIL cost CPU (measured in docs/benchmarks.md, HTTP)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = config.threads or settings.pool_max_size
         try:
             yield
         finally:
