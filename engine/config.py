@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=8, ge=1)
     pool_timeout_s: float = Field(default=5.0, gt=0, description="Wait for a pooled connection at most this long.")
+    service_threads: int | None = Field(
+        default=None, ge=1,
+        description="HTTP service: worker threads per process for the endpoints (None = anyio's 40); the requests "
+                    "a process serves at once never exceed it, later ones wait their turn on the event loop.",
+    )
     statement_timeout_ms: int = Field(default=10_000, ge=0, description="Per statement, on pooled connections.")
     hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
     hnsw_iterative_scan: str = Field(default="relaxed_order", pattern="^(off|strict_order|relaxed_order)$")

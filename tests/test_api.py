@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from conftest import TestDB
 from fastapi.testclient import TestClient
 
 from engine import experiments
-from engine.api import create_app
+from engine.api import ServiceConfig, create_app
 from engine.api.keys import create_key, hash_token, list_keys, revoke_key
 from engine.api.logs import JsonFormatter
 from engine.config import Settings
@@ -344,3 +345,19 @@ def test_online_report_joins_impressions_with_events(api: Api) -> None:
     assert api.client.get("/v1/admin/report/online", params={"since": since}, headers=api.admin).json() == []
     assert api.client.get("/v1/admin/report/online", params={"surface": "x"}, headers=api.admin).json() == []
     assert api.client.get("/v1/admin/report/online", params={"since": "soon"}, headers=api.admin).status_code == 422
+
+
+def test_more_concurrent_requests_than_threads_and_connections(api: Api) -> None:
+    """Requests outnumber both the worker threads and the pooled connections: each still gets its answer (a
+    connection held by a request that waits for a thread, and threads waiting for connections, never block each
+    other until the pool timeout)."""
+    api.client.put("/v1/items/c1", json={"categories": ["x"]}, headers=api.write)
+    settings = api.db.settings.model_copy(update={"pool_timeout_s": 2.0, "pool_min_size": 0, "pool_max_size": 2,
+                                                  "service_threads": 2})
+    app = create_app(settings, ServiceConfig(key_cache_ttl_s=60.0))
+    with TestClient(app) as client, ThreadPoolExecutor(max_workers=16) as ex:
+        assert client.get("/v1/items/c1", headers=api.read).status_code == 200  # the key is cached
+        t0 = time.monotonic()
+        codes = list(ex.map(lambda _: client.get("/v1/items/c1", headers=api.read).status_code, range(48)))
+        assert codes == [200] * 48
+        assert time.monotonic() - t0 < 2.0  # no request waited for the pool timeout

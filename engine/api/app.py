@@ -33,10 +33,9 @@ def create_app(settings: Settings, config: ServiceConfig | None = None) -> FastA
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = make_pool(settings, name="pgrec-api")
         app.state.services = Services(settings, config, pool)
-        # sync endpoints run in anyio's thread pool (40 threads by default); a request holds a database connection
-        # for nearly all of its time, so threads beyond the pool only wait, and many threads contending for the
-        # GIL cost CPU (measured in docs/benchmarks.md, HTTP)
-        anyio.to_thread.current_default_thread_limiter().total_tokens = config.threads or settings.pool_max_size
+        # sync endpoints (and their dependencies) run in anyio's worker threads: 40 unless settings.service_threads
+        if settings.service_threads:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = settings.service_threads
         try:
             yield
         finally:

@@ -33,8 +33,6 @@ class ServiceConfig:
     """A key lookup (valid or not) is remembered this long: a revoked key dies everywhere within it."""
     experiment_ttl_s: float = 5.0
     """Active experiments are re-read this often: a new experiment reaches every copy within it."""
-    threads: int | None = None
-    """Threads that run the (sync) endpoints; None = the database pool's maximum size."""
 
 
 class Services:

@@ -1,13 +1,15 @@
-"""One pure-ASGI middleware: request id, body size limit (413), latency metrics and the access log."""
+"""One pure-ASGI middleware: admission, request id, body size limit (413), latency metrics and the access log."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 import uuid
 from typing import Any
 
+import anyio.to_thread
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,6 +17,8 @@ from engine.api import metrics
 from engine.api.logs import log, request_id_var
 
 _GOOD_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# answered without taking a slot: a saturated process still says it is alive
+_UNGATED = ("/health", "/ready", "/metrics")
 
 
 class BodyTooLarge(HTTPException):
@@ -26,6 +30,7 @@ class ServiceMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self._slots: asyncio.Semaphore | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,7 +70,11 @@ class ServiceMiddleware:
                         raise BodyTooLarge(limit)
                 return message
 
-            await self.app(scope, receive_limited, send_wrapper)
+            if scope.get("path", "").startswith(_UNGATED):
+                await self.app(scope, receive_limited, send_wrapper)
+            else:
+                async with self._admission():
+                    await self.app(scope, receive_limited, send_wrapper)
         except Exception:
             # answered here (not by Starlette's error middleware) so the answer and the log carry the request id
             metrics.ERRORS.labels("internal").inc()
@@ -87,6 +96,17 @@ class ServiceMiddleware:
             log.info("request", extra={"request_id": rid, "method": method, "path": scope.get("path"), "endpoint": endpoint,
                                        "status": status, "duration_ms": round(elapsed * 1000, 2)})
             request_id_var.reset(token)
+
+
+    def _admission(self) -> asyncio.Semaphore:
+        """At most as many requests in the app as there are worker threads (the wait counts in the request's
+        latency). A request takes a thread for each of its sync steps (key check, connection checkout, endpoint,
+        response) and may hold a pooled connection between them; with more requests inside than threads, every
+        thread could be waiting for a connection held by requests that wait for a thread, until the pool timeout
+        (503s under load)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(int(anyio.to_thread.current_default_thread_limiter().total_tokens))
+        return self._slots
 
 
 async def _send_413(send: Send, limit: int) -> None:

@@ -52,6 +52,27 @@ class LoadResult:
     errors: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the measured window
+
+
+def _cpu_by_group(groups: dict[str, Callable[[int, int, int], bool]]) -> dict[str, dict[int, float]]:
+    """CPU seconds (user + system) so far of every process, by the first group whose test (pid, ppid, pgrp)
+    accepts it (Linux /proc; empty elsewhere)."""
+    out: dict[str, dict[int, float]] = {g: {} for g in groups}
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid, pgrp = int(d.name), int(f[1]), int(f[2])
+        for g, test in groups.items():
+            if test(pid, ppid, pgrp):
+                out[g][pid] = (int(f[11]) + int(f[12])) / tick
+                break
+    return out
 
 
 def _database(settings: Settings, cfg: HttpBenchConfig) -> Settings:
@@ -97,17 +118,39 @@ async def _client(host: str, port: int, requests: list[bytes], stop_at: float, m
         writer.close()
 
 
-async def _load(cfg: HttpBenchConfig, requests: list[bytes], seconds: float) -> LoadResult:
+async def _load(cfg: HttpBenchConfig, requests: list[bytes], seconds: float,
+                groups: dict[str, Callable[[int, int, int], bool]] | None = None) -> LoadResult:
     out = LoadResult()
     start = time.perf_counter()
     measure_from = start + cfg.warmup_s
     stop_at = measure_from + seconds
+
+    async def account() -> None:  # CPU of each group of processes over the measured window
+        await asyncio.sleep(cfg.warmup_s)
+        before = _cpu_by_group(groups or {})
+        await asyncio.sleep(seconds)
+        after = _cpu_by_group(groups or {})
+        for g, procs in after.items():
+            out.cpu_s[g] = sum(c - before[g].get(pid, 0.0) for pid, c in procs.items())
+
     tasks = [_client("127.0.0.1", cfg.port, requests, stop_at, measure_from, out, random.Random(i))
              for i in range(cfg.clients)]
+    if groups:
+        tasks.append(account())
     results = await asyncio.gather(*tasks, return_exceptions=True)
     out.errors += sum(1 for r in results if isinstance(r, Exception))
     out.seconds = seconds
     return out
+
+
+def _postmaster_pid(settings: Settings) -> int | None:
+    """The embedded server's postmaster (first line of postmaster.pid), None with PGREC_DATABASE_URL."""
+    if settings.database_url:
+        return None
+    try:
+        return int((Path(settings.data_dir).expanduser() / "pgdata" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _requests(method: str, path: str, token: str, bodies: list[bytes | None]) -> list[bytes]:
@@ -211,7 +254,11 @@ def run(settings: Settings, cfg: HttpBenchConfig, *, write: Path | None = None,
             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_ready(cfg.port, proc)
-            result = asyncio.run(_load(cfg, recs, cfg.seconds))
+            groups = {"service": lambda pid, ppid, pgrp: pgrp == proc.pid}
+            postmaster = _postmaster_pid(settings)
+            if postmaster is not None:  # the embedded server: every database's backends (nothing else should run)
+                groups["database"] = lambda pid, ppid, pgrp: pid == postmaster or ppid == postmaster
+            result = asyncio.run(_load(cfg, recs, cfg.seconds, groups))
             # the service alone: an authenticated primary-key lookup, to separate HTTP cost from the funnel
             plain = asyncio.run(_load(cfg, lookups, min(cfg.seconds, 10.0)))
             with urllib.request.urlopen(f"http://127.0.0.1:{cfg.port}/metrics", timeout=5) as r:
@@ -238,6 +285,12 @@ def run(settings: Settings, cfg: HttpBenchConfig, *, write: Path | None = None,
              f"| errors (non-200 or failed connections) | {result.errors} |",
              f"| requests measured | {len(result.latencies_ms):,} |"]
     table += [f"| server mean, stage {s} (ms) | {v:.2f} |" for s, v in sorted(stages.items())]
+    measured = len(result.latencies_ms)
+    for g, secs in sorted(result.cpu_s.items()):
+        if measured:
+            whose = ("the service's processes" if g == "service"
+                     else "the embedded PostgreSQL server, all its processes")
+            table.append(f"| CPU per recommendation, {whose} (ms) | {secs * 1e3 / measured:.1f} |")
     plain_lat = np.asarray(plain.latencies_ms) if plain.latencies_ms else np.asarray([float("nan")])
     table.append(f"| for comparison: GET /v1/items/{{id}} (auth + one primary-key read) | "
                  f"{sum(n for st, n in plain.statuses.items() if st == 200) / plain.seconds:,.0f}/s, "

@@ -22,6 +22,7 @@ import numpy as np
 import psycopg
 
 from engine import datasets, migrate
+from engine.bench.ingest import backend_cpu
 from engine.config import Settings
 from engine.db import connect
 from engine.sql import query
@@ -61,9 +62,14 @@ def _pct(xs: list[float]) -> tuple[float, float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 95)), float(np.percentile(a, 99))
 
 
-def _fmt(name: str, xs: list[float]) -> str:
+def _fmt(name: str, xs: list[float], cpu_ms: float | None = None, whose: str = "server") -> str:
     p50, p95, p99 = _pct(xs)
-    return f"| {name} | {p50:.2f} | {p95:.2f} | {p99:.2f} |"
+    cpu = f"{cpu_ms:.2f} ({whose})" if cpu_ms is not None else ""
+    return f"| {name} | {p50:.2f} | {p95:.2f} | {p99:.2f} | {cpu} |"
+
+
+def _per_call(before: float | None, after: float | None, calls: int) -> float | None:
+    return None if before is None or after is None else (after - before) * 1e3 / calls
 
 
 def _prepare(settings: Settings, cfg: BenchConfig, say: Callable[[str], None]) -> int:
@@ -177,13 +183,18 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         # bare probe: HNSW top-100 on the same table, same session settings
         conn.execute("SET hnsw.ef_search = 100")
         probe: list[float] = []
+        cpu: dict[str, float | None] = {}  # backend CPU ms per call (a server on this machine only)
+        c0: float | None = None
         for i in range(cfg.requests + WARM):
             v = vecs[rng.randrange(len(vecs))]
+            if i == WARM:
+                c0 = backend_cpu(conn)
             t0 = time.perf_counter()
             conn.execute("SELECT item_key FROM pgrec.item_embeddings ORDER BY embedding OPERATOR(public.<=>) %s "
                          "LIMIT 100", (v,)).fetchall()
             if i >= WARM:
                 probe.append((time.perf_counter() - t0) * 1e3)
+        cpu["probe"] = _per_call(c0, backend_cpu(conn), cfg.requests)
 
         # SQL-only path, total and its parts measured one by one
         feats = ", ".join(f'c."{f}"::float8' for f in (compiled[1] if compiled else []))
@@ -200,15 +211,21 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         }
         for name, sql in stmts.items():
             for i, u in enumerate(warm + picks):
+                if i == WARM:
+                    c0 = backend_cpu(conn)
                 t0 = time.perf_counter()
                 conn.execute(sql, {"u": u, "k": cfg.k}).fetchall()
                 if i >= WARM:
                     stages[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name] = _per_call(c0, backend_cpu(conn), cfg.requests)
 
     # Python path
     py: dict[str, list[float]] = {}
+    client0 = 0.0
     with Recommender(settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2})) as rec:
         for i, u in enumerate(warm + picks):
+            if i == WARM:
+                client0 = time.process_time()
             t0 = time.perf_counter()
             r = rec.recommend(u, k=cfg.k)
             wall = (time.perf_counter() - t0) * 1e3
@@ -216,13 +233,16 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
                 for key, val in r.timings_ms.items():
                     py.setdefault(key, []).append(val)
                 py.setdefault("wall (incl. pool)", []).append(wall)
+    client_ms = (time.process_time() - client0) * 1e3 / cfg.requests
 
-    table = ["| path / stage | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|", _fmt("bare HNSW top-100 probe", probe)]
+    table = ["| path / stage | p50 ms | p95 ms | p99 ms | CPU ms per call |", "|---|---|---|---|---|",
+             _fmt("bare HNSW top-100 probe", probe, cpu["probe"])]
     names = {"candidates_features": "Python: candidates + features (1 round trip)",
              "rank": "Python: LightGBM predict", "rerank_log": "Python: rerank + impressions (1 round trip)",
              "total": "Python: total", "wall (incl. pool)": "Python: wall incl. pool checkout"}
-    table += [_fmt(label, py[key]) for key, label in names.items() if key in py]
-    table += [_fmt(f"SQL: {name}", xs) for name, xs in stages.items()]
+    table += [_fmt(label, py[key], client_ms if key == "total" else None, "Python process")
+              for key, label in names.items() if key in py]
+    table += [_fmt(f"SQL: {name}", xs, cpu[name]) for name, xs in stages.items()]
     probe50 = _pct(probe)[0]
     py50, _, py99 = _pct(py["wall (incl. pool)"])
     sql50 = _pct(stages["pgrec.recommend (total)"])[0]
@@ -231,6 +251,9 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         f"Python p99 = {py99:.1f} ms (goal <= 25 ms): {'met' if py99 <= 25 else 'NOT met'}",
         f"SQL p50 / probe p50 = {sql50 / probe50:.1f}x (goal <= 6x): {'met' if sql50 <= 6 * probe50 else 'NOT met'}",
     ]
+    if cpu["probe"] and cpu["pgrec.recommend (total)"]:
+        goals.append(f"CPU per call, SQL path / probe = {cpu['pgrec.recommend (total)'] / cpu['probe']:.1f}x "
+                     "(the same ratio by server CPU, steadier than wall time on a shared machine)")
     load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores)"
     yield from table
     yield from goals
