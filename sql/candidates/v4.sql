@@ -661,9 +661,11 @@ DECLARE
     seen     bigint[] := '{}';
     extra    int := 0;
     r        record;
-    srcs     text[] := '{}';
-    quota_k  int[] := '{}';
-    fb       int[] := '{}';
+    si       int;
+    -- per source code (1 ann, 2 history, 3 trending, 4 fresh, 5 popular; the order of the sources column):
+    -- its quota of unseen items and its fill weight (fallback order, 10^6 for a non-fallback source, times 10^6)
+    quota_k  int[] := '{NULL,NULL,NULL,NULL,NULL}';
+    fill_w   bigint[] := '{NULL,NULL,NULL,NULL,NULL}';
     fetch_k  jsonb := '{}';
     params   jsonb := '{}';
 BEGIN
@@ -685,67 +687,71 @@ BEGIN
     END IF;
     FOR r IN SELECT c.source, c.quota, c.fallback_order, c.params
                FROM pgrec.candidate_sources c WHERE c.surface = cfg_surf AND c.enabled LOOP
-        srcs := srcs || r.source;
+        si := array_position(ARRAY['ann', 'history', 'trending', 'fresh', 'popular'], r.source);
         -- quota is real: through numeric, 0.1 * 40 is 4 (as real it is 4.0000000596, whose ceil is 5)
-        quota_k := quota_k || ceil(r.quota::numeric * want)::int;
-        fb := fb || r.fallback_order;
+        quota_k[si] := ceil(r.quota::numeric * want)::int;
+        fill_w[si] := coalesce(r.fallback_order, 1000000)::bigint * 1000000;
         -- a fallback source may have to fill the whole list
         fetch_k := fetch_k || jsonb_build_object(r.source,
             CASE WHEN r.fallback_order IS NOT NULL THEN want ELSE ceil(r.quota::numeric * want)::int END + extra);
         params := params || jsonb_build_object(r.source, r.params);
     END LOOP;
-    -- One pass over the sources' rows (a few hundred): every row knows its item's seen flag and its rank among
-    -- its source's unseen rows; per item, whether it is in a source's quota of unseen items (primary), its fill
-    -- position (fallback order, then that rank) and whether it is a seen item within a source's share
-    -- (+ over-fetch); then the primary items, the first (n - primary) others by fill position, and those seen.
+    -- One pass over the sources' rows (a few hundred). Every source returns distinct items ranked 1..k (none
+    -- when off: its k is NULL), so rows carry a source code (1..5, the order of the sources column) rather than
+    -- its name, and an item has at most one row per source. Every row knows its item's seen flag and its rank
+    -- among its source's unseen rows (urank); per item, whether it is in a source's quota of unseen items (prim),
+    -- its fill position (fallback order, then urank) and whether it is a seen item within a source's share
+    -- (+ over-fetch). One more numbering puts the prim items first, then the others by fill position: an unseen
+    -- item numbered within n fills the list short of n (overlaps, a cold user). Nested subqueries, not CTEs: a
+    -- CTE over these volatile functions would be materialised, one more copy of every row.
     RETURN QUERY
-    WITH raw AS (
-        SELECT * FROM pgrec.source_ann(uk, (fetch_k ->> 'ann')::int, asof, cats, coalesce(params -> 'ann', '{}'))
-        UNION ALL
-        SELECT * FROM pgrec.source_history(uk, (fetch_k ->> 'history')::int, asof, cats, coalesce(params -> 'history', '{}'))
-        UNION ALL
-        SELECT * FROM pgrec.source_trending(uk, (fetch_k ->> 'trending')::int, asof, cats, coalesce(params -> 'trending', '{}'))
-        UNION ALL
-        SELECT * FROM pgrec.source_fresh(uk, (fetch_k ->> 'fresh')::int, asof, cats, coalesce(params -> 'fresh', '{}'))
-        UNION ALL
-        SELECT * FROM pgrec.source_popular(uk, (fetch_k ->> 'popular')::int, asof, cats, coalesce(params -> 'popular', '{}'))
-    ), m AS (
-        SELECT raw.item_key, raw.source, raw.score, raw.rank, c.quota_k, c.fallback_order,
-               (sn.item_key IS NOT NULL) AS seen,
-               -- for an unseen row: its rank among the source's unseen rows
-               row_number() OVER (PARTITION BY raw.source, (sn.item_key IS NOT NULL) ORDER BY raw.rank) AS urank
-          FROM raw
-          JOIN unnest(srcs, quota_k, fb) AS c(source, quota_k, fallback_order) ON c.source = raw.source
-          LEFT JOIN unnest(seen) AS sn(item_key) ON sn.item_key = raw.item_key
-    ), per_item AS (
-        SELECT m.item_key,
-               bool_or(NOT m.seen AND m.urank <= m.quota_k) AS prim,
-               bool_or(m.seen AND m.rank <= m.quota_k + extra) AS seen_kept,
-               min(coalesce(m.fallback_order, 1000000)::bigint * 1000000 + m.urank) FILTER (WHERE NOT m.seen) AS pos,
-               min(m.rank) AS best_rank,
-               array_agg(m.source ORDER BY array_position(ARRAY['ann', 'history', 'trending', 'fresh', 'popular'], m.source)) AS sources,
-               max(m.score) FILTER (WHERE m.source = 'ann') AS ann_score, min(m.rank) FILTER (WHERE m.source = 'ann') AS ann_rank,
-               max(m.score) FILTER (WHERE m.source = 'history') AS history_score, min(m.rank) FILTER (WHERE m.source = 'history') AS history_rank,
-               max(m.score) FILTER (WHERE m.source = 'trending') AS trending_score, min(m.rank) FILTER (WHERE m.source = 'trending') AS trending_rank,
-               max(m.score) FILTER (WHERE m.source = 'fresh') AS fresh_score, min(m.rank) FILTER (WHERE m.source = 'fresh') AS fresh_rank,
-               max(m.score) FILTER (WHERE m.source = 'popular') AS popular_score, min(m.rank) FILTER (WHERE m.source = 'popular') AS popular_rank
-          FROM m
-         GROUP BY m.item_key
-    ), placed AS (
-        SELECT p.*,
-               count(*) FILTER (WHERE p.prim) OVER () AS n_prim,
-               -- short of n (overlaps, a cold user): the fallback sources in order, then anything else found
-               row_number() OVER (PARTITION BY p.prim OR p.pos IS NULL ORDER BY p.pos, p.item_key) AS fill_pos
-          FROM per_item p
-    )
-    SELECT p.item_key, i.item_id, p.sources, p.ann_score, p.ann_rank, p.history_score, p.history_rank,
+    SELECT p.item_key, i.item_id,
+           array_remove(ARRAY[CASE WHEN p.mask & 2 <> 0 THEN 'ann' END, CASE WHEN p.mask & 4 <> 0 THEN 'history' END,
+                              CASE WHEN p.mask & 8 <> 0 THEN 'trending' END, CASE WHEN p.mask & 16 <> 0 THEN 'fresh' END,
+                              CASE WHEN p.mask & 32 <> 0 THEN 'popular' END], NULL),
+           p.ann_score, p.ann_rank, p.history_score, p.history_rank,
            p.trending_score, p.trending_rank, p.fresh_score, p.fresh_rank, p.popular_score, p.popular_rank
-      FROM placed p
+      FROM (
+        SELECT g.*, row_number() OVER (ORDER BY NOT g.prim, g.pos, g.item_key) AS fill_pos
+          FROM (
+            SELECT m.item_key,
+                   bool_or(NOT m.seen AND m.urank <= quota_k[m.s]) AS prim,
+                   bool_or(m.seen AND m.rank <= quota_k[m.s] + extra) AS seen_kept,
+                   min(fill_w[m.s] + m.urank) FILTER (WHERE NOT m.seen) AS pos,
+                   min(m.rank) AS best_rank,
+                   bit_or(1 << m.s) AS mask,
+                   max(m.score) FILTER (WHERE m.s = 1) AS ann_score, min(m.rank) FILTER (WHERE m.s = 1) AS ann_rank,
+                   max(m.score) FILTER (WHERE m.s = 2) AS history_score, min(m.rank) FILTER (WHERE m.s = 2) AS history_rank,
+                   max(m.score) FILTER (WHERE m.s = 3) AS trending_score, min(m.rank) FILTER (WHERE m.s = 3) AS trending_rank,
+                   max(m.score) FILTER (WHERE m.s = 4) AS fresh_score, min(m.rank) FILTER (WHERE m.s = 4) AS fresh_rank,
+                   max(m.score) FILTER (WHERE m.s = 5) AS popular_score, min(m.rank) FILTER (WHERE m.s = 5) AS popular_rank
+              FROM (
+                SELECT raw.item_key, raw.s, raw.score, raw.rank, (sn.item_key IS NOT NULL) AS seen,
+                       row_number() OVER (PARTITION BY raw.s, (sn.item_key IS NOT NULL) ORDER BY raw.rank) AS urank
+                  FROM (
+                    SELECT x.item_key, 1 AS s, x.score, x.rank
+                      FROM pgrec.source_ann(uk, (fetch_k ->> 'ann')::int, asof, cats, coalesce(params -> 'ann', '{}')) x
+                    UNION ALL
+                    SELECT x.item_key, 2, x.score, x.rank
+                      FROM pgrec.source_history(uk, (fetch_k ->> 'history')::int, asof, cats, coalesce(params -> 'history', '{}')) x
+                    UNION ALL
+                    SELECT x.item_key, 3, x.score, x.rank
+                      FROM pgrec.source_trending(uk, (fetch_k ->> 'trending')::int, asof, cats, coalesce(params -> 'trending', '{}')) x
+                    UNION ALL
+                    SELECT x.item_key, 4, x.score, x.rank
+                      FROM pgrec.source_fresh(uk, (fetch_k ->> 'fresh')::int, asof, cats, coalesce(params -> 'fresh', '{}')) x
+                    UNION ALL
+                    SELECT x.item_key, 5, x.score, x.rank
+                      FROM pgrec.source_popular(uk, (fetch_k ->> 'popular')::int, asof, cats, coalesce(params -> 'popular', '{}')) x
+                  ) raw
+                  LEFT JOIN unnest(seen) AS sn(item_key) ON sn.item_key = raw.item_key
+              ) m
+             GROUP BY m.item_key
+          ) g
+      ) p
      CROSS JOIN LATERAL (SELECT it.item_id FROM pgrec.items it WHERE it.item_key = p.item_key) i
-     WHERE p.prim
-        OR p.seen_kept
-        -- seen items a source ranked within its share (+ over-fetch) stay, for the caller's policies to judge
-        OR (NOT p.prim AND p.pos IS NOT NULL AND p.fill_pos <= want - p.n_prim)
+     -- seen items a source ranked within its share (+ over-fetch) stay, for the caller's policies to judge
+     WHERE p.prim OR p.seen_kept OR (p.pos IS NOT NULL AND p.fill_pos <= want)
      ORDER BY p.best_rank, p.item_key;
 END
 $$;
