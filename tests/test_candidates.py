@@ -314,9 +314,9 @@ def _cache_seconds(db: TestDB, seconds: float) -> None:
                     (seconds,))
 
 
-def _shared_rows(db: TestDB, user: str | None) -> dict[str, list[tuple[int, float, int]]]:
+def _shared_rows(db: TestDB, user: str | None, as_of: datetime | None = None) -> dict[str, list[tuple[int, float, int]]]:
     uk = _uk(db, user) if user else None
-    return {s: [(r.item_key, r.score, r.rank) for r in candidates.run_source(db.conn, s, uk, 3)]
+    return {s: [(r.item_key, r.score, r.rank) for r in candidates.run_source(db.conn, s, uk, 3, as_of=as_of)]
             for s in ("trending", "popular", "fresh")}
 
 
@@ -333,6 +333,15 @@ def test_shared_lists_equal_a_fresh_scan_and_age_out(db: TestDB) -> None:
         cached = _shared_rows(db, "de1")  # reads them
     assert stored == scanned
     assert cached == scanned  # same items, order, scores and ranks as a scan
+    # a past as_of (replays): the recount is shared too, keyed by the as_of
+    past = NOW - timedelta(hours=2)
+    _cache_seconds(db, 0)
+    recount = _shared_rows(db, "de1", past)
+    _cache_seconds(db, 30)
+    assert _shared_rows(db, "de1", past) == recount  # computed and stored
+    assert db.scalar("SELECT count(*) FROM pgrec.source_cache WHERE key LIKE '%%@%%'") >= 3
+    assert _shared_rows(db, "us1", past)["popular"] == recount["popular"]  # read back, for another user too
+    assert recount["trending"] and recount["popular"] and all(r[2] >= 1 for rows in recount.values() for r in rows)
     # a new event: in the trending API at once, in the sources once the shared list is older than the setting
     for u in range(3):
         _event(db, f"q{u}", "us_hit", "purchase", at=NOW - timedelta(minutes=1))

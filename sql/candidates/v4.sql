@@ -300,6 +300,9 @@ BEGIN
        OR NOT pg_try_advisory_xact_lock(hashtextextended('pgrec.source_cache:' || p_key, 0)) THEN
         RETURN;
     END IF;
+    -- lists of past as_of values (replays) pile up otherwise
+    DELETE FROM pgrec.source_cache s
+     WHERE s.computed_at < clock_timestamp() - make_interval(secs => 10 * pgrec.candidates_setting('source_cache_seconds', 30));
     INSERT INTO pgrec.source_cache AS s (key, epoch, item_keys, scores, complete, computed_at)
     VALUES (p_key, p_epoch, coalesce(p_item_keys, '{}'), coalesce(p_scores, '{}'), p_complete, clock_timestamp())
     ON CONFLICT (key) DO UPDATE
@@ -349,8 +352,24 @@ BEGIN
     IF p_k IS NULL OR p_k <= 0 OR p_segment IS NULL THEN
         RETURN;
     END IF;
-    IF p_as_of IS DISTINCT FROM now() AND p_as_of IS NOT NULL OR p_categories IS NOT NULL THEN
+    IF p_categories IS NOT NULL OR p_as_of > now() THEN
         RETURN QUERY SELECT * FROM pgrec.decayed_popularity(p_horizon, p_segment, p_k, p_as_of, p_categories);
+        RETURN;
+    END IF;
+    keep := greatest(p_k, pgrec.candidates_setting('source_cache_rows', 1000)::int);
+    IF p_as_of < now() THEN
+        -- the past (training replays, evaluation): the recount over the events before as_of is the same for
+        -- every user asking at that as_of, so it is shared as well (key with as_of, no epoch)
+        ckey := ckey || '@' || extract(epoch FROM p_as_of)::text;
+        RETURN QUERY SELECT c.item_key, c.score FROM pgrec.source_cache_get(ckey, NULL, p_k) c;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+        SELECT array_agg(d.item_key ORDER BY d.score DESC, d.item_key), array_agg(d.score ORDER BY d.score DESC, d.item_key)
+          INTO keys, raw
+          FROM pgrec.decayed_popularity(p_horizon, p_segment, keep, p_as_of, NULL) d;
+        PERFORM pgrec.source_cache_put(ckey, NULL, keys, raw, coalesce(cardinality(keys), 0) < keep);
+        RETURN QUERY SELECT x.k, x.s FROM unnest(keys[1:p_k], raw[1:p_k]) AS x(k, s);
         RETURN;
     END IF;
     SELECT * INTO ep FROM pgrec.trending_epochs e WHERE e.horizon = p_horizon;
@@ -363,7 +382,6 @@ BEGIN
         RETURN;
     END IF;
     -- the scan of pgrec.decayed_popularity's now branch, for at least source_cache_rows rows, stored
-    keep := greatest(p_k, pgrec.candidates_setting('source_cache_rows', 1000)::int);
     SELECT array_agg(x.item_key ORDER BY x.score DESC, x.item_key), array_agg(x.score ORDER BY x.score DESC, x.item_key)
       INTO keys, raw
       FROM (SELECT s.item_key, s.score
@@ -376,8 +394,9 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgrec.decayed_popularity_shared(text, text, int, timestamptz, text[]) IS
-    'pgrec.decayed_popularity for the candidate sources: at now without a category filter, the top list from '
-    'pgrec.source_cache (at most source_cache_seconds old, else scanned and stored); otherwise the same call.';
+    'pgrec.decayed_popularity for the candidate sources: without a category filter, at now or at a past as_of '
+    '(the same list for every user), the top list from pgrec.source_cache (at most source_cache_seconds old, else '
+    'computed and stored); with a filter or a future as_of the same call.';
 
 CREATE OR REPLACE FUNCTION pgrec.user_segment(p_user_key bigint)
 RETURNS text
@@ -597,8 +616,16 @@ BEGIN
                  LIMIT p_k) x;
         RETURN;
     END IF;
-    -- the past: a count of the positive events before as_of (all of which fall in the fresh window)
-    RETURN QUERY
+    -- the past: a count of the positive events before as_of (all of which fall in the fresh window). Without a
+    -- category filter it is the same for every user at that as_of: shared like the lists at now
+    IF p_categories IS NULL THEN
+        ckey := 'fresh:' || days::text || ':' || scan::text || '@' || extract(epoch FROM p_as_of)::text;
+        RETURN QUERY SELECT c.item_key, 'fresh'::text, c.score, c.r::int
+                       FROM pgrec.source_cache_get(ckey, NULL, p_k) WITH ORDINALITY AS c(item_key, score, r);
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
     WITH newest AS (
         SELECT i.item_key, i.created_at
           FROM pgrec.items i
@@ -615,8 +642,15 @@ BEGIN
                         AND e.occurred_at >= t - make_interval(secs => days * 86400) AND e.occurred_at < t
                       GROUP BY e.item_key) p ON p.item_key = n.item_key
     )
-    SELECT x.item_key, 'fresh'::text, x.sc, (row_number() OVER (ORDER BY x.sc DESC, x.created_at DESC, x.item_key))::int
-      FROM (SELECT * FROM eng ORDER BY eng.sc DESC, eng.created_at DESC, eng.item_key LIMIT p_k) x;
+    SELECT array_agg(eng.item_key ORDER BY eng.sc DESC, eng.created_at DESC, eng.item_key),
+           array_agg(eng.sc ORDER BY eng.sc DESC, eng.created_at DESC, eng.item_key)
+      INTO keys, raws
+      FROM eng;
+    IF p_categories IS NULL THEN
+        PERFORM pgrec.source_cache_put(ckey, NULL, keys, raws, true);
+    END IF;
+    RETURN QUERY SELECT x.k, 'fresh'::text, x.s, x.r::int
+                   FROM unnest(keys[1:p_k], raws[1:p_k]) WITH ORDINALITY AS x(k, s, r);
 END
 $$;
 COMMENT ON FUNCTION pgrec.source_fresh(bigint, int, timestamptz, text[], jsonb) IS
