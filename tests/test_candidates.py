@@ -361,6 +361,24 @@ def test_shared_lists_equal_a_fresh_scan_and_age_out(db: TestDB) -> None:
         assert db.scalar("SELECT count(*) FROM pgrec.source_cache") == 0
 
 
+def test_shared_list_refresh_inside_a_repeatable_read_transaction(db: TestDB) -> None:
+    """A caller's REPEATABLE READ transaction that finds the list stale while another session stores a newer one
+    still gets its answer (the store is skipped, not the request)."""
+    _popularity_world(db)
+    assert candidates.run_source(db.conn, "popular", None, 2)  # stored
+    db.conn.execute("UPDATE pgrec.source_cache SET computed_at = computed_at - interval '1 minute'")
+    other = db.connect()
+    try:
+        with other.transaction():
+            other.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            other.execute("SELECT 1").fetchone()  # the snapshot: the stale list
+            assert candidates.run_source(db.conn, "popular", None, 2)  # another session stores a fresh one
+            rows = candidates.run_source(other, "popular", None, 2)  # stale in its snapshot: scans, cannot store
+            assert [r.item_key for r in rows] == [r.item_key for r in candidates.run_source(db.conn, "popular", None, 2)]
+    finally:
+        other.close()
+
+
 def test_quotas_are_exact_shares(db: TestDB) -> None:
     _fan(db, 60)
     for k in range(60):

@@ -294,20 +294,29 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     -- never on a read-only transaction (a replica), never waiting: one writer per key at a time, the others
-    -- serve their own scan
-    IF pgrec.candidates_setting('source_cache_seconds', 30) <= 0
-       OR current_setting('transaction_read_only') = 'on'
-       OR NOT pg_try_advisory_xact_lock(hashtextextended('pgrec.source_cache:' || p_key, 0)) THEN
+    -- serve their own scan (separate tests: an OR in one expression has no evaluation order)
+    IF pgrec.candidates_setting('source_cache_seconds', 30) <= 0 THEN
         RETURN;
     END IF;
-    -- lists of past as_of values (replays) pile up otherwise
-    DELETE FROM pgrec.source_cache s
-     WHERE s.computed_at < clock_timestamp() - make_interval(secs => 10 * pgrec.candidates_setting('source_cache_seconds', 30));
-    INSERT INTO pgrec.source_cache AS s (key, epoch, item_keys, scores, complete, computed_at)
-    VALUES (p_key, p_epoch, coalesce(p_item_keys, '{}'), coalesce(p_scores, '{}'), p_complete, clock_timestamp())
-    ON CONFLICT (key) DO UPDATE
-       SET epoch = EXCLUDED.epoch, item_keys = EXCLUDED.item_keys, scores = EXCLUDED.scores,
-           complete = EXCLUDED.complete, computed_at = EXCLUDED.computed_at;
+    IF current_setting('transaction_read_only') = 'on' THEN
+        RETURN;
+    END IF;
+    IF NOT pg_try_advisory_xact_lock(hashtextextended('pgrec.source_cache:' || p_key, 0)) THEN
+        RETURN;
+    END IF;
+    BEGIN
+        -- lists of past as_of values (replays) pile up otherwise
+        DELETE FROM pgrec.source_cache s
+         WHERE s.computed_at < clock_timestamp() - make_interval(secs => 10 * pgrec.candidates_setting('source_cache_seconds', 30));
+        INSERT INTO pgrec.source_cache AS s (key, epoch, item_keys, scores, complete, computed_at)
+        VALUES (p_key, p_epoch, coalesce(p_item_keys, '{}'), coalesce(p_scores, '{}'), p_complete, clock_timestamp())
+        ON CONFLICT (key) DO UPDATE
+           SET epoch = EXCLUDED.epoch, item_keys = EXCLUDED.item_keys, scores = EXCLUDED.scores,
+               complete = EXCLUDED.complete, computed_at = EXCLUDED.computed_at;
+    EXCEPTION WHEN serialization_failure OR deadlock_detected THEN
+        -- a caller's REPEATABLE READ / SERIALIZABLE transaction met a newer list: keep serving, store nothing
+        RETURN;
+    END;
 END
 $$;
 COMMENT ON FUNCTION pgrec.source_cache_put(text, timestamptz, bigint[], float8[], boolean) IS
