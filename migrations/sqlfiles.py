@@ -54,3 +54,19 @@ def _drop(objects: set[tuple[str, str]]) -> None:
     bind = op.get_bind()
     for kind, name in sorted(objects, key=lambda o: o[0] != "VIEW"):  # views before functions
         bind.execute(text(f"DROP {kind} IF EXISTS pgrec.{name} CASCADE"))
+
+
+def seed_config(rows: list[tuple[str, str, str]]) -> None:
+    """Add rows (key, JSON value, description) to pgrec.config; a key already there keeps its value."""
+    for key, value, description in rows:
+        op.get_bind().exec_driver_sql(
+            "INSERT INTO pgrec.config (key, value, description) VALUES (%(k)s, %(v)s::jsonb, %(d)s) "
+            "ON CONFLICT (key) DO NOTHING",
+            {"k": key, "v": value, "d": description},
+        )
+
+
+def drop_config(rows: list[tuple[str, str, str]]) -> None:
+    """Remove what :func:`seed_config` added."""
+    for key, _, _ in rows:
+        op.get_bind().exec_driver_sql("DELETE FROM pgrec.config WHERE key = %(k)s", {"k": key})

@@ -107,12 +107,7 @@ CREATE TABLE pgrec.trending_epochs (
 );
 """
     )
-    for key, value, description in CONFIG:
-        bind.exec_driver_sql(
-            "INSERT INTO pgrec.config (key, value, description) VALUES (%(k)s, %(v)s::jsonb, %(d)s) "
-            "ON CONFLICT (key) DO NOTHING",
-            {"k": key, "v": value, "d": description},
-        )
+    sqlfiles.seed_config(CONFIG)
     sqlfiles.apply("candidates", 1)
     # events already present (a database upgraded with data): fill the aggregates once
     bind.exec_driver_sql("SELECT pgrec.rebuild_trending()")
@@ -128,5 +123,4 @@ DROP TABLE IF EXISTS pgrec.trending_epochs, pgrec.trending_scores,
     pgrec.candidate_sources CASCADE;
 """
     )
-    for key, _, _ in CONFIG:
-        bind.exec_driver_sql("DELETE FROM pgrec.config WHERE key = %(k)s", {"k": key})
+    sqlfiles.drop_config(CONFIG)

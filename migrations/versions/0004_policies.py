@@ -88,12 +88,7 @@ CREATE TYPE pgrec.rerank_row AS (
 );
 """
     )
-    for key, value, description in CONFIG:
-        bind.exec_driver_sql(
-            "INSERT INTO pgrec.config (key, value, description) VALUES (%(k)s, %(v)s::jsonb, %(d)s) "
-            "ON CONFLICT (key) DO NOTHING",
-            {"k": key, "v": value, "d": description},
-        )
+    sqlfiles.seed_config(CONFIG)
     sqlfiles.apply("policies", 1)
     # on by default: drop what the user disliked
     bind.exec_driver_sql(
@@ -114,5 +109,4 @@ DROP INDEX IF EXISTS pgrec.impressions_item_time;
 DROP TYPE IF EXISTS pgrec.rerank_row CASCADE;
 """
     )
-    for key, _, _ in CONFIG:
-        bind.exec_driver_sql("DELETE FROM pgrec.config WHERE key = %(k)s", {"k": key})
+    sqlfiles.drop_config(CONFIG)

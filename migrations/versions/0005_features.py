@@ -66,12 +66,7 @@ SELECT e.item_key, (e.occurred_at AT TIME ZONE 'UTC')::date,
  GROUP BY 1, 2, 3;
 """
     )
-    for key, value, description in CONFIG:
-        bind.exec_driver_sql(
-            "INSERT INTO pgrec.config (key, value, description) VALUES (%(k)s, %(v)s::jsonb, %(d)s) "
-            "ON CONFLICT (key) DO NOTHING",
-            {"k": key, "v": value, "d": description},
-        )
+    sqlfiles.seed_config(CONFIG)
     sqlfiles.apply("features", 1)
 
 
@@ -80,5 +75,4 @@ def downgrade() -> None:
     bind = op.get_bind()
     bind.exec_driver_sql("DROP TYPE IF EXISTS pgrec.candidate_feature_row")
     bind.exec_driver_sql("DROP TABLE IF EXISTS pgrec.item_daily_counts, pgrec.model_activations")
-    for key, _, _ in CONFIG:
-        bind.exec_driver_sql("DELETE FROM pgrec.config WHERE key = %(k)s", {"k": key})
+    sqlfiles.drop_config(CONFIG)

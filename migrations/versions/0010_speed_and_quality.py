@@ -66,12 +66,7 @@ COMMENT ON TABLE pgrec.model_neighbors IS
   'Top-N neighbours per item from a learned item-item model (model: ease, embedding, ...), rank 1 = best.';
 """
     )
-    for key, value, description in CONFIG:
-        op.get_bind().exec_driver_sql(
-            "INSERT INTO pgrec.config (key, value, description) VALUES (%(k)s, %(v)s::jsonb, %(d)s) "
-            "ON CONFLICT (key) DO NOTHING",
-            {"k": key, "v": value, "d": description},
-        )
+    sqlfiles.seed_config(CONFIG)
     for concern, version in VERSIONS.items():
         sqlfiles.apply(concern, version)
     # until a new file states them in the definition, keep the settings 0008/0009 pinned
@@ -87,8 +82,7 @@ def downgrade() -> None:
     bind.exec_driver_sql("ALTER TYPE pgrec.candidate_feature_row DROP ATTRIBUTE IF EXISTS f_ease_sum, "
                          "DROP ATTRIBUTE IF EXISTS f_ease_max, DROP ATTRIBUTE IF EXISTS f_ease_rank")
     bind.exec_driver_sql("DROP TABLE IF EXISTS pgrec.model_neighbors")
-    for key, _, _ in CONFIG:
-        bind.exec_driver_sql("DELETE FROM pgrec.config WHERE key = %(k)s", {"k": key})
+    sqlfiles.drop_config(CONFIG)
 
 
 def _pin() -> None:

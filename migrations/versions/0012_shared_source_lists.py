@@ -53,12 +53,7 @@ COMMENT ON TABLE pgrec.source_cache IS
   'qualifying item, so any k can be served from it).';
 """
     )
-    for key, value, description in CONFIG:
-        bind.exec_driver_sql(
-            "INSERT INTO pgrec.config (key, value, description) VALUES (%(k)s, %(v)s::jsonb, %(d)s) "
-            "ON CONFLICT (key) DO NOTHING",
-            {"k": key, "v": value, "d": description},
-        )
+    sqlfiles.seed_config(CONFIG)
     sqlfiles.apply("candidates", 4)
 
 
@@ -68,5 +63,4 @@ def downgrade() -> None:
     for fn, setting in PINNED_V3.items():
         bind.exec_driver_sql(f"ALTER FUNCTION {fn} SET {setting}")
     bind.exec_driver_sql("DROP TABLE IF EXISTS pgrec.source_cache")
-    for key, _, _ in CONFIG:
-        bind.exec_driver_sql("DELETE FROM pgrec.config WHERE key = %(k)s", {"k": key})
+    sqlfiles.drop_config(CONFIG)

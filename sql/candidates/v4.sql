@@ -351,8 +351,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
+    past   boolean := p_as_of < now();
     ep     pgrec.trending_epochs%ROWTYPE;
-    factor float8;
+    factor float8 := 1;
     ckey   text := p_horizon || ':' || p_segment;
     keep   int;
     keys   bigint[];
@@ -365,39 +366,37 @@ BEGIN
         RETURN QUERY SELECT * FROM pgrec.decayed_popularity(p_horizon, p_segment, p_k, p_as_of, p_categories);
         RETURN;
     END IF;
-    keep := greatest(p_k, pgrec.candidates_setting('source_cache_rows', 1000)::int);
-    IF p_as_of < now() THEN
+    IF past THEN
         -- the past (training replays, evaluation): the recount over the events before as_of is the same for
-        -- every user asking at that as_of, so it is shared as well (key with as_of, no epoch)
+        -- every user asking at that as_of, so it is shared as well (key with as_of, no epoch, no scaling)
         ckey := ckey || '@' || extract(epoch FROM p_as_of)::text;
-        RETURN QUERY SELECT c.item_key, c.score FROM pgrec.source_cache_get(ckey, NULL, p_k) c;
-        IF FOUND THEN
-            RETURN;
+    ELSE
+        -- now: raw running sums, scaled by the decay factor at read
+        SELECT * INTO ep FROM pgrec.trending_epochs e WHERE e.horizon = p_horizon;
+        IF NOT FOUND THEN
+            RETURN;  -- no positive event yet
         END IF;
-        SELECT array_agg(d.item_key ORDER BY d.score DESC, d.item_key), array_agg(d.score ORDER BY d.score DESC, d.item_key)
-          INTO keys, raw
-          FROM pgrec.decayed_popularity(p_horizon, p_segment, keep, p_as_of, NULL) d;
-        PERFORM pgrec.source_cache_put(ckey, NULL, keys, raw, coalesce(cardinality(keys), 0) < keep);
-        RETURN QUERY SELECT x.k, x.s FROM unnest(keys[1:p_k], raw[1:p_k]) AS x(k, s);
-        RETURN;
+        factor := pgrec.pow2_safe(-extract(epoch FROM now() - ep.epoch) / ep.half_life_s);
     END IF;
-    SELECT * INTO ep FROM pgrec.trending_epochs e WHERE e.horizon = p_horizon;
-    IF NOT FOUND THEN
-        RETURN;  -- no positive event yet
-    END IF;
-    factor := pgrec.pow2_safe(-extract(epoch FROM now() - ep.epoch) / ep.half_life_s);
     RETURN QUERY SELECT c.item_key, c.score * factor FROM pgrec.source_cache_get(ckey, ep.epoch, p_k) c;
     IF FOUND THEN
         RETURN;
     END IF;
-    -- the scan of pgrec.decayed_popularity's now branch, for at least source_cache_rows rows, stored
-    SELECT array_agg(x.item_key ORDER BY x.score DESC, x.item_key), array_agg(x.score ORDER BY x.score DESC, x.item_key)
-      INTO keys, raw
-      FROM (SELECT s.item_key, s.score
-              FROM pgrec.trending_scores s JOIN pgrec.items i ON i.item_key = s.item_key
-             WHERE s.horizon = p_horizon AND s.segment = p_segment AND i.available AND i.created_at < now()
-             ORDER BY s.score DESC, s.item_key
-             LIMIT keep) x;
+    keep := greatest(p_k, pgrec.candidates_setting('source_cache_rows', 1000)::int);
+    IF past THEN
+        SELECT array_agg(d.item_key ORDER BY d.score DESC, d.item_key), array_agg(d.score ORDER BY d.score DESC, d.item_key)
+          INTO keys, raw
+          FROM pgrec.decayed_popularity(p_horizon, p_segment, keep, p_as_of, NULL) d;
+    ELSE
+        -- pgrec.decayed_popularity's now branch without the factor (the stored scores are raw)
+        SELECT array_agg(x.item_key ORDER BY x.score DESC, x.item_key), array_agg(x.score ORDER BY x.score DESC, x.item_key)
+          INTO keys, raw
+          FROM (SELECT s.item_key, s.score
+                  FROM pgrec.trending_scores s JOIN pgrec.items i ON i.item_key = s.item_key
+                 WHERE s.horizon = p_horizon AND s.segment = p_segment AND i.available AND i.created_at < now()
+                 ORDER BY s.score DESC, s.item_key
+                 LIMIT keep) x;
+    END IF;
     PERFORM pgrec.source_cache_put(ckey, ep.epoch, keys, raw, coalesce(cardinality(keys), 0) < keep);
     RETURN QUERY SELECT x.k, x.s * factor FROM unnest(keys[1:p_k], raw[1:p_k]) AS x(k, s);
 END
@@ -571,7 +570,7 @@ DECLARE
     days    float8 := coalesce((p_params ->> 'days')::float8, pgrec.candidates_setting('fresh_days', 14));
     scan    int := coalesce((p_params ->> 'max_scan')::int, pgrec.candidates_setting('fresh_max_scan', 200)::int);
     ep      pgrec.trending_epochs%ROWTYPE;
-    factor  float8 := 0;
+    factor  float8 := 1;
     now_    boolean := p_as_of IS NULL OR p_as_of >= now();
     ckey    text;
     keys    bigint[];
@@ -580,61 +579,25 @@ BEGIN
     IF p_k IS NULL OR p_k <= 0 THEN
         RETURN;
     END IF;
-    SELECT * INTO ep FROM pgrec.trending_epochs e WHERE e.horizon = 'popular';
-    IF FOUND THEN
-        factor := pgrec.pow2_safe(-extract(epoch FROM t - ep.epoch) / ep.half_life_s);
+    IF now_ THEN
+        -- now: early engagement is the item's running popular sum, scaled by the decay factor at t
+        SELECT * INTO ep FROM pgrec.trending_epochs e WHERE e.horizon = 'popular';
+        factor := CASE WHEN FOUND THEN pgrec.pow2_safe(-extract(epoch FROM t - ep.epoch) / ep.half_life_s) ELSE 0 END;
     END IF;
-    IF now_ AND p_categories IS NULL AND (p_as_of IS NULL OR p_as_of = now()) THEN
-        -- now, no filter: the shared list (pgrec.source_cache, raw running sums in list order) when current
-        ckey := 'fresh:' || days::text || ':' || scan::text;
+    -- without a category filter the list is the same for every user at this moment: shared through
+    -- pgrec.source_cache (raw scores in list order; at now under the running sums' epoch, in the past by as_of)
+    IF p_categories IS NULL AND (p_as_of IS NULL OR p_as_of <= now()) THEN
+        ckey := 'fresh:' || days::text || ':' || scan::text
+                || CASE WHEN p_as_of < now() THEN '@' || extract(epoch FROM p_as_of)::text ELSE '' END;
         RETURN QUERY SELECT c.item_key, 'fresh'::text, c.score * factor, c.r::int
                        FROM pgrec.source_cache_get(ckey, ep.epoch, p_k) WITH ORDINALITY AS c(item_key, score, r);
         IF FOUND THEN
             RETURN;
         END IF;
-        SELECT array_agg(x.item_key ORDER BY x.raw DESC, x.created_at DESC, x.item_key),
-               array_agg(x.raw ORDER BY x.raw DESC, x.created_at DESC, x.item_key)
-          INTO keys, raws
-          FROM (SELECT n.item_key, n.created_at,
-                       coalesce((SELECT s.score FROM pgrec.trending_scores s
-                                  WHERE s.horizon = 'popular' AND s.segment = '' AND s.item_key = n.item_key), 0) AS raw
-                  FROM (SELECT i.item_key, i.created_at
-                          FROM pgrec.items i
-                         WHERE i.created_at >= t - make_interval(secs => days * 86400) AND i.created_at < t AND i.available
-                         ORDER BY i.created_at DESC
-                         LIMIT scan) n) x;
-        PERFORM pgrec.source_cache_put(ckey, ep.epoch, keys, raws, true);
-        RETURN QUERY SELECT x.k, 'fresh'::text, x.s * factor, x.r::int
-                       FROM unnest(keys[1:p_k], raws[1:p_k]) WITH ORDINALITY AS x(k, s, r);
-        RETURN;
     END IF;
-    IF now_ THEN
-        -- now, with a category filter: early engagement is the item's running popular sum (one index lookup per item)
-        RETURN QUERY
-        SELECT x.item_key, 'fresh'::text, x.sc, (row_number() OVER (ORDER BY x.sc DESC, x.created_at DESC, x.item_key))::int
-          FROM (SELECT n.item_key, n.created_at,
-                       coalesce((SELECT s.score FROM pgrec.trending_scores s
-                                  WHERE s.horizon = 'popular' AND s.segment = '' AND s.item_key = n.item_key), 0) * factor AS sc
-                  FROM (SELECT i.item_key, i.created_at
-                          FROM pgrec.items i
-                         WHERE i.created_at >= t - make_interval(secs => days * 86400) AND i.created_at < t AND i.available
-                           AND (p_categories IS NULL OR i.categories && p_categories)
-                         ORDER BY i.created_at DESC
-                         LIMIT scan) n
-                 ORDER BY 3 DESC, n.created_at DESC, n.item_key
-                 LIMIT p_k) x;
-        RETURN;
-    END IF;
-    -- the past: a count of the positive events before as_of (all of which fall in the fresh window). Without a
-    -- category filter it is the same for every user at that as_of: shared like the lists at now
-    IF p_categories IS NULL THEN
-        ckey := 'fresh:' || days::text || ':' || scan::text || '@' || extract(epoch FROM p_as_of)::text;
-        RETURN QUERY SELECT c.item_key, 'fresh'::text, c.score, c.r::int
-                       FROM pgrec.source_cache_get(ckey, NULL, p_k) WITH ORDINALITY AS c(item_key, score, r);
-        IF FOUND THEN
-            RETURN;
-        END IF;
-    END IF;
+    -- the newest scan items created within days before t, best first: by early engagement (now: the running
+    -- popular sum, one index lookup per item; the past: positive event weight before as_of, all of which falls
+    -- in the fresh window), then by newness
     WITH newest AS (
         SELECT i.item_key, i.created_at
           FROM pgrec.items i
@@ -643,22 +606,29 @@ BEGIN
          ORDER BY i.created_at DESC
          LIMIT scan
     ), eng AS (
-        SELECT n.item_key, n.created_at, coalesce(p.w, 0) AS sc
+        SELECT n.item_key, n.created_at,
+               coalesce((SELECT s.score FROM pgrec.trending_scores s
+                          WHERE s.horizon = 'popular' AND s.segment = '' AND s.item_key = n.item_key), 0) AS raw
+          FROM newest n
+         WHERE now_
+        UNION ALL
+        SELECT n.item_key, n.created_at, coalesce(p.w, 0)
           FROM newest n
           LEFT JOIN (SELECT e.item_key, sum(e.weight)::float8 AS w
                        FROM pgrec.events e
                       WHERE e.polarity = 1
                         AND e.occurred_at >= t - make_interval(secs => days * 86400) AND e.occurred_at < t
                       GROUP BY e.item_key) p ON p.item_key = n.item_key
+         WHERE NOT now_
     )
-    SELECT array_agg(eng.item_key ORDER BY eng.sc DESC, eng.created_at DESC, eng.item_key),
-           array_agg(eng.sc ORDER BY eng.sc DESC, eng.created_at DESC, eng.item_key)
+    SELECT array_agg(eng.item_key ORDER BY eng.raw DESC, eng.created_at DESC, eng.item_key),
+           array_agg(eng.raw ORDER BY eng.raw DESC, eng.created_at DESC, eng.item_key)
       INTO keys, raws
       FROM eng;
-    IF p_categories IS NULL THEN
-        PERFORM pgrec.source_cache_put(ckey, NULL, keys, raws, true);
+    IF ckey IS NOT NULL THEN
+        PERFORM pgrec.source_cache_put(ckey, ep.epoch, keys, raws, true);
     END IF;
-    RETURN QUERY SELECT x.k, 'fresh'::text, x.s, x.r::int
+    RETURN QUERY SELECT x.k, 'fresh'::text, x.s * factor, x.r::int
                    FROM unnest(keys[1:p_k], raws[1:p_k]) WITH ORDINALITY AS x(k, s, r);
 END
 $$;
