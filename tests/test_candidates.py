@@ -127,6 +127,40 @@ def test_filtered_ann_returns_min_of_n_and_matching_at_one_percent(db: TestDB) -
         candidates.run_source(db.conn, "ann", uk, 5, params={"iterative_scan": "sideways"})
 
 
+def _ann_read(db: TestDB, uk: int, k: int, unseen: int | None, seen: list[int]) -> list[int]:
+    rows = db.conn.execute(
+        "SELECT item_key, rank FROM pgrec.source_ann(%s, %s, NULL, NULL, '{}', %s, %s) ORDER BY rank",
+        (uk, k, unseen, seen)).fetchall()
+    assert [r[1] for r in rows] == list(range(1, len(rows) + 1))
+    return [r[0] for r in rows]
+
+
+def test_ann_reads_only_until_its_quota_of_unseen_items(db: TestDB) -> None:
+    _fan(db, 60, step=1.5)
+    _event(db, "u1", "x0", at=NOW - timedelta(hours=1))
+    uk = _uk(db, "u1")
+    full = _ann_read(db, uk, 40, None, [])
+    assert len(full) == 40
+    # a few seen items among the first rows: the read stops at the 10th unseen one, seen rows before it kept
+    seen = [full[0], full[3], full[7]]
+    early = _ann_read(db, uk, 40, 10, seen)
+    assert early == full[:13]
+    # nothing seen: exactly the quota
+    assert _ann_read(db, uk, 40, 10, []) == full[:10]
+    # seen items take more than the first read's margin (10 here): the scan runs again as far as k
+    many = full[:25]
+    again = _ann_read(db, uk, 40, 10, many)
+    assert again == full[:35]
+    # fewer unseen items than asked within k: all k rows
+    assert _ann_read(db, uk, 30, 10, many) == full[:30]
+    # the union passes its quota: a user with seen items still gets the ann quota of unseen items
+    for item in ("x1", "x2", "x3"):
+        _event(db, "u1", item, "view", at=NOW - timedelta(hours=2))
+    rows = candidates.candidates(db.conn, "u1", n=20)
+    ann_unseen = [r for r in rows if "ann" in r.sources and r.item_id not in {"x0", "x1", "x2", "x3"}]
+    assert len(ann_unseen) >= math.ceil(0.4 * 20)
+
+
 # ---------------------------------------------------------------- history
 
 
