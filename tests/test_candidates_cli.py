@@ -103,3 +103,21 @@ def test_bench_candidates_runs_on_a_tiny_catalog(db: TestDB, monkeypatch: pytest
     assert res.exit_code == 0, res.output
     assert "embedding neighbours: 300 items" in res.output
     assert "source history" in res.output and "union pgrec.candidates n=50" in res.output
+
+
+def test_bench_ab_compares_two_databases_call_by_call(db: TestDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.bench import ab
+
+    for i in range(12):
+        db.conn.execute("SELECT pgrec.upsert_item(%s, ARRAY['c'])", (f"i{i}",))
+        db.conn.execute("SELECT pgrec.set_item_embedding(%s, %s)",
+                        (f"i{i}", [float((i * 7 + d) % 5) + 0.5 for d in range(TEST_DIM)]))
+    for u in range(3):
+        for i in range(u, u + 4):
+            db.conn.execute("SELECT pgrec.track_event(%s, %s, 'like')", (f"u{u}", f"i{i}"))
+    lines = list(ab.run(db.settings, db.name, db.name, calls=["candidates", "features"], users=3, n=5))
+    assert lines[0].startswith(f"A = {db.name} (schema ") and f"B = {db.name}" in lines[0]
+    assert [ln.split()[0] for ln in lines[1:]] == ["candidates", "features"]
+    assert all("3 users" in ln for ln in lines[1:])
+    with pytest.raises(ValueError, match="unknown call 'nope'"):
+        list(ab.run(db.settings, db.name, db.name, calls=["nope"]))

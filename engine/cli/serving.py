@@ -210,3 +210,23 @@ def demo_cmd(
         run(get_settings(), cfg, console)
     except (DatabaseError, PgrecError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
+
+
+@bench_app.command("ab")
+def bench_ab(
+    a: Annotated[str, typer.Argument(help="database A on the server (e.g. the new schema)")],
+    b: Annotated[str, typer.Argument(help="database B (e.g. a copy at the old schema)")],
+    calls: Annotated[str, typer.Option(help="comma-separated: candidates, features, recommend")] =
+        "candidates,features,recommend",
+    users: Annotated[int, typer.Option(help="users with events, chosen at random")] = 200,
+    n: Annotated[int, typer.Option("--n", help="candidates per call")] = 200,
+) -> None:
+    """Server CPU per call of request-path functions, A and B called alternately for the same users."""
+    from engine.bench.ab import run
+
+    try:
+        for line in run(get_settings(), a, b, calls=[c.strip() for c in calls.split(",") if c.strip()],
+                        users=users, n=n):
+            console.print(line)
+    except (DatabaseError, PgrecError, ValueError) as exc:
+        raise fail(str(exc)) from None
