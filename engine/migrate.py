@@ -8,9 +8,10 @@ from contextlib import redirect_stdout
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, pool
+from sqlalchemy.exc import DBAPIError
 
 from engine.config import Settings
-from engine.db import database_url
+from engine.db import DatabaseError, database_url
 from engine.sql import resource_dir
 
 
@@ -26,6 +27,8 @@ def alembic_config(settings: Settings, stdout: io.StringIO | None = None) -> Con
 
 
 def _run(settings: Settings, fn: str, *args: str) -> str:
+    """Run an alembic command in one transaction; a database error becomes a :class:`DatabaseError` whose
+    message is the server's (with its hint), and nothing of the command stays."""
     out = io.StringIO()
     cfg = alembic_config(settings, out)
     engine = create_engine(cfg.get_main_option("sqlalchemy.url", "").replace("%%", "%"), poolclass=pool.NullPool)
@@ -34,6 +37,11 @@ def _run(settings: Settings, fn: str, *args: str) -> str:
             cfg.attributes["connection"] = conn
             getattr(command, fn)(cfg, *args)
             conn.commit()
+    except DBAPIError as exc:
+        diag = getattr(exc.orig, "diag", None)
+        msg = (diag.message_primary if diag else None) or str(exc.orig)
+        hint = f" (hint: {diag.message_hint})" if diag and diag.message_hint else ""
+        raise DatabaseError(f"db {fn} failed, nothing was changed: {msg}{hint}") from exc
     finally:
         engine.dispose()
     return out.getvalue()

@@ -7,7 +7,7 @@ import importlib
 from engine.cli.app import app
 
 # one module per concern; each registers its commands on import
-_MODULES = ("core", "candidates", "retrieval", "ranker", "policies", "serving", "service", "sources")
+_MODULES = ("core", "candidates", "retrieval", "ranker", "policies", "serving", "service", "sources", "config")
 for _name in _MODULES:
     importlib.import_module(f"engine.cli.{_name}")
 

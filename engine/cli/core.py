@@ -65,7 +65,10 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 def db_downgrade(revision: str = typer.Argument("-1", help="a revision, -1, or base")) -> None:
     """Step the schema back (``base`` removes pgrec's tables and functions, and their data)."""
     settings = get_settings()
-    migrate.downgrade(settings, revision)
+    try:
+        migrate.downgrade(settings, revision)
+    except DatabaseError as exc:
+        raise fail(str(exc)) from None
     console.print(f"schema at: {migrate.current(settings)}")
 
 
