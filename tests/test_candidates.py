@@ -441,6 +441,42 @@ def test_cold_user_gets_a_full_list_from_fallbacks(db: TestDB) -> None:
     assert [r.item_key for r in same] == [r.item_key for r in rows]
 
 
+def test_fallback_fills_from_the_catalog_when_few_items_were_engaged_with(db: TestDB) -> None:
+    """A new app: 30 items, only 6 of them with events. The popular fallback lists those 6, then the other
+    available items created before as_of, newest first, with score 0, so a cold user and a user with history
+    both get n unseen candidates while the catalog has them."""
+    for k in range(30):
+        _item(db, f"x{k}", degrees=k * 3.0, categories=["even" if k % 2 == 0 else "odd"],
+              created=OLD + timedelta(days=k))
+    _item(db, "gone", created=OLD + timedelta(days=50), available=False)
+    _item(db, "later", created=NOW + timedelta(days=1))  # created after as_of
+    for k in range(6):
+        _event(db, f"w{k}", f"x{k}", "like", at=NOW - timedelta(hours=k + 1))
+    assert len(candidates.run_source(db.conn, "popular", None, 20)) == 6  # the source itself is unchanged
+    cold = candidates.candidates(db.conn, "nobody", n=20)
+    assert len(cold) == 20 and len({r.item_key for r in cold}) == 20
+    ids = [r.item_id for r in cold]
+    assert "gone" not in ids and "later" not in ids
+    filled = [r for r in cold if r.popular_score == 0]
+    assert [r.popular_rank for r in sorted(filled, key=lambda r: r.popular_rank or 0)] == list(range(7, 7 + len(filled)))
+    # the tail is newest first: the highest-numbered items (created last) before the lower ones
+    tail = [r.item_id for r in sorted(filled, key=lambda r: r.popular_rank or 0)]
+    assert tail[:3] == ["x29", "x28", "x27"]
+    # a user with history: n unseen items
+    for k in range(4):
+        _event(db, "u1", f"x{10 + k}", "like", at=NOW - timedelta(days=1, hours=k))
+    rows = candidates.candidates(db.conn, "u1", n=20)
+    assert len([r for r in rows if r.item_id not in {"x10", "x11", "x12", "x13"}]) == 20
+    # the whole catalog is less than n: every available item once
+    everything = candidates.candidates(db.conn, "nobody", n=100)
+    assert sorted(r.item_id for r in everything) == sorted(f"x{k}" for k in range(30))
+    # categories and as_of bound the tail too
+    odd = candidates.candidates(db.conn, "nobody", n=10, categories=["odd"])
+    assert len(odd) == 10 and all(int(r.item_id[1:]) % 2 == 1 for r in odd)
+    early = candidates.candidates(db.conn, "nobody", n=50, as_of=OLD + timedelta(days=9, hours=12))
+    assert sorted(r.item_id for r in early) == sorted(f"x{k}" for k in range(10))
+
+
 def test_union_counts_unseen_items_and_keeps_every_source(db: TestDB) -> None:
     _cooccurring_world(db)
     for k in range(30):
