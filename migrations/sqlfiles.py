@@ -45,6 +45,58 @@ def revert(concern: str, version: int) -> None:
     _drop(_objects(concern, 1))
 
 
+def revert_partial(concern: str, version: int) -> None:
+    """Undo ``apply(concern, version)`` for a vN that redefines a few functions of earlier files (and is not a
+    whole concern): each function it creates gets back its statements (CREATE, COMMENT ON, ALTER) from the latest
+    earlier version that creates it; one no earlier version creates is dropped. Signatures must be the same."""
+    for kind, name in sorted(_objects(concern, version)):
+        for earlier in range(version - 1, 0, -1):
+            if (kind, name) in _objects(concern, earlier):
+                restore(concern, earlier, name)
+                break
+        else:
+            _drop({(kind, name)})
+
+
+_STATEMENT = re.compile(r"""(\$[A-Za-z_]*\$)|('(?:[^']|'')*')|("(?:[^"]|"")*")|(--[^\n]*)|(/\*.*?\*/)|(;)""", re.DOTALL)
+
+
+def statements(text_: str) -> list[str]:
+    """The statements of a SQL file: split on the semicolons outside quotes, dollar quotes and comments."""
+    out, start, pos = [], 0, 0
+    while (m := _STATEMENT.search(text_, pos)) is not None:
+        if m.group(1):  # a dollar quote: skip to its end
+            end = text_.find(m.group(1), m.end())
+            if end < 0:
+                raise ValueError(f"unterminated dollar quote {m.group(1)}")
+            pos = end + len(m.group(1))
+        elif m.group(6):
+            out.append(text_[start:m.start()].strip())
+            start = pos = m.end()
+        else:
+            pos = m.end()
+    tail = text_[start:].strip()
+    return [st for st in [*out, tail] if _code(st)]
+
+
+def _code(statement: str) -> str:
+    return "\n".join(ln for ln in statement.splitlines() if not ln.lstrip().startswith("--")).strip()
+
+
+def restore(concern: str, version: int, name: str) -> None:
+    """Run again the statements of ``sql/<concern>/v<version>.sql`` that create, comment on or alter the function
+    or view ``pgrec.<name>``."""
+    pattern = re.compile(
+        rf"^(?:CREATE\s+(?:OR\s+REPLACE\s+)?(?:FUNCTION|PROCEDURE|VIEW|MATERIALIZED\s+VIEW)|COMMENT\s+ON\s+"
+        rf"(?:FUNCTION|PROCEDURE|VIEW)|ALTER\s+(?:FUNCTION|PROCEDURE))\s+pgrec\.{re.escape(name)}\b", re.IGNORECASE)
+    found = [st for st in statements((sql_root() / concern / f"v{version}.sql").read_text())
+             if pattern.match(_code(st))]
+    if not found:
+        raise ValueError(f"sql/{concern}/v{version}.sql has no statement for pgrec.{name}")
+    for st in found:
+        op.get_bind().exec_driver_sql(st, execution_options={"no_parameters": True})
+
+
 def _objects(concern: str, version: int) -> set[tuple[str, str]]:
     text_ = (sql_root() / concern / f"v{version}.sql").read_text()
     return {(" ".join(kind.upper().split()), name) for kind, name in _OBJ.findall(text_)}

@@ -85,6 +85,23 @@ def test_user_vector_formula(db: TestDB) -> None:
     assert db.scalar("SELECT pgrec.user_vector(%s, %s)", (_uk(db, "u1"), NOW - timedelta(days=31))) is None
 
 
+def test_events_decades_apart_weigh_nothing_instead_of_failing(db: TestDB) -> None:
+    """A like 25 years before the user's latest: its weight 2^(-25 years / 30 days) is below a real's range; it
+    counts as 0 (it raised an underflow error that failed every request of the user before candidates v6)."""
+    _fan(db, 31)
+    _event(db, "u1", "x0", "like", at=datetime(2001, 1, 1, tzinfo=UTC))
+    _event(db, "u1", "x30", "like", at=NOW - timedelta(hours=1))  # at 90 degrees
+    uk = _uk(db, "u1")
+    vec = db.scalar("SELECT pgrec.user_vector(%s, NULL)::float4[]", (uk,))
+    assert vec[0] == pytest.approx(0.0, abs=1e-6) and vec[1] == pytest.approx(1.0, abs=1e-6)
+    assert _ids(db, candidates.run_source(db.conn, "ann", uk, 3))[0] == "x30"
+    rows = candidates.candidates(db.conn, "u1", n=10)
+    assert len([r for r in rows if r.item_id not in {"x0", "x30"}]) == 10
+    # the old event alone: its own weight is 2^0 (relative to the latest event), so it still points the vector
+    _event(db, "u2", "x0", "like", at=datetime(2001, 1, 1, tzinfo=UTC))
+    assert _ids(db, candidates.run_source(db.conn, "ann", _uk(db, "u2"), 2)) == ["x0", "x1"]
+
+
 def test_unavailable_and_future_items_are_not_candidates(db: TestDB) -> None:
     _fan(db, 10)
     _item(db, "gone", degrees=0.5, available=False)

@@ -1,5 +1,12 @@
--- Stage 1, candidates v6: the union's fallback never runs dry while the catalog has items. Everything else is
--- v4 (sql/candidates/v4.sql) and v5 (sql/candidates/v5.sql).
+-- Stage 1, candidates v6: the union's fallback never runs dry while the catalog has items, and a user vector
+-- survives events far older than the user's latest. Everything else is v4 (sql/candidates/v4.sql) and v5
+-- (sql/candidates/v5.sql); reverting restores each function of this file from the latest earlier file that
+-- has it (sqlfiles.revert_partial).
+--
+-- pgrec.user_vector (v4's, one change): an event's weight 2^(-age/half-life) relative to the user's latest
+-- positive event is cast to real to scale the item vector; for an event 21 years older (half-life 30 days:
+-- 2^-255) the cast raised "value out of range: underflow", so every request of that user failed (Python, SQL
+-- and HTTP, the last as a 422) and so did ranker training over them. Such a weight is now 0.
 --
 -- The popular source lists items by decayed popularity of positive events, so it holds only items someone
 -- engaged with. As the fallback that fills a short union it then left a new app (few events), a narrow category
@@ -8,6 +15,74 @@
 -- than asked for, with the other available items created before as_of (matching the request's categories),
 -- newest first, score 0: their popularity. pgrec.source_popular itself (the single-source popularity list that
 -- the evaluation's per-source baselines and pgrec.candidate_sources_call read) is unchanged.
+
+CREATE OR REPLACE FUNCTION pgrec.user_vector(user_key bigint, as_of timestamptz DEFAULT NULL)
+RETURNS public.vector
+LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t       timestamptz := coalesce(as_of, now());
+    uk      bigint := user_key;
+    stored  public.vector;
+    based   timestamptz;
+    maxn    int := pgrec.candidates_setting('user_vector_max_events', 50)::int;
+    half_s  float8 := pgrec.candidates_setting('user_vector_half_life_days', 30) * 86400;
+    v       public.vector;
+    fv      public.vector;
+    nf      int;
+BEGIN
+    IF uk IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT ue.embedding, ue.based_on INTO stored, based FROM pgrec.user_embeddings ue WHERE ue.user_key = uk;
+    IF stored IS NOT NULL AND based IS NOT NULL AND t >= based AND NOT EXISTS (
+        SELECT 1 FROM pgrec.events e
+         WHERE e.user_key = uk AND e.polarity = 1 AND e.occurred_at >= based AND e.occurred_at < t) THEN
+        RETURN stored;
+    END IF;
+    WITH ev AS (
+        SELECT e.item_key, e.weight, e.occurred_at
+          FROM pgrec.events e
+         WHERE e.user_key = uk AND e.polarity = 1 AND e.occurred_at < t
+         ORDER BY e.occurred_at DESC, e.item_key DESC, e.type_id DESC
+         LIMIT maxn
+    ), w AS (
+        SELECT ev.item_key,
+               ev.weight * pgrec.pow2_safe(-extract(epoch FROM (max(ev.occurred_at) OVER () - ev.occurred_at)) / half_s)
+                   AS w
+          FROM ev
+    )
+    SELECT public.sum(coalesce(ie.context_embedding, ie.embedding)
+               -- a weight below float4's range is 0 (an event years older than the latest: 2^-255 as real
+               -- raised "value out of range: underflow" and failed the request)
+               OPERATOR(public.*) array_fill((CASE WHEN w.w < 1e-38 THEN 0 ELSE w.w END)::real,
+                                             ARRAY[public.vector_dims(ie.embedding)])::public.vector)
+      INTO v
+      FROM w JOIN pgrec.item_embeddings ie ON ie.item_key = w.item_key;
+    -- the user features: the vectors of the user's known property tokens, summed / sqrt(how many)
+    SELECT public.sum(f.embedding), count(*) INTO fv, nf
+      FROM pgrec.users u
+     CROSS JOIN LATERAL pgrec.property_tokens(u.properties) AS tok(token)
+      JOIN pgrec.user_feature_embeddings f ON f.token = tok.token
+     WHERE u.user_key = uk;
+    IF nf > 0 THEN
+        fv := fv OPERATOR(public.*) array_fill((1 / sqrt(nf::float8))::real, ARRAY[public.vector_dims(fv)])::public.vector;
+        v := CASE WHEN v IS NULL THEN fv ELSE v OPERATOR(public.+) fv END;
+    END IF;
+    IF v IS NULL OR public.vector_norm(v) = 0 THEN
+        RETURN NULL;
+    END IF;
+    RETURN public.l2_normalize(v);
+END
+$$;
+COMMENT ON FUNCTION pgrec.user_vector(bigint, timestamptz) IS
+    'The user''s vector at as_of (NULL = now): the stored user_embeddings row when as_of >= based_on and no positive '
+    'event falls in [based_on, as_of); else the L2-normalised sum over the last user_vector_max_events positive events '
+    'before as_of (ties by item_key, type_id, descending) of weight * 2^(-(t_latest - t)/half_life) * '
+    'coalesce(context_embedding, embedding), plus the vectors of the user''s known property tokens '
+    '(pgrec.user_feature_embeddings, from the retrieval model) summed and divided by sqrt(their number). '
+    'NULL when nothing sums.';
 
 CREATE OR REPLACE FUNCTION pgrec.unengaged_items(
     p_k int, p_as_of timestamptz, p_categories text[], p_exclude bigint[])
