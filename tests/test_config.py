@@ -137,8 +137,10 @@ def test_cli_list_and_set(cli_db: TestDB) -> None:
     assert "trending_half_life_hours = 48" in out and "now run: SELECT pgrec.rebuild_trending()" in out
     assert "segment_property = \"region\"" in _cli("set", "segment_property", "region")  # not JSON: a string
     assert "report_click_types = [\"click\", \"like\"]" in _cli("set", "report_click_types", '["click","like"]')
-    out = _cli("set", "fresh_days", "--", "-3", ok=False)
+    out = _cli("set", "fresh_days", "-3", ok=False)  # a negative value needs no "--"
     assert "pgrec.config: fresh_days must be a number > 0 and <= 36500, got -3" in out
+    assert "1e400 is not a finite number" in _cli("set", "fresh_days", "1e400", ok=False)
+    assert "NaN is not a number JSON allows" in _cli("set", "fresh_days", "NaN", ok=False)
     out = _cli("set", "fresh_dayz", "3", ok=False)
     assert "unknown key 'fresh_dayz'" in out and "fresh_days" in out
     assert "fixed at install" in _cli("set", "embedding_dim", "128", ok=False)

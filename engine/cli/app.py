@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -43,6 +45,26 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a clear error (no traceback) and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not a number JSON allows")
+
+
+def parse_json(text: str, what: str) -> Any:
+    """A JSON argument, or a clear error; NaN, Infinity and numbers beyond a double's range are refused
+    (PostgreSQL's jsonb cannot hold them)."""
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except ValueError as exc:  # JSONDecodeError is a ValueError
+        raise fail(f"{what} is not valid JSON: {exc}") from None
 
 
 AsOf = Annotated[str | None, typer.Option("--as-of", help="a past moment (ISO 8601): only events before it count")]

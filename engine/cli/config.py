@@ -5,13 +5,13 @@ decides."""
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from psycopg.types.json import Jsonb
 from rich.markup import escape
 
-from engine.cli.app import config_app, console
+from engine.cli.app import config_app, console, parse_json
 from engine.cli.core import db_connection
 from engine.sql import query
 
@@ -33,7 +33,7 @@ def config_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         console.print(escape("  " + "; ".join(notes)), highlight=False)
 
 
-@config_app.command("set")
+@config_app.command("set", context_settings={"ignore_unknown_options": True})
 def config_set(
     key: Annotated[str, typer.Argument(help="a key of `pgrec config list`")],
     value: Annotated[str, typer.Argument(help="the value as JSON (14, 0.5, '\"country\"', '[\"click\"]'); "
@@ -42,9 +42,11 @@ def config_set(
     """Change one setting. The database refuses an unknown key, a value of the wrong type or out of range, and
     a change to a key fixed at install, naming the key and what it expects."""
     try:
-        parsed = json.loads(value)
+        json.loads(value)
     except json.JSONDecodeError:
-        parsed = value
+        parsed: Any = value
+    else:
+        parsed = parse_json(value, key)
     with db_connection() as conn, conn.transaction():
         row = conn.execute(query("config.set"), {"key": key, "value": Jsonb(parsed)}).fetchone()
     assert row is not None  # the insert returns its row or raises

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from engine import policies
-from engine.cli.app import bench_app, console, fail, policy_app
+from engine.cli.app import bench_app, console, fail, parse_json, policy_app
 from engine.cli.core import db_connection
 from engine.config import get_settings
 from engine.errors import InvalidRequest, NotFound
@@ -21,12 +21,7 @@ policy_app.add_typer(itemset_app, name="itemset")
 
 
 def _json(text: str | None, what: str) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise fail(f"{what} is not valid JSON: {exc}") from None
+    return None if text is None else parse_json(text, what)
 
 
 def _when(text: str | None, what: str) -> datetime | None:
@@ -50,7 +45,7 @@ def policy_add(
     params: Annotated[str, typer.Option("--params", "-p", help="parameters as a JSON object")] = "{}",
     surface: Annotated[str | None, typer.Option(help="only on this surface (default: every surface)")] = None,
     segment: Annotated[str | None, typer.Option(help="predicate on user properties (JSON)")] = None,
-    priority: Annotated[int, typer.Option(help="lower runs first")] = 100,
+    priority: Annotated[int, typer.Option(help="lower runs first", min=-2147483648, max=2147483647)] = 100,
     disabled: Annotated[bool, typer.Option("--disabled", help="write it disabled")] = False,
     starts_at: Annotated[str | None, typer.Option(help="active from (ISO 8601)")] = None,
     ends_at: Annotated[str | None, typer.Option(help="active until, exclusive (ISO 8601)")] = None,
@@ -74,10 +69,14 @@ def policy_add(
 def policy_list(
     surface: Annotated[str | None, typer.Option(help="only the policies that apply to this surface")] = None,
     enabled_only: Annotated[bool, typer.Option("--enabled-only")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON list (for scripts)")] = False,
 ) -> None:
     """The policies in the order they apply (priority, then kind)."""
     with db_connection() as conn:
         rows = policies.list_(conn, surface=surface, include_disabled=not enabled_only)
+    if as_json:
+        print(json.dumps([vars(p) for p in rows], default=str))
+        return
     t = Table(title="policies")
     for col in ("id", "name", "kind", "on", "prio", "surface", "set", "window", "segment", "params", "v"):
         t.add_column(col)
@@ -130,7 +129,7 @@ def policy_show(ref: Annotated[str, typer.Argument(help="name or id")]) -> None:
 def policy_update(
     ref: Annotated[str, typer.Argument(help="name or id")],
     params: Annotated[str | None, typer.Option("--params", "-p", help="new parameters (JSON object)")] = None,
-    priority: Annotated[int | None, typer.Option()] = None,
+    priority: Annotated[int | None, typer.Option(min=-2147483648, max=2147483647)] = None,
     actor: str | None = None,
 ) -> None:
     """Change a policy's parameters or priority (a new version)."""

@@ -53,12 +53,15 @@ def _ranker_config(horizon_days: float | None, cutoff_count: int, n: int, max_us
 
     if source not in ("replay", "impressions"):
         raise fail(f"--from must be 'replay' or 'impressions', got {source!r}")
-    checks = {"--horizon-days": horizon_days is None or horizon_days > 0, "--cutoff-count": cutoff_count >= 1,
-              "--window-share": 0 < window_share * (cutoff_count + 1) < 1, "--n": n >= 1,
-              "--max-users": max_users >= 1, "--rounds": rounds >= 1, "--valid-windows": valid_windows >= 1}
-    for name, ok in checks.items():
+    checks = {"--horizon-days": (horizon_days is None or horizon_days > 0, "must be > 0"),
+              "--cutoff-count": (cutoff_count >= 1, "must be >= 1"),
+              "--window-share": (0 < window_share * (cutoff_count + 1) < 1,
+                                 f"must be > 0 and below 1 / (--cutoff-count + 1) = {1 / (cutoff_count + 1):.4g}"),
+              "--n": (n >= 1, "must be >= 1"), "--max-users": (max_users >= 1, "must be >= 1"),
+              "--rounds": (rounds >= 1, "must be >= 1"), "--valid-windows": (valid_windows >= 1, "must be >= 1")}
+    for name, (ok, rule) in checks.items():
         if not ok:
-            raise fail(f"{name}: out of range")
+            raise fail(f"{name} {rule}")
     return RankerConfig(horizon_days=horizon_days, window_share=window_share, cutoffs=cutoff_count, n_candidates=n,
                         max_users_per_cutoff=max_users, num_boost_round=rounds, seed=seed, source=source,
                         valid_windows=valid_windows)

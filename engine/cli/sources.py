@@ -5,6 +5,7 @@ through as JSON so that the check decides."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 import psycopg
@@ -13,7 +14,7 @@ from psycopg.types.json import Jsonb
 from rich.markup import escape
 from rich.table import Table
 
-from engine.cli.app import console, fail, sources_app
+from engine.cli.app import console, fail, parse_json, sources_app
 from engine.cli.core import db_connection
 from engine.sql import query
 
@@ -41,9 +42,10 @@ def parse_param(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise fail(f"--param {text!r}: expected key=value")
     try:
-        return key.strip(), json.loads(value)
+        json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
+    return key.strip(), parse_json(value, f"--param {key.strip()}")
 
 
 @sources_app.command("list")
@@ -81,6 +83,10 @@ def sources_set(
 ) -> None:
     """Change one source of a surface. A surface without rows of its own first gets a copy of the 'default'
     rows (and a row in pgrec.surfaces if it has none), so only this source differs from the defaults."""
+    if quota is not None and not (math.isfinite(quota) and 0 <= quota <= 1):
+        raise fail(f"--quota must be a number between 0 and 1, got {quota:g}")
+    if fallback_order is not None and not 1 <= fallback_order <= 2147483647:
+        raise fail(f"--fallback-order must be between 1 and 2147483647, got {fallback_order}")
     if fallback_order is not None and no_fallback:
         raise fail("give --fallback-order or --no-fallback, not both")
     set_params = dict(parse_param(p) for p in param or [])
