@@ -1,12 +1,22 @@
 """Exceptions to HTTP answers: 404 unknown ids, 422 bad input (naming the field), 503 database outage.
 
 No answer carries a stack trace; unexpected errors are logged with one and answered 500 with the request id.
+Database errors: the engine's SQL raises 22023 (invalid_parameter_value) for bad input, P0002 for an unknown id
+and 55000 for a change the current state refuses; those (and unknown references, 23503) are the caller's. Any
+other error, a data exception such as 22003 numeric out of range or 22012 division by zero included, is a
+server fault: 500.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any
+
 import psycopg
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from psycopg_pool import PoolTimeout
 
@@ -14,9 +24,15 @@ from engine.api import metrics
 from engine.api.logs import log, request_id_var
 from engine.errors import InvalidRequest, NotFound, Unavailable
 
+# "pgrec.rerank: context must be ..." names the SQL function, not a request field
+_SQL_PREFIX = re.compile(r"^pgrec\.\w+: ")
+# the DETAIL of a foreign key violation
+_FK_DETAIL = re.compile(r'^Key \((\w+)\)=\((.*)\) is not present in table "?[\w.]+"?\.?$', re.DOTALL)
+
 
 def _field_error(message: str, status: int = 422) -> JSONResponse:
     """``{"detail": [{"loc": ["body", field], "msg", "type"}]}``, the shape of FastAPI's own 422s."""
+    message = _SQL_PREFIX.sub("", message)
     field, sep, reason = message.partition(": ")
     loc = ["body", *field.replace("[", ".").replace("]", "").split(".")] if sep and " " not in field else ["body"]
     return JSONResponse({"detail": [{"loc": loc, "msg": reason if sep and len(loc) > 1 else message,
@@ -43,6 +59,33 @@ async def unavailable(request: Request, exc: Exception) -> JSONResponse:
                         headers={"Retry-After": "1"})
 
 
+def _json_safe(v: Any) -> Any:
+    """``v`` with non-finite floats as strings ('nan', 'inf'): JSON has no NaN or Infinity."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+async def request_invalid(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, renderable whatever the input was (the errors echo it, NaN and 1e400 included)."""
+    assert isinstance(exc, RequestValidationError)
+    metrics.ERRORS.labels("validation").inc()
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+def unknown_reference(exc: psycopg.errors.ForeignKeyViolation) -> str:
+    """``surface: unknown surface 'x'`` from ``Key (surface)=(x) is not present in table "surfaces".``"""
+    found = _FK_DETAIL.match((exc.diag.message_detail or "").strip())
+    if found is None:
+        return "refers to an unknown id"
+    column, value = found.groups()
+    return f"{column}: unknown {column} {value!r}"
+
+
 async def database_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, psycopg.Error)
     message = (exc.diag.message_primary if exc.diag else None) or str(exc)
@@ -51,10 +94,19 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, psycopg.errors.QueryCanceled | psycopg.OperationalError):
         metrics.ERRORS.labels("unavailable").inc()
         return await unavailable(request, exc)
-    if isinstance(exc, psycopg.DataError | psycopg.IntegrityError | psycopg.errors.RaiseException):
+    if isinstance(exc, psycopg.errors.InvalidParameterValue):
+        metrics.ERRORS.labels("validation").inc()
+        return _field_error(message)
+    if isinstance(exc, psycopg.errors.ObjectNotInPrerequisiteState):
+        return _detail(409, _SQL_PREFIX.sub("", message), "conflict")
+    if isinstance(exc, psycopg.errors.ForeignKeyViolation):
+        metrics.ERRORS.labels("validation").inc()
+        return _field_error(unknown_reference(exc))
+    if isinstance(exc, psycopg.IntegrityError):
         metrics.ERRORS.labels("validation").inc()
         return JSONResponse({"detail": [{"loc": ["body"], "msg": message, "type": "value_error"}]},
                             status_code=422)
+    # not the caller's: 22003 numeric out of range, 22012 division by zero, P0001, ...
     return await internal(request, exc)
 
 
@@ -65,7 +117,9 @@ async def bad_text(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def internal(request: Request, exc: Exception) -> JSONResponse:
-    log.error("internal error", exc_info=(type(exc), exc, exc.__traceback__))
+    log.error("internal error", exc_info=(type(exc), exc, exc.__traceback__),
+              extra={"request_id": request_id_var.get(), "path": request.url.path,
+                     "sqlstate": getattr(exc, "sqlstate", None)})
     metrics.ERRORS.labels("internal").inc()
     return JSONResponse({"detail": "internal error", "request_id": request_id_var.get()}, status_code=500)
 
@@ -76,6 +130,7 @@ async def pool_timeout(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, request_invalid)
     app.add_exception_handler(NotFound, not_found)
     app.add_exception_handler(InvalidRequest, invalid)
     app.add_exception_handler(Unavailable, pool_timeout)

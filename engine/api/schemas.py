@@ -21,7 +21,9 @@ _FUTURE_SLACK = timedelta(days=1)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields and non-finite numbers (NaN, Infinity, 1e400) are 422s."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- events
@@ -205,19 +207,21 @@ class Readiness(BaseModel):
     detail: str | None = None
 
 
-def check_json(v: Any, depth: int = 0) -> None:
-    """JSON for jsonb: finite numbers and no NUL characters (PostgreSQL rejects \\u0000 in jsonb)."""
+def check_json(v: Any, depth: int = 0, where: str = "") -> None:
+    """JSON for jsonb: finite numbers and no NUL characters (PostgreSQL rejects \\u0000 in jsonb and has no NaN
+    or Infinity in it); the message names the offending key (``size.age``, ``tags[2]``)."""
+    at = f" at {where}" if where else ""
     if depth > 32:
         raise ValueError("is nested too deeply")
     if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError("contains a non-finite number")
+        raise ValueError(f"contains a non-finite number{at}")
     if isinstance(v, str) and "\x00" in v:
-        raise ValueError("contains a NUL character")
+        raise ValueError(f"contains a NUL character{at}")
     if isinstance(v, dict):
         for k, x in v.items():
             if "\x00" in k:
-                raise ValueError("contains a NUL character")
-            check_json(x, depth + 1)
+                raise ValueError(f"contains a NUL character{at}")
+            check_json(x, depth + 1, f"{where}.{k}" if where else str(k))
     elif isinstance(v, list):
-        for x in v:
-            check_json(x, depth + 1)
+        for i, x in enumerate(v):
+            check_json(x, depth + 1, f"{where}[{i}]")

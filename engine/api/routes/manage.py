@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import APIRouter, Path, Query
 from pydantic import Field, field_validator
 
@@ -72,8 +73,19 @@ def _policy(p: policies.Policy) -> PolicyOut:
     return p
 
 
-def _params_error(kind: str, exc: InvalidRequest) -> InvalidRequest:
-    """``boost: params.multiply: ...`` -> ``params.multiply: ...`` so the 422 names the field."""
+_CALLER_DB_ERRORS = (psycopg.errors.CheckViolation, psycopg.errors.UniqueViolation,
+                     psycopg.errors.InvalidParameterValue)
+
+
+def _params_error(kind: str, exc: InvalidRequest) -> Exception:
+    """``boost: params.multiply: ...`` -> ``params.multiply: ...`` so the 422 names the field.
+
+    engine.policies turns every database error into an InvalidRequest; but for the ones it words well (checks,
+    duplicates, 22023), the database error itself goes to errors.database_error: an unknown reference becomes
+    a 422 naming the field and value (``surface: unknown surface 'x'``), a fault that is not the caller's a 500."""
+    cause = exc.__context__
+    if isinstance(cause, psycopg.Error) and not isinstance(cause, _CALLER_DB_ERRORS):
+        return cause
     return InvalidRequest(str(exc).removeprefix(f"{kind}: "))
 
 

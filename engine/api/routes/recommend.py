@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
+import psycopg
 from fastapi import APIRouter, Path, Query
 
 from engine.api import metrics
@@ -15,6 +17,7 @@ from engine.api.schemas import (
     RecommendRequest,
     ScoredItemOut,
 )
+from engine.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1", tags=["recommendations"])
 
@@ -23,8 +26,16 @@ router = APIRouter(prefix="/v1", tags=["recommendations"])
              summary="Top k items for a user on a surface; logged as impressions with the A/B variant")
 def recommend(body: RecommendRequest, key: ReadKey, services: ServicesDep) -> RecommendationOut:
     variant = services.assigner.assign(body.user_id, body.surface)
-    rec = services.recommender.recommend(body.user_id, k=body.k, surface=body.surface, context=body.context,
-                                         variant=variant, exclude_seen=body.exclude_seen)
+    try:
+        rec = services.recommender.recommend(body.user_id, k=body.k, surface=body.surface, context=body.context,
+                                             variant=variant, exclude_seen=body.exclude_seen)
+    except InvalidRequest as exc:
+        cause = exc.__cause__
+        if isinstance(cause, psycopg.Error) and cause.sqlstate != "22023":
+            # the facade also counts 22P02 / 22007 / 22008 as bad input; the body is validated here, so they are
+            # faults: errors.database_error answers 500
+            raise cause from None
+        raise _name_field(str(exc)) from None
     sources: dict[str, int] = dict(getattr(rec, "candidates", None) or {})
     if not sources:
         for it in rec.items:
@@ -52,6 +63,24 @@ def trending(key: ReadKey, services: ServicesDep, k: Annotated[int, Query(ge=1, 
              ) -> list[ScoredItemOut]:
     return [ScoredItemOut(item_id=s.item_id, score=float(s.score))
             for s in services.recommender.trending(k, segment=segment)]
+
+
+# the SQL functions' messages about a request field ("pgrec.rerank: context.exclude must be a list of item ids",
+# "pgrec.candidates: unknown surface "x"", "pgrec.rerank: the range minimum must be a number, got ...")
+_ABOUT_FIELD = re.compile(r"^(?:pgrec\.\w+: )?(?P<field>k|user_id|context(?:\.\w+)?) (?P<reason>.+)$", re.DOTALL)
+_ABOUT_SURFACE = re.compile(r"^(?:pgrec\.\w+: )?(?P<reason>unknown surface .+)$", re.DOTALL)
+_ABOUT_PARAMS = re.compile(r"^(?:pgrec\.\w+: )?(?P<reason>the range \w+ must be a number.*)$", re.DOTALL)
+
+
+def _name_field(message: str) -> InvalidRequest:
+    """The facade's InvalidRequest as ``field: reason`` (the 422's ``loc`` names the request field)."""
+    if m := _ABOUT_FIELD.match(message):
+        return InvalidRequest(f"{m['field']}: {m['reason']}")
+    if m := _ABOUT_SURFACE.match(message):
+        return InvalidRequest(f"surface: {m['reason']}")
+    if m := _ABOUT_PARAMS.match(message):
+        return InvalidRequest(f"context.params: {m['reason']}")
+    return InvalidRequest(message)
 
 
 def _sources(reasons: dict[str, object]) -> list[str]:

@@ -1,0 +1,153 @@
+"""Error answers of the HTTP service: non-finite numbers are 422s naming the field (and the 422 always renders),
+a database fault that is not the caller's is a 500 without SQL text, and 422s name the request field."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from api_support import Api
+
+pytest_plugins = ("api_support",)
+
+
+def _strict_json(text: str) -> Any:
+    """The answer as JSON, refusing NaN / Infinity (which no JSON client accepts)."""
+    def refuse(token: str) -> Any:
+        raise AssertionError(f"non-JSON number {token} in the answer: {text[:300]}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _seed(api: Api) -> None:
+    c, h = api.client, api.write
+    for i in ("a1", "a2", "a3"):
+        assert c.put(f"/v1/items/{i}", json={"categories": ["x"]}, headers=h).status_code == 200
+    assert c.post("/v1/events", json={"user_id": "u1", "item_id": "a1", "event_type": "click"},
+                  headers=h).status_code == 200
+
+
+# (method, path, scope, raw body, a field the 422 must name)
+NON_FINITE: list[tuple[str, str, str, str, str]] = [
+    ("POST", "/v1/recommendations", "read", '{"user_id": "u5", "k": NaN}', "k"),
+    ("POST", "/v1/recommendations", "read", '{"user_id": "u5", "context": {"params": {"x": NaN}}}', "context"),
+    ("POST", "/v1/events", "write",
+     '{"user_id": "u1", "item_id": "a1", "event_type": "view", "value": 1e400}', "value"),
+    ("POST", "/v1/events", "write",
+     '{"user_id": "u1", "item_id": "a1", "event_type": "view", "value": NaN}', "value"),
+    ("POST", "/v1/events", "write",
+     '{"user_id": "u1", "item_id": "a1", "event_type": "view", "properties": {"p": -Infinity}}', "properties"),
+    ("POST", "/v1/events/batch", "write",
+     '{"events": [{"user_id": "u1", "item_id": "a1", "event_type": "view", "value": Infinity}]}', "value"),
+    ("PUT", "/v1/users/x", "write", '{"properties": {"age": NaN}}', "properties"),
+    ("PUT", "/v1/items/n50", "write", '{"properties": {"price": 1e400}}', "properties"),
+    ("PUT", "/v1/items/n50", "write", '{"properties": {"deep": [{"a": [1, -1e999]}]}}', "properties"),
+    ("PUT", "/v1/items/a1/embedding", "write", '{"vector": [1.0, NaN]}', "vector"),
+    ("POST", "/v1/admin/experiments", "admin",
+     '{"name": "e1", "variants": [{"name": "a", "share": NaN}]}', "share"),
+    ("POST", "/v1/admin/experiments", "admin",
+     '{"name": "e1", "variants": [{"name": "a", "share": 1, "model_version": Infinity}]}', "model_version"),
+    ("POST", "/v1/admin/policies", "admin", '{"name": "b", "kind": "boost", "params": {"multiply": NaN}}', "params"),
+    ("POST", "/v1/admin/policies", "admin", '{"name": "b", "kind": "boost", "priority": 1e400}', "priority"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "scope", "body", "field"), NON_FINITE,
+                         ids=[f"{m} {p} {f}" for m, p, _, _, f in NON_FINITE])
+def test_non_finite_numbers_are_422_naming_the_field(api: Api, method: str, path: str, scope: str, body: str,
+                                                     field: str) -> None:
+    _seed(api)
+    counts = "SELECT (SELECT count(*) FROM pgrec.events), (SELECT count(*) FROM pgrec.items), " \
+             "(SELECT count(*) FROM pgrec.policies), (SELECT count(*) FROM pgrec.experiments)"
+    before = api.db.conn.execute(counts).fetchone()
+    r = api.client.request(method, path, content=body.encode(),
+                           headers={**getattr(api, scope), "content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    detail = _strict_json(r.text)["detail"]
+    assert field in {str(p) for d in detail for p in d["loc"]}, r.text
+    assert api.db.conn.execute(counts).fetchone() == before
+
+
+def test_non_finite_number_message_names_the_property(api: Api) -> None:
+    r = api.client.put("/v1/users/x", content=b'{"properties": {"size": {"age": NaN}}}',
+                       headers={**api.write, "content-type": "application/json"})
+    assert r.status_code == 422 and "size.age" in _strict_json(r.text)["detail"][0]["msg"], r.text
+
+
+# ---------------------------------------------------------------- database faults
+
+
+FAULTS = [("exp(-1000::float8)", "22003"), ("1 / 0", "22012"), ("'abc'::int", "22P02"),
+          ("pgrec.test_raise()", "P0001")]
+
+
+@pytest.mark.parametrize(("expr", "sqlstate"), FAULTS, ids=[s for _, s in FAULTS])
+def test_a_database_fault_is_500_without_sql_text(api: Api, caplog: pytest.LogCaptureFixture, expr: str,
+                                                  sqlstate: str) -> None:
+    """A data exception raised inside SQL that the caller did not cause (here: from triggers) is no 422."""
+    _seed(api)
+    conn = api.db.conn
+    conn.execute("CREATE FUNCTION pgrec.test_raise() RETURNS int LANGUAGE plpgsql AS "
+                 "$$ BEGIN RAISE EXCEPTION 'not a caller error'; END $$")
+    conn.execute(f"CREATE FUNCTION pgrec.test_fault() RETURNS trigger LANGUAGE plpgsql AS "
+                 f"$$ BEGIN PERFORM {expr}; RETURN NEW; END $$")
+    for table in ("users", "policies", "impressions"):
+        conn.execute(f"CREATE TRIGGER test_fault BEFORE INSERT OR UPDATE ON pgrec.{table} "
+                     "FOR EACH ROW EXECUTE FUNCTION pgrec.test_fault()")
+    calls = [("PUT", "/v1/users/u1", api.write, {"properties": {"a": 1}}),
+             ("POST", "/v1/admin/policies", api.admin,
+              {"name": "f1", "kind": "freshness", "params": {"max_age_days": 30}}),
+             ("POST", "/v1/recommendations", api.read, {"user_id": "u1", "k": 2})]
+    for n, (method, path, headers, body) in enumerate(calls):
+        rid = f"fault-{n}"
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pgrec.api"):
+            r = api.client.request(method, path, json=body, headers={**headers, "X-Request-ID": rid})
+        assert r.status_code == 500, (path, r.text)
+        assert r.json() == {"detail": "internal error", "request_id": rid}
+        errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+        assert errors and all(getattr(rec, "request_id", None) == rid for rec in errors), path
+        assert any(getattr(rec, "sqlstate", None) == sqlstate for rec in errors), path
+
+
+def test_caller_errors_from_sql_stay_4xx(api: Api) -> None:
+    _seed(api)
+    c = api.client
+    # 22023 from pgrec.set_item_embedding (wrong dimension) and P0002 (unknown item)
+    r = c.put("/v1/items/a1/embedding", json={"vector": [1.0, 2.0]}, headers=api.write)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "vector"], r.text
+    assert c.put("/v1/items/zz/embedding", json={"vector": [1.0] * 16}, headers=api.write).status_code == 404
+    assert c.get("/v1/items/zz/similar", headers=api.read).status_code == 404
+
+
+# ---------------------------------------------------------------- 422s name the field
+
+
+def test_recommendation_errors_name_the_request_field(api: Api) -> None:
+    _seed(api)
+    c = api.client
+    r = c.post("/v1/recommendations", json={"user_id": "u1", "surface": "nowhere"}, headers=api.read)
+    assert r.status_code == 422, r.text
+    [d] = r.json()["detail"]
+    assert d["loc"] == ["body", "surface"] and "nowhere" in d["msg"] and "pgrec." not in d["msg"], r.text
+    for bad, loc in (({"exclude": "a1"}, ["body", "context", "exclude"]),
+                     ({"include_only": [1, 2]}, ["body", "context", "include_only"]),
+                     ({"params": [1]}, ["body", "context", "params"]),
+                     ({"debug": "x"}, ["body", "context", "debug"])):
+        r = c.post("/v1/recommendations", json={"user_id": "u1", "context": bad}, headers=api.read)
+        assert r.status_code == 422, (bad, r.text)
+        [d] = r.json()["detail"]
+        assert d["loc"] == loc and "pgrec." not in d["msg"], (bad, r.text)
+
+
+def test_policy_with_an_unknown_surface_names_it(api: Api) -> None:
+    r = api.client.post("/v1/admin/policies", headers=api.admin,
+                        json={"name": "f1", "kind": "freshness", "params": {"max_age_days": 30},
+                              "surface": "nosurface"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"loc": ["body", "surface"], "msg": "unknown surface 'nosurface'",
+                                   "type": "value_error"}]
+    assert api.db.scalar("SELECT count(*) FROM pgrec.policies WHERE name = 'f1'") == 0
