@@ -14,11 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ class ImportResult:
     rejected: list[Reject] = field(default_factory=list)
     seconds: float = 0.0
     checked_by: str = "python"  # "sql": the file was cast and checked by one SQL pass (events, PostgreSQL >= 16)
+    warnings: list[str] = field(default_factory=list)  # e.g. CSV columns pgrec does not read
 
     @property
     def rows_per_second(self) -> float:
@@ -82,9 +85,61 @@ class ImportResult:
 _WS = " \t\n\r\x0b\x0c"
 
 
+# What PostgreSQL text cannot hold: NUL, and lone surrogates (from JSON escapes, or bytes that are not UTF-8,
+# which the readers decode with errors="surrogateescape" so that the row, not the file, is refused).
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+def _text_problem(s: str) -> str | None:
+    """Why a string cannot be stored as PostgreSQL text, or None."""
+    m = _BAD_CHARS.search(s)
+    if m is None:
+        return None
+    c = ord(m.group())
+    if c == 0:
+        return "holds a NUL character (\\u0000), which PostgreSQL text cannot store"
+    if 0xDC80 <= c <= 0xDCFF:
+        return f"is not valid UTF-8 (byte 0x{c - 0xDC00:02x})"
+    return f"holds an unpaired UTF-16 surrogate (\\u{c:04x}), which is not valid Unicode"
+
+
+def _json_kind(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, dict):
+        return "a JSON object"
+    if isinstance(v, list | tuple):
+        return "a JSON array"
+    return repr(v)
+
+
+def _ident_text(v: Any, name: str) -> str | None:
+    """An id as text: strings as they are, integers (not booleans) as their decimal text, nothing else."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        s = v
+    elif isinstance(v, bool | dict | list | tuple):
+        raise FieldError(name, f"must be a string, not {_json_kind(v)}")
+    elif isinstance(v, _JsonFloat):  # as PostgreSQL reads a JSON number: 1e2 is the integer 100, 1.0 is not
+        d = Decimal(v.token)
+        exponent = d.as_tuple().exponent
+        if not isinstance(exponent, int) or exponent < 0:
+            raise FieldError(name, f"must be a string or an integer, not {v.token[:40]}")
+        s = format(d, "f")
+    elif isinstance(v, float):
+        raise FieldError(name, f"must be a string or an integer, not {v!r}")
+    else:
+        s = str(v)
+    problem = _text_problem(s)
+    if problem:
+        raise FieldError(name, problem)
+    return s
+
+
 def _text(raw: dict[str, Any], name: str, *, required: bool) -> str | None:
-    v = raw.get(name)
-    s = None if v is None else str(v).strip(_WS)
+    v = _ident_text(raw.get(name), name)
+    s = None if v is None else v.strip(_WS)
     if not s:
         if required:
             raise FieldError(name, "is required")
@@ -148,7 +203,70 @@ def _json_object(v: Any, name: str) -> str | None:
             raise FieldError(name, f"not valid JSON ({exc.msg})") from None
     if not isinstance(v, dict):
         raise FieldError(name, "must be a JSON object")
-    return json.dumps(v, allow_nan=False, default=str)
+    try:
+        s = json.dumps(v, allow_nan=False, default=str)
+    except ValueError:
+        problem = _json_problem(v) or "holds a number out of range (NaN or Infinity), which JSON does not allow"
+        raise FieldError(name, problem) from None
+    except RecursionError:
+        raise FieldError(name, "is nested too deeply") from None
+    if "\\u0000" in s or "\\ud" in s:  # escapes of NUL or of surrogates (maybe a valid pair): look closer
+        found = _json_problem(v)
+        if found:
+            raise FieldError(name, found)
+    return s
+
+
+class _JsonFloat(float):
+    """A JSON number with a fraction or exponent, as the JSON reader found it (``token``: its text)."""
+
+    token: str
+
+
+def _json_float(token: str) -> float:
+    x = _JsonFloat(token)
+    x.token = token
+    return x
+
+
+class _NonFinite(float):
+    """NaN, Infinity or -Infinity as a JSON reader found them: Python's json takes them, JSON and PostgreSQL do not."""
+
+
+def _json_constant(name: str) -> float:
+    return _NonFinite(name)
+
+
+def _json_problem(v: Any) -> str | None:
+    """Why a parsed JSON value cannot be stored as jsonb (NaN/Infinity, NUL, lone surrogates), or None."""
+    if isinstance(v, str):
+        return _text_problem(v)
+    if isinstance(v, float):
+        return "holds NaN or Infinity, which JSON does not allow" if not math.isfinite(v) else None
+    if isinstance(v, dict):
+        for k, x in v.items():
+            problem = (_text_problem(k) if isinstance(k, str) else None) or _json_problem(x)
+            if problem:
+                return problem
+    elif isinstance(v, list | tuple):
+        for x in v:
+            problem = _json_problem(x)
+            if problem:
+                return problem
+    return None
+
+
+def _json_line_problem(line: str, obj: dict[str, Any]) -> FieldError | None:
+    """A JSONL line's value PostgreSQL's jsonb refuses (both import paths refuse the line), named by its key."""
+    if not ("NaN" in line or "Infinity" in line or "\\u0000" in line or "\\ud" in line or "\\uD" in line
+            or _BAD_CHARS.search(line)):
+        return None
+    for key, v in obj.items():
+        problem = _text_problem(key) or (
+            "holds NaN or Infinity, which JSON does not allow" if isinstance(v, _NonFinite) else _json_problem(v))
+        if problem:
+            return FieldError(key if not _text_problem(key) else "(line)", problem)
+    return None
 
 
 def _categories(v: Any) -> list[str] | None:
@@ -157,9 +275,19 @@ def _categories(v: Any) -> list[str] | None:
     if isinstance(v, str):
         parts = [p.strip() for p in v.split("|")]
     elif isinstance(v, list):
-        parts = [str(p).strip() for p in v if p is not None]
+        parts = []
+        for p in v:
+            if p is None:
+                continue
+            if isinstance(p, bool | float | dict | list):
+                raise FieldError("categories", f"must hold strings, not {_json_kind(p)}")
+            parts.append(str(p).strip())
     else:
         raise FieldError("categories", "must be '|'-separated text or a list")
+    for p in parts:
+        problem = _text_problem(p)
+        if problem:
+            raise FieldError("categories", problem)
     return [p for p in parts if p]
 
 
@@ -167,6 +295,8 @@ def _number(v: Any, name: str) -> float | None:
     if _missing(v):
         return None
     try:
+        if isinstance(v, bool):
+            raise FieldError(name, f"not a number ({json.dumps(v)!r})")
         x = float(v)
     except (TypeError, ValueError):
         raise FieldError(name, f"not a number ({str(v)[:40]!r})") from None
@@ -283,22 +413,16 @@ def read_records(path: Path, progress: Progress | None = None) -> Iterator[Recor
     ``progress`` is called with 1 per record read.
     """
     suffix = path.suffix.lower()
-    with path.open("r", encoding="utf-8", newline="") as fh:
+    # bytes that are not UTF-8 become lone surrogates, which the field parsers refuse naming the line and field
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         if suffix in (".jsonl", ".ndjson", ".json"):
             for n, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
                 if progress:
                     progress(1)
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield n, {"__error__": FieldError("(line)", f"not valid JSON ({exc.msg})")}
-                    continue
-                if not isinstance(obj, dict):
-                    yield n, {"__error__": FieldError("(line)", "must be a JSON object")}
-                    continue
-                yield n, obj
+                obj, error = _json_line(line)
+                yield n, obj if error is None else {"__error__": error}
         elif suffix in (".csv", ".tsv"):
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             for row in reader:
@@ -310,6 +434,21 @@ def read_records(path: Path, progress: Progress | None = None) -> Iterator[Recor
                 yield reader.line_num, row
         else:
             raise ValueError(f"{path}: unknown file type {suffix!r} (expected .csv, .tsv or .jsonl)")
+
+
+def _json_line(line: str, *, number_tokens: bool = True) -> tuple[dict[str, Any], FieldError | None]:
+    """One JSONL line as an object, or why it is refused (the same reasons on both import paths).
+
+    ``number_tokens``: numbers with a fraction or exponent keep their text (``_JsonFloat``), for ids."""
+    try:
+        obj = json.loads(line, parse_constant=_json_constant, parse_float=_json_float if number_tokens else None)
+    except json.JSONDecodeError as exc:
+        return {}, FieldError("(line)", f"not valid JSON ({exc.msg})")
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits, or deep nesting
+        return {}, FieldError("(line)", f"not valid JSON ({str(exc)[:80] or type(exc).__name__})")
+    if not isinstance(obj, dict):
+        return {}, FieldError("(line)", "must be a JSON object")
+    return obj, _json_line_problem(line, obj)
 
 
 def count_records(path: Path) -> int:
@@ -352,6 +491,7 @@ def import_records(
             cur.execute(query(f"ingest.{spec.merge}"))
             result.stored = cur.rowcount
             result.duplicates = result.read - len(result.rejected) - result.stored
+    result.rejected.sort(key=lambda r: r.line)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -432,17 +572,93 @@ def import_file(
         raise ValueError(f"unknown import kind {kind!r}; expected one of {sorted(KINDS)}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    if kind == "events" and _fast_path_applies(conn, path):
-        result = _import_events_file(conn, path, skip_invalid=skip_invalid,
-                                     create_missing_items=create_missing_items, progress=progress)
-    else:
-        result = import_records(
-            conn, kind, read_records(path, progress), source=str(path), skip_invalid=skip_invalid,
-            create_missing_items=create_missing_items,
-        )
-    if result.rejected:
-        write_rejects(rejects_path or path.with_suffix(path.suffix + ".rejects.jsonl"), result.rejected)
+    rejects_to = rejects_path or path.with_suffix(path.suffix + ".rejects.jsonl")
+    if skip_invalid or rejects_path is not None:  # before anything is imported: the rejects must have a place
+        check_rejects_path(rejects_to, path)
+    warnings = check_file(kind, path)
+    # one transaction around the import and the rejects file: a rejects file that cannot be written undoes the import
+    with conn.transaction():
+        if kind == "events" and _fast_path_applies(conn, path):
+            result = _import_events_file(conn, path, skip_invalid=skip_invalid,
+                                         create_missing_items=create_missing_items, progress=progress)
+        else:
+            result = import_records(
+                conn, kind, read_records(path, progress), source=str(path), skip_invalid=skip_invalid,
+                create_missing_items=create_missing_items,
+            )
+        result.warnings.extend(warnings)
+        if result.rejected:
+            one_per_line = result.checked_by == "sql" or path.suffix.lower() not in (".csv", ".tsv")
+            write_rejects(rejects_to, result.rejected, row_texts(path, {r.line for r in result.rejected},
+                                                                 records_are_lines=one_per_line))
     return result
+
+
+def check_rejects_path(path: Path, source: Path | None = None) -> None:
+    """Raise ValueError unless a rejects file can be written at ``path`` (checked before an import starts)."""
+    where = f"rejects file {path}"
+    if path.is_dir():
+        raise ValueError(f"{where}: is a directory (give a file name)")
+    parent = path.parent
+    if not parent.exists():
+        raise ValueError(f"{where}: the directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ValueError(f"{where}: {parent} is not a directory")
+    if source is not None and path.exists() and path.resolve() == source.resolve():
+        raise ValueError(f"{where}: is the file being imported")
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise ValueError(f"{where}: not writable (permission denied)")
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (and a UTF-8 byte order mark); reads only up to the first text."""
+    with path.open("rb") as fh:
+        head = fh.read(3)
+        if head != b"\xef\xbb\xbf":
+            fh.seek(0)
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def check_file(kind: str, path: Path) -> list[str]:
+    """Problems of the file as a whole, before any row is read: an empty file, or a CSV header without a required
+    column, refuse the whole file whatever ``skip_invalid`` says (ValueError / ImportFailed on line 1). Returns
+    warnings: CSV columns pgrec does not read (JSONL keys it does not read are ignored in the same way)."""
+    suffix = path.suffix.lower()
+    if _is_blank(path):
+        what = "no header row" if suffix in (".csv", ".tsv") else "no records"
+        raise ValueError(f"{path}: the file is empty ({what})")
+    if suffix not in (".csv", ".tsv"):
+        return []
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+        header: list[str] = []
+        for row in reader:  # the first row that is not empty, as csv.DictReader takes it
+            if row:
+                header = row
+                break
+        line = reader.line_num
+    spec = KINDS[kind]
+    missing = [c for c in _REQUIRED[kind] if c not in header]
+    unknown = [h for h in header if h not in spec.columns]
+    show = ", ".join(h if h.isprintable() and h.strip(_WS) == h and h else repr(h) for h in unknown)
+    if missing:
+        reason = f"missing the required column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+        if unknown:
+            reason += f" (columns pgrec does not read: {show})"
+        reason += f"; expected {', '.join(spec.columns)}"
+        raise ImportFailed(str(path), [Reject(line, "(header)", reason)])
+    if unknown:
+        return [f"{path}: ignoring column{'s' if len(unknown) > 1 else ''} pgrec does not read: {show} "
+                f"(it reads {', '.join(spec.columns)})"]
+    return []
+
+
+_REQUIRED = {"items": ("item_id",), "users": ("user_id",),
+             "events": ("user_id", "item_id", "event_type", "occurred_at")}
 
 
 # ---------------------------------------------------------------- the fast path for events files
@@ -479,6 +695,7 @@ def _import_events_file(conn: psycopg.Connection[Any], path: Path, *, skip_inval
         if result.rejected and not skip_invalid:
             raise ImportFailed(source, result.rejected)
         _merge_events(conn, cur, result, skip_invalid, create_missing_items, source)
+    result.rejected.sort(key=lambda r: r.line)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -492,6 +709,8 @@ def _stage_raw_events(cur: psycopg.Cursor[Any], path: Path, result: ImportResult
     with path.open("rb") as fh:
         if delimiter is None:  # JSONL: each line is one text value, then split into fields by SQL
             cur.execute(query("ingest.create_lines_stage"))
+            if fh.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte order mark is skipped, as the Python reader does
+                fh.seek(0)
             _copy_chunks(cur, fh, sql.SQL(query("ingest.copy_lines")), progress)
             padded = True  # JSON puts spaces everywhere; the values themselves are checked by SQL
             cur.execute(query("ingest.events_raw_from_lines"))
@@ -499,7 +718,13 @@ def _stage_raw_events(cur: psycopg.Cursor[Any], path: Path, result: ImportResult
             cur.execute(query("ingest.bad_json_lines"))
             bad_lines = cur.fetchall()
             result.read += len(bad_lines)
-            result.rejected.extend(_json_line_reject(line, doc) for line, doc in bad_lines)
+            # ids that are not JSON strings or integers (->> gave the text of true, 1.5, {...}): refused like
+            # the Python reader does, and taken out before the fields are cast
+            cur.execute(query("ingest.json_id_types"))
+            bad_ids = cur.fetchall()
+            if bad_ids:
+                cur.execute(query("ingest.drop_raw_lines"), {"lines": [line for line, _ in bad_ids]})
+            result.rejected.extend(_json_line_reject(line, doc) for line, doc in [*bad_lines, *bad_ids])
             line_offset = 0
         else:
             columns = _raw_columns(fh.readline(), delimiter)
@@ -522,10 +747,12 @@ def _stage_raw_events(cur: psycopg.Cursor[Any], path: Path, result: ImportResult
         cur.execute(query("ingest.drop_bad_event_rows"))
 
 
+
+
 def _raw_columns(header_line: bytes, delimiter: str) -> list[str]:
     """The stage_events_raw column of each header field (as csv.DictReader maps them: the last of a name wins)."""
     try:
-        text = header_line.decode("utf-8").rstrip("\r\n")
+        text = header_line.removeprefix(b"\xef\xbb\xbf").decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
         raise _NotCopyable from None
     if not text or text.count('"') % 2:
@@ -604,15 +831,16 @@ def _padding_finder(delimiter: bytes) -> Callable[[bytes], bool]:
 
 
 def _json_line_reject(line: int, doc: str) -> Reject:
-    try:
-        json.loads(doc)
-    except json.JSONDecodeError as exc:
-        return Reject(line, "(line)", f"not valid JSON ({exc.msg})")
-    except ValueError:
-        pass
-    else:
-        return Reject(line, "(line)", "must be a JSON object")
-    return Reject(line, "(line)", "not valid JSON")
+    """Why a JSONL line SQL refused is refused, in the slow path's words (it reads the line the same way)."""
+    obj, error = _json_line(doc)
+    if error is None:
+        try:
+            parse_event(obj)
+        except FieldError as exc:
+            error = exc
+    if error is None:
+        return Reject(line, "(line)", "not valid JSON")
+    return Reject(line, error.field, error.reason)
 
 
 def _check_occurred_at(v: Any) -> None:
@@ -642,10 +870,62 @@ def _field_reject(line: int, field: str, raw: str | None) -> Reject:
     return Reject(line, field, f"{generic} ({(raw or '')[:40]!r})")
 
 
-def write_rejects(path: Path, rejects: list[Reject]) -> None:
-    with path.open("w") as fh:
-        for r in rejects:
-            fh.write(json.dumps({"line": r.line, "field": r.field, "reason": r.reason}) + "\n")
+def row_texts(path: Path, lines: set[int], *, records_are_lines: bool) -> dict[int, str]:
+    """The original text of the records that end on ``lines`` (without the line end), to write beside the rejects.
+
+    ``records_are_lines``: JSONL, or a CSV file the fast path read (no record spans lines): a byte scan. Otherwise
+    the CSV file is read again with the reader the import used, keeping every physical line of each record.
+    Bytes that are not UTF-8 are written as \\xNN escapes."""
+    out: dict[int, str] = {}
+    if not lines:
+        return out
+    last = max(lines)
+    if records_are_lines:
+        with path.open("rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                if n in lines:
+                    out[n] = _show_bytes(raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw)
+                if n >= last:
+                    break
+        return out
+    buf: list[str] = []
+
+    def physical(fh: Iterable[str]) -> Iterator[str]:
+        for text in fh:
+            buf.append(text)
+            yield text
+
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as text_fh:
+        reader = csv.reader(physical(text_fh), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        for _ in reader:
+            if reader.line_num in lines:
+                out[reader.line_num] = _show_bytes("".join(buf).encode("utf-8", "surrogateescape"))
+            buf.clear()
+            if reader.line_num >= last:
+                break
+    return out
+
+
+def _show_bytes(raw: bytes) -> str:
+    return raw.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+
+
+def write_rejects(path: Path, rejects: list[Reject], rows: dict[int, str] | None = None) -> None:
+    """One JSON object per reject, in line order: line, field, reason and (when known) the row's original text.
+
+    Written to a temporary file beside ``path`` and renamed: a failed write leaves no half file."""
+    rows = rows or {}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for r in sorted(rejects, key=lambda r: r.line):
+                rec: dict[str, Any] = {"line": r.line, "field": r.field, "reason": r.reason}
+                if r.line in rows:
+                    rec["row"] = rows[r.line]
+                fh.write(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- embeddings
@@ -673,26 +953,64 @@ def read_embeddings(path: Path) -> Iterator[tuple[int, str, list[float]]]:
         for n, (i, row) in enumerate(zip(ids, arr, strict=True), start=1):
             yield n, i, row.astype(float).tolist()
         return
-    with path.open() as fh:
+    source = str(path)
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         if suffix in (".jsonl", ".ndjson"):
             for n, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
-                obj = json.loads(line)
+                obj, error = _json_line(line, number_tokens=False)
+                if error is not None:
+                    raise ImportFailed(source, [Reject(n, error.field, error.reason)])
+                key = next((k for k in ("id", "item_id", "user_id") if k in obj), "id")
                 vec = obj.get("vector", obj.get("embedding"))
-                if not isinstance(vec, list):
-                    raise ImportFailed(str(path), [Reject(n, "vector", "must be a list of numbers")])
-                yield n, str(obj.get("id", obj.get("item_id", obj.get("user_id")))), vec
+                try:
+                    ident = _text(obj, key, required=True)
+                    if not isinstance(vec, list) or not all(type(x) in _VECTOR_TYPES for x in vec):
+                        raise FieldError("vector", "must be a list of numbers")
+                except FieldError as exc:
+                    raise ImportFailed(source, [Reject(n, exc.field, exc.reason)]) from None
+                assert ident is not None
+                yield n, ident, vec
         elif suffix == ".csv":
-            for n, row in enumerate(csv.reader(fh), start=1):
+            reader = csv.reader(fh)
+            for row in reader:
+                n = reader.line_num
                 if not row or (n == 1 and not _is_float(row[-1])):
                     continue  # header
                 try:
-                    yield n, row[0], [float(x) for x in row[1:]]
+                    ident = _text({"id": row[0]}, "id", required=True)
+                    assert ident is not None
+                    yield n, ident, [float(x) for x in row[1:]]
+                except FieldError as exc:
+                    raise ImportFailed(source, [Reject(n, exc.field, exc.reason)]) from None
                 except ValueError:
-                    raise ImportFailed(str(path), [Reject(n, "vector", "not a number")]) from None
+                    raise ImportFailed(source, [Reject(n, "vector", "not a number")]) from None
         else:
             raise ValueError(f"{path}: unknown file type {suffix!r} (expected .csv, .jsonl or .npy)")
+
+
+_VECTOR_TYPES = frozenset({int, float, type(None)})  # a JSON vector's elements (null: check_vector names it)
+
+
+
+def _bad_vectors(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], target: str,
+                 failure: psycopg.errors.DataError) -> list[Reject]:
+    """The lines of the vectors the merge refused, with pgrec.check_vector's reason for each."""
+    what = target[:-1]
+    bad: list[Reject] = []
+    for line, ident, vec in cur.execute(query("ingest.suspect_vectors")).fetchall():
+        try:
+            with conn.transaction():
+                cur.execute(query("ingest.check_vector"), {"what": what, "id": ident, "v": vec})
+        except psycopg.errors.InvalidParameterValue as exc:
+            bad.append(Reject(line, "vector", str(exc.diag.message_primary)))
+        except psycopg.errors.DataError:
+            bad.append(Reject(line, "vector", f'embedding for {what} "{ident}" has a value outside the range '
+                                              "of a 4-byte float (about 1.2e-38 to 3.4e38, or 0)"))
+    if not bad:  # not found again (should not happen): the server's words, without a line
+        bad.append(Reject(0, "vector", str(failure.diag.message_primary or failure)))
+    return bad
 
 
 def _is_float(s: str) -> bool:
@@ -742,9 +1060,10 @@ def import_embeddings(
         if rebuild:
             cur.execute(query("ingest.drop_item_index"))
         try:
-            cur.execute(query(f"ingest.merge_{target[:-1]}_embeddings"), {"model_version": model_version})
-        except psycopg.errors.InvalidParameterValue as exc:
-            raise ImportFailed(source, [Reject(0, "vector", str(exc.diag.message_primary))]) from None
+            with conn.transaction():  # a savepoint: after a refused vector, find its line
+                cur.execute(query(f"ingest.merge_{target[:-1]}_embeddings"), {"model_version": model_version})
+        except psycopg.errors.DataError as exc:
+            raise ImportFailed(source, _bad_vectors(conn, cur, target, exc)) from None
         if rebuild:
             cur.execute(query("ingest.index_build_memory"))
             cur.execute(query("ingest.create_item_index"))

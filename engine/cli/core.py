@@ -110,6 +110,8 @@ def db_stop() -> None:
 
 
 def _import(kind: str, path: Path, skip_invalid: bool, rejects: Path | None, create_missing_items: bool) -> None:
+    from rich.markup import escape
+
     total = ingest.count_records(path) if path.is_file() else 0
     with db_connection() as conn, progress_bar() as bar:
         task = bar.add_task(f"import {kind}", total=total)
@@ -118,18 +120,21 @@ def _import(kind: str, path: Path, skip_invalid: bool, rejects: Path | None, cre
                 conn, kind, path, skip_invalid=skip_invalid, rejects_path=rejects,
                 create_missing_items=create_missing_items, progress=lambda n: bar.advance(task, n),
             )
-        except ingest.ImportFailed as exc:
+        except (ingest.ImportFailed, FileNotFoundError, ValueError) as exc:
             bar.stop()
-            raise fail(str(exc)) from None
-        except (FileNotFoundError, ValueError) as exc:
+            raise fail(escape(str(exc))) from None
+        except OSError as exc:  # e.g. the rejects file could not be written: the import was rolled back
             bar.stop()
-            raise fail(str(exc)) from None
+            raise fail(escape(f"nothing imported: {exc.strerror or exc}: {exc.filename or path}")) from None
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(
         f"{kind}: read {result.read}, stored {result.stored}, unchanged/duplicate {result.duplicates}, "
         f"rejected {len(result.rejected)} in {result.seconds:.1f}s ({result.rows_per_second:,.0f} rows/s)"
     )
     if result.rejected:
-        console.print(f"rejected rows and reasons: {rejects or path.with_suffix(path.suffix + '.rejects.jsonl')}")
+        where = rejects or path.with_suffix(path.suffix + ".rejects.jsonl")
+        console.print(f"rejected rows, reasons and their text: {escape(str(where))}")
 
 
 SkipInvalid = Annotated[bool, typer.Option("--skip-invalid", help="import the good rows, write the bad ones to a file")]
@@ -193,7 +198,9 @@ def import_embeddings(
             n = ingest.import_embeddings(conn, target, ingest.read_embeddings(file), model_version=model_version,
                                          source=str(file))
         except (ingest.ImportFailed, ValueError) as exc:
-            raise fail(str(exc)) from None
+            from rich.markup import escape
+
+            raise fail(escape(str(exc))) from None
     console.print(f"{target}: {n} vectors stored")
 
 

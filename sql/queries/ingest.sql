@@ -161,6 +161,30 @@ SELECT s.line, t.type_id IS NULL AS unknown_type, s.event_type,
 -- name: drop_lines
 DELETE FROM stage_events WHERE line = ANY(%(lines)s)
 
+-- name: json_id_types
+-- The lines of a JSONL file whose ids are not JSON strings or integers (->> gave the text of true, 1.5, {...}).
+-- Candidates come from that text, nothing parsed again: true/false, an object or array, or a number with a
+-- fraction (jsonb keeps a number's scale: 1.0 stays 1.0, 1e2 is 100, an integer as the Python reader takes it
+-- too); only those rare lines are parsed again.
+WITH cand AS MATERIALIZED (
+    SELECT r.line FROM stage_events_raw r
+     WHERE r.event_id IN ('true', 'false') OR left(r.event_id, 1) IN ('{', '[') OR strpos(r.event_id, '.') > 0
+        OR r.user_id IN ('true', 'false') OR left(r.user_id, 1) IN ('{', '[') OR strpos(r.user_id, '.') > 0
+        OR r.item_id IN ('true', 'false') OR left(r.item_id, 1) IN ('{', '[') OR strpos(r.item_id, '.') > 0
+        OR r.event_type IN ('true', 'false') OR left(r.event_type, 1) IN ('{', '[')
+        OR strpos(r.event_type, '.') > 0
+)
+SELECT line, doc
+  FROM (SELECT l.line, l.doc, l.doc::jsonb AS j FROM stage_lines l JOIN cand c ON c.line = l.line OFFSET 0) x,
+       LATERAL (VALUES (j -> 'event_id'), (j -> 'user_id'), (j -> 'item_id'), (j -> 'event_type')) v(f)
+ WHERE jsonb_typeof(f) IN ('boolean', 'object', 'array')
+    OR (jsonb_typeof(f) = 'number' AND strpos(f::text, '.') > 0)
+ GROUP BY line, doc
+ ORDER BY line
+
+-- name: drop_raw_lines
+DELETE FROM stage_events_raw WHERE line = ANY(%(lines)s)
+
 -- name: create_missing_items
 INSERT INTO pgrec.items (item_id, created_at)
 SELECT s.item_id, min(s.occurred_at) FROM stage_events s
@@ -290,3 +314,20 @@ SELECT DISTINCT ON (u.user_key) u.user_key, pgrec.check_vector('user', s.id, s.v
  ORDER BY u.user_key, s.line DESC
 ON CONFLICT (user_key) DO UPDATE SET embedding = excluded.embedding, model_version = excluded.model_version,
     based_on = excluded.based_on, updated_at = now()
+
+-- name: suspect_vectors
+-- The staged vectors the merge uses (the last line of each id) that pgrec.check_vector may refuse, or that do not
+-- fit a real (the vector type): a superset, each then checked by pgrec.check_vector itself for its exact words.
+-- Runs only after a merge failed, so that each refusal names its line.
+SELECT line, id, v
+  FROM (SELECT DISTINCT ON (id) line, id, v FROM stage_embeddings ORDER BY id, line DESC) s
+ WHERE coalesce(cardinality(v), 0) IS DISTINCT FROM (SELECT c.value::int FROM pgrec.config c
+                                                      WHERE c.key = 'embedding_dim')
+    OR EXISTS (SELECT 1 FROM unnest(v) x WHERE x IS NULL OR x = 'NaN'::float8 OR abs(x) > 3.4e38
+                                            OR (x <> 0 AND abs(x) < 1.5e-45))
+    OR NOT EXISTS (SELECT 1 FROM unnest(v) x WHERE x <> 0)
+ ORDER BY line
+ LIMIT 50
+
+-- name: check_vector
+SELECT pgrec.check_vector(%(what)s, %(id)s, %(v)s)
