@@ -119,6 +119,20 @@ def test_single_event_is_committed_before_the_answer_and_idempotent(api: Api) ->
     assert api.db.scalar("SELECT count(*) FROM pgrec.events") == 1
 
 
+def test_an_event_decades_old_is_taken_and_the_user_still_served(api: Api) -> None:
+    """The same past times as the imports and pgrec.track_event (the service refused events before 1970), and a
+    user whose events lie decades apart is served (the recency weight of the old one no longer underflows)."""
+    for i in range(5):
+        _item(api, f"a{i}")
+    for i, at in enumerate(["1965-06-01T00:00:00Z", "2003-01-01T00:00:00Z", datetime.now(UTC).isoformat()]):
+        ev = {"user_id": "old", "item_id": f"a{i}", "event_type": "like", "occurred_at": at}
+        r = api.client.post("/v1/events", json=ev, headers=api.write)
+        assert r.status_code == 200 and r.json() == {"status": "stored"}, r.text
+    r = api.client.post("/v1/recommendations", json={"user_id": "old", "k": 2}, headers=api.read)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["items"]) == 2
+
+
 BAD_EVENTS: list[tuple[dict[str, object], int, str | None]] = [
     ({"item_id": "nope"}, 404, None),
     ({"event_type": "teleport"}, 422, "event_type"),
