@@ -212,6 +212,26 @@ def test_cooccurrence_build_known_scores(db: TestDB) -> None:
     assert db.scalar("SELECT count(*) FROM pgrec.item_neighbors") == 0
 
 
+def test_full_build_counts_as_the_incremental_upserts_do(db: TestDB) -> None:
+    """The full build sums its batches' pairs once at the end; an incremental build from an empty start upserts
+    them batch by batch: the same pair counts, item counts and neighbour lists."""
+    from engine import datasets
+
+    data = datasets.generate(datasets.GeneratorConfig(users=60, items=80, events=2500, days=30, dim=TEST_DIM,
+                                                      seed=11), now=NOW)
+    data.load(db.conn)
+    pairs = "SELECT item_a, item_b, count FROM pgrec.cooccurrence_pairs ORDER BY 1, 2"
+    neighbours = "SELECT item_key, rank, neighbor_key, score FROM pgrec.item_neighbors ORDER BY 1, 2"
+    full = cooccurrence.build(db.conn, batches=7)
+    full_pairs, full_nb = db.conn.execute(pairs).fetchall(), db.conn.execute(neighbours).fetchall()
+    assert full.pairs == len(full_pairs) > 100 and max(c for _, _, c in full_pairs) > 1
+    cooccurrence.build(db.conn, as_of=NOW - timedelta(days=400))  # empty: before every event
+    assert db.scalar("SELECT count(*) FROM pgrec.cooccurrence_pairs") == 0
+    cooccurrence.build(db.conn, incremental=True, as_of=full.as_of, batches=5)
+    assert db.conn.execute(pairs).fetchall() == full_pairs
+    assert db.conn.execute(neighbours).fetchall() == full_nb
+
+
 def test_history_source_and_a_new_event(db: TestDB) -> None:
     _cooccurring_world(db)
     cooccurrence.build(db.conn)
