@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 # no control characters (PostgreSQL text cannot hold NUL), no leading / trailing blanks
 ID_PATTERN = r"^[^\x00-\x20](?:[^\x00-\x1f]*[^\x00-\x20])?$"
@@ -18,6 +18,20 @@ EventTypeName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 _FUTURE_SLACK = timedelta(days=1)
+
+
+def _utc(v: datetime) -> datetime:
+    """A time as UTC (naive = UTC). PostgreSQL takes offsets up to 15:59 only, Python up to 23:59: an offset
+    such as +16:22 reached the database and failed there."""
+    if v.tzinfo is None:
+        return v.replace(tzinfo=UTC)
+    try:
+        return v.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range once moved to UTC") from None
+
+
+UtcTime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class Strict(BaseModel):
@@ -34,7 +48,7 @@ class EventIn(Strict):
     user_id: Id
     item_id: Id
     event_type: EventTypeName = Field(description="One of pgrec.event_types (view, click, like, ...).")
-    occurred_at: datetime | None = Field(None, description="ISO 8601; naive times are UTC; default now.")
+    occurred_at: UtcTime | None = Field(None, description="ISO 8601; naive times are UTC; default now.")
     value: FiniteFloat | None = Field(None, ge=-1e12, le=1e12, description="e.g. a rating")
     properties: dict[str, Any] | None = None
     request_id: UUID | None = Field(None, description="The recommendation request that led to this event.")
@@ -44,8 +58,6 @@ class EventIn(Strict):
     def _not_future(cls, v: datetime | None) -> datetime | None:
         if v is None:
             return v
-        if v.tzinfo is None:
-            v = v.replace(tzinfo=UTC)
         if v > datetime.now(UTC) + _FUTURE_SLACK:
             raise ValueError("is in the future")
         return v  # any past time, as the imports and pgrec.track_event take it
@@ -77,7 +89,7 @@ class BatchAck(BaseModel):
 class ItemIn(Strict):
     categories: list[Text] | None = Field(None, max_length=1000)
     properties: dict[str, Any] | None = None
-    created_at: datetime | None = None
+    created_at: UtcTime | None = None
     available: bool | None = None
 
     @field_validator("properties")
@@ -86,12 +98,6 @@ class ItemIn(Strict):
         check_json(v)
         return v
 
-    @field_validator("created_at")
-    @classmethod
-    def _tz(cls, v: datetime | None) -> datetime | None:
-        if v is not None and v.tzinfo is None:
-            v = v.replace(tzinfo=UTC)
-        return v
 
 
 class UserIn(Strict):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
 from engine import experiments
 from engine.api.deps import AdminKey, Conn, ServicesDep
-from engine.api.schemas import ExperimentIn, ExperimentOut, ReportRow, VariantIn
+from engine.api.schemas import ExperimentIn, ExperimentOut, ReportRow, UtcTime, VariantIn
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -46,7 +45,7 @@ def end_experiment(name: ExperimentName, key: AdminKey, conn: Conn, services: Se
 
 @router.get("/report/online", response_model=list[ReportRow],
             summary="Impressions, CTR and conversion per surface, variant and position")
-def report_online(key: AdminKey, conn: Conn, since: datetime | None = None,
+def report_online(key: AdminKey, conn: Conn, since: UtcTime | None = None,
                   surface: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")] = None,
                   ) -> list[ReportRow]:
     return [ReportRow(surface=r.surface, variant=r.variant, position=r.position, impressions=r.impressions,

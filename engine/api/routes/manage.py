@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 import psycopg
@@ -12,7 +11,7 @@ from pydantic import Field, field_validator
 from engine import policies
 from engine.api.deps import AdminKey, Conn
 from engine.api.keys import ApiKey
-from engine.api.schemas import Name, Strict, Text, check_json
+from engine.api.schemas import Name, Strict, Text, UtcTime, check_json
 from engine.errors import InvalidRequest
 from engine.ranking import registry
 
@@ -31,8 +30,8 @@ class PolicyIn(Strict):
     segment: dict[str, Any] | None = None
     priority: int = Field(100, ge=-1_000_000, le=1_000_000)
     enabled: bool = True
-    starts_at: datetime | None = None
-    ends_at: datetime | None = None
+    starts_at: UtcTime | None = None
+    ends_at: UtcTime | None = None
     policy_set: Name | None = None
     description: Annotated[str, Field(max_length=1000, pattern=r"^[^\x00]*$")] | None = None
 
