@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,9 @@ def parse_time(v: Any, name: str, *, required: bool) -> datetime | None:
             raise ValueError(s)
         if seconds is None:
             t = datetime.fromisoformat(s.replace("Z", "+00:00"))
+            offset = t.utcoffset()
+            if offset is not None and abs(offset) >= timedelta(hours=16):
+                raise ValueError(s)  # PostgreSQL's offsets stop at 15:59 (Python's at 23:59), as the SQL check does
         elif _UNIX_RANGE[0] <= seconds <= _UNIX_RANGE[1]:
             t = datetime.fromtimestamp(seconds, tz=UTC)
         else:

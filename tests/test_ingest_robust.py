@@ -144,6 +144,21 @@ def test_item_and_user_ids_must_be_strings(db: TestDB, tmp_path: Path) -> None:
     assert db.scalar("SELECT string_agg(item_id, ',') FROM pgrec.items") == "8"
 
 
+def test_utc_offsets_postgresql_lacks_are_rejects_on_every_path(db: TestDB, tmp_path: Path, path_kind: str) -> None:
+    """PostgreSQL takes UTC offsets up to 15:59, Python up to 23:59: an item's created_at of +16:22 reached the
+    database and failed without a line; now both paths name it, as the events' SQL check does."""
+    items = _write(tmp_path / "i.csv", "item_id,created_at\nok,2020-01-01T00:00:00+15:59\nfar,2020-01-01T00:00:00+16:22\n")
+    with pytest.raises(ingest.ImportFailed, match=r"line 3, field created_at: not an ISO 8601 time"):
+        ingest.import_file(db.conn, "items", items)
+    assert _count(db, "items") == 0
+    _setup(db, tmp_path)
+    events = _write(tmp_path / "e.csv", "user_id,item_id,event_type,occurred_at\n"
+                                        "u,a,view,2020-01-01T00:00:00-16:00\nu,b,view,2020-01-01T00:00:00-15:00\n")
+    with pytest.raises(ingest.ImportFailed, match=r"line 2, field occurred_at: not an ISO 8601 time"):
+        ingest.import_file(db.conn, "events", events)
+    assert _count(db, "events") == 0
+
+
 # ---------------------------------------------------------------- 3. bytes and values PostgreSQL cannot store
 
 
