@@ -102,15 +102,13 @@ def build(conn: psycopg.Connection[Any], *, as_of: datetime | None = None, incre
         users = [int(r[0]) for r in conn.execute(query("candidates.cooc_users")).fetchall()]
         chunks = _chunks(users, batches)
         window = timedelta(hours=params["window_hours"])
-        if not incremental:
-            conn.execute(query("candidates.cooc_new"))
+        conn.execute(query("candidates.cooc_new"))
         for done, (lo, hi) in enumerate(chunks, start=1):
-            conn.execute(query("candidates.cooc_pairs" if incremental else "candidates.cooc_pairs_new"),
-                         {"gap": int(params["max_gap"]), "window": window, "lo": lo, "hi": hi, "since": since})
+            conn.execute(query("candidates.cooc_pairs"), {"gap": int(params["max_gap"]), "window": window,
+                                                          "lo": lo, "hi": hi, "since": since})
             if progress:
                 progress(done, len(chunks))
-        if not incremental:
-            conn.execute(query("candidates.cooc_merge_new"))
+        conn.execute(query("candidates.cooc_merge" if incremental else "candidates.cooc_merge_full"))
         conn.execute(query("candidates.cooc_clear_neighbors"))
         conn.execute(query("candidates.cooc_neighbors"),
                      {"min_count": params["min_count"], "top_n": int(params["top_n"])})

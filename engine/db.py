@@ -28,6 +28,12 @@ class DatabaseError(RuntimeError):
     """The database pgrec needs is missing something; the message says what."""
 
 
+def describe_error(exc: psycopg.Error) -> str:
+    """A database error as a user reads it: the server's message and, when it gives one, its hint."""
+    msg = exc.diag.message_primary or str(exc)
+    return f"{msg} ({exc.diag.message_hint})" if exc.diag.message_hint else msg
+
+
 def _embedded_uri(settings: Settings, database: str) -> str:
     with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI)
         warnings.simplefilter("ignore")

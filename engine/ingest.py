@@ -232,6 +232,9 @@ def _json_float(token: str) -> float:
     return x
 
 
+_NON_FINITE = "holds NaN or Infinity, which JSON does not allow"
+
+
 class _NonFinite(float):
     """NaN, Infinity or -Infinity as a JSON reader found them: Python's json takes them, JSON and PostgreSQL do not."""
 
@@ -245,7 +248,7 @@ def _json_problem(v: Any) -> str | None:
     if isinstance(v, str):
         return _text_problem(v)
     if isinstance(v, float):
-        return "holds NaN or Infinity, which JSON does not allow" if not math.isfinite(v) else None
+        return _NON_FINITE if not math.isfinite(v) else None
     if isinstance(v, dict):
         for k, x in v.items():
             problem = (_text_problem(k) if isinstance(k, str) else None) or _json_problem(x)
@@ -266,7 +269,7 @@ def _json_line_problem(line: str, obj: dict[str, Any]) -> FieldError | None:
         return None
     for key, v in obj.items():
         problem = _text_problem(key) or (
-            "holds NaN or Infinity, which JSON does not allow" if isinstance(v, _NonFinite) else _json_problem(v))
+            _NON_FINITE if isinstance(v, _NonFinite) else _json_problem(v))
         if problem:
             return FieldError(key if not _text_problem(key) else "(line)", problem)
     return None

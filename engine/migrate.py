@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 from contextlib import redirect_stdout
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, pool
 from sqlalchemy.exc import DBAPIError
 
 from engine.config import Settings
-from engine.db import DatabaseError, database_url
+from engine.db import DatabaseError, database_url, describe_error
 from engine.sql import resource_dir
 
 
@@ -38,10 +39,8 @@ def _run(settings: Settings, fn: str, *args: str) -> str:
             getattr(command, fn)(cfg, *args)
             conn.commit()
     except DBAPIError as exc:
-        diag = getattr(exc.orig, "diag", None)
-        msg = (diag.message_primary if diag else None) or str(exc.orig)
-        hint = f" (hint: {diag.message_hint})" if diag and diag.message_hint else ""
-        raise DatabaseError(f"db {fn} failed, nothing was changed: {msg}{hint}") from exc
+        why = describe_error(exc.orig) if isinstance(exc.orig, psycopg.Error) else str(exc.orig)
+        raise DatabaseError(f"db {fn} failed, nothing was changed: {why}") from exc
     finally:
         engine.dispose()
     return out.getvalue()

@@ -67,6 +67,17 @@ def parse_json(text: str, what: str) -> Any:
         raise fail(f"{what} is not valid JSON: {exc}") from None
 
 
+def parse_json_or_text(text: str, what: str) -> Any:
+    """A value typed on the command line: JSON when it parses (``100``, ``0.5``, ``true``, ``[...]``), else the
+    text itself; NaN, Infinity and numbers beyond a double's range are refused as in :func:`parse_json`."""
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except json.JSONDecodeError:
+        return text
+    except ValueError as exc:
+        raise fail(f"{what} is not valid JSON: {exc}") from None
+
+
 AsOf = Annotated[str | None, typer.Option("--as-of", help="a past moment (ISO 8601): only events before it count")]
 
 

@@ -5,13 +5,13 @@ decides."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from psycopg.types.json import Jsonb
 from rich.markup import escape
 
-from engine.cli.app import config_app, console, parse_json
+from engine.cli.app import config_app, console, parse_json_or_text
 from engine.cli.core import db_connection
 from engine.sql import query
 
@@ -41,12 +41,7 @@ def config_set(
 ) -> None:
     """Change one setting. The database refuses an unknown key, a value of the wrong type or out of range, and
     a change to a key fixed at install, naming the key and what it expects."""
-    try:
-        json.loads(value)
-    except json.JSONDecodeError:
-        parsed: Any = value
-    else:
-        parsed = parse_json(value, key)
+    parsed = parse_json_or_text(value, key)
     with db_connection() as conn, conn.transaction():
         row = conn.execute(query("config.set"), {"key": key, "value": Jsonb(parsed)}).fetchone()
     assert row is not None  # the insert returns its row or raises

@@ -17,7 +17,15 @@ from rich.table import Table
 from engine import datasets, ingest, migrate
 from engine.cli.app import app, bench_app, console, db_app, fail, import_app
 from engine.config import get_settings
-from engine.db import DatabaseError, check_server, connect, database_url, is_embedded, stop_embedded
+from engine.db import (
+    DatabaseError,
+    check_server,
+    connect,
+    database_url,
+    describe_error,
+    is_embedded,
+    stop_embedded,
+)
 from engine.sql import query
 
 
@@ -33,9 +41,7 @@ def db_connection() -> Iterator[psycopg.Connection[Any]]:
     except psycopg.errors.UndefinedTable:
         raise fail("the pgrec schema is not installed here: run `pgrec db upgrade`") from None
     except psycopg.Error as exc:
-        msg = exc.diag.message_primary or str(exc)
-        hint = f" ({exc.diag.message_hint})" if exc.diag.message_hint else ""
-        raise fail(f"{msg}{hint}") from None
+        raise fail(describe_error(exc)) from None
     finally:
         conn.close()
 

@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from rich.markup import escape
 from rich.table import Table
 
-from engine.cli.app import console, fail, parse_json, sources_app
+from engine.cli.app import console, fail, parse_json_or_text, sources_app
 from engine.cli.core import db_connection
 from engine.sql import query
 
@@ -41,11 +41,7 @@ def parse_param(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise fail(f"--param {text!r}: expected key=value")
-    try:
-        json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-    return key.strip(), parse_json(value, f"--param {key.strip()}")
+    return key.strip(), parse_json_or_text(value, f"--param {key.strip()}")
 
 
 @sources_app.command("list")
