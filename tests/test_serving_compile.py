@@ -31,8 +31,9 @@ def _train(x: np.ndarray, y: np.ndarray, **params: Any) -> lgb.Booster:
     return lgb.train(base, lgb.Dataset(x, y, feature_name=names), num_boost_round=25)
 
 
-def _sql_scores(db: TestDB, fn: str, x: np.ndarray) -> np.ndarray:
-    rows = [[None if np.isnan(v) else float(v) for v in row] for row in x]
+def _sql_scores(db: TestDB, fn: str, x: np.ndarray, missing: str | None = None) -> np.ndarray:
+    """The SQL function's scores of the rows of x; a missing value is sent as NULL, or as ``missing`` ('NaN')."""
+    rows = [[missing if np.isnan(v) else float(v) for v in row] for row in x]
     got = db.conn.execute(
         f"SELECT pgrec.{fn}(r.f) FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS j(v, ord), "
         "LATERAL (SELECT array_agg(e::float8 ORDER BY o) AS f "
@@ -69,6 +70,9 @@ def test_compiled_sql_matches_booster(db: TestDB, params: dict[str, Any]) -> Non
     got = _sql_scores(db, compiled.function_name, test_x)
     assert got.shape == want.shape
     assert np.max(np.abs(got - want)) <= 1e-9
+    # a NaN in the array is a missing value too (the compiled function reads it as NULL)
+    got_nan = _sql_scores(db, compiled.function_name, test_x, missing="NaN")
+    assert np.max(np.abs(got_nan - want)) <= 1e-9
     assert compiled.features == [f"feat_{i}" for i in range(6)]
     assert compiled.num_trees == booster.num_trees()
 

@@ -6,7 +6,10 @@ The booster's trees (``dump_model()``) become one plpgsql function per model ver
 ``booster.predict(X, raw_score=True)`` bit for bit (the parity test allows 1e-9) including LightGBM's missing
 values: NULL or NaN in ``f`` is a missing value, routed by each split's ``missing_type`` / ``default_left``
 exactly as LightGBM's ``NumericalDecision`` does, and values within +-1e-35 of zero count as zero (LightGBM's
-dense-row reader drops them). Categorical splits and linear trees are refused.
+dense-row reader drops them). NaN becomes NULL once, when the locals are read, so that a split is one
+comparison: a comparison with NULL is NULL, which CASE takes as false, and each CASE is written so that its
+ELSE branch is the missing value's side (a test for NaN at every split cost a quarter of the evaluation).
+Categorical splits and linear trees are refused.
 
 plpgsql caches the expression's plan per session, so a call costs one expression evaluation; the serving
 path gives it a few hundred candidates at most (docs/PERFORMANCE: ~30 ms for 500 rows x 100 trees).
@@ -66,14 +69,14 @@ def _split(node: dict[str, Any], tree: int) -> str:
     missing = node.get("missing_type", "None")
     default_left = bool(node.get("default_left", True))
     left, right = _node(node["left_child"], tree), _node(node["right_child"], tree)
-    # PostgreSQL orders NaN above every number (and NaN = NaN); a comparison with NULL is NULL, which CASE
-    # treats as false. LightGBM reads |x| <= ZERO as 0, so near-zero thresholds compare against +-ZERO.
+    # x is never NaN (the locals fold it into NULL) and a comparison with NULL is NULL, which CASE treats as
+    # false: each CASE below tests the side a missing value does not take, so NULL falls to the ELSE branch.
+    # LightGBM reads |x| <= ZERO as 0, so near-zero thresholds compare against +-ZERO.
     if missing == "Zero":  # NULL, NaN and zero take the default side
+        nonzero = f"({x} < {_lit(-ZERO)} OR {x} > {_lit(ZERO)})"
         if default_left:
-            cond = f"{x} > {_lit(t)} AND {x} < 'NaN'::float8 AND ({x} < {_lit(-ZERO)} OR {x} > {_lit(ZERO)})"
-            return f"CASE WHEN {cond} THEN {right} ELSE {left} END"
-        cond = f"{x} <= {_lit(t)} AND ({x} < {_lit(-ZERO)} OR {x} > {_lit(ZERO)})"
-        return f"CASE WHEN {cond} THEN {left} ELSE {right} END"
+            return f"CASE WHEN {x} > {_lit(t)} AND {nonzero} THEN {right} ELSE {left} END"
+        return f"CASE WHEN {x} <= {_lit(t)} AND {nonzero} THEN {left} ELSE {right} END"
     if missing == "NaN":
         missing_left = default_left
     elif missing == "None":  # missing is read as 0
@@ -86,7 +89,7 @@ def _split(node: dict[str, Any], tree: int) -> str:
     else:
         go_right, go_left = f"{x} > {_lit(t)}", f"{x} <= {_lit(t)}"
     if missing_left:
-        return f"CASE WHEN {go_right} AND {x} < 'NaN'::float8 THEN {right} ELSE {left} END"
+        return f"CASE WHEN {go_right} THEN {right} ELSE {left} END"
     return f"CASE WHEN {go_left} THEN {left} ELSE {right} END"
 
 
@@ -115,9 +118,10 @@ def compile_model(dump: dict[str, Any] | str, version: int) -> CompiledModel:
     name = function_name(version)
     features = [str(f) for f in d.get("feature_names", [])]
     expr = score_expression(d)
-    # one local per feature: reading a variable is about twice as fast as subscripting the array at every split
+    # one local per feature: reading a variable is about twice as fast as subscripting the array at every split;
+    # NaN is read as NULL (the splits above rely on it)
     used = sorted({int(m) for m in re.findall(r"\bx(\d+)\b", expr)})
-    declare = "".join(f"\n  x{i} float8 := f[{i}];" for i in used)
+    declare = "".join(f"\n  x{i} float8 := nullif(f[{i}], 'NaN'::float8);" for i in used)
     sql = f"""CREATE OR REPLACE FUNCTION pgrec.{name}(f float8[])
 RETURNS float8
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
