@@ -6,9 +6,14 @@ in both directions; an item's neighbours are the ``top_n`` items with the highes
 ``count(a, b) / sqrt(users(a) * users(b))`` among pairs seen at least ``min_count`` times, which keeps
 popular items from being everyone's neighbour.
 
-A full build recounts from scratch. An incremental build adds the pairs whose later event falls in
-[previous as_of, as_of) and recomputes the neighbours of the items those pairs touch. It assumes events
-arrive roughly in time order: an event older than the previous build's as_of is only counted by a full build.
+A full build recounts from scratch and stores only the pairs seen at least ``min_count`` times (the others
+cannot be neighbours, and they are most pairs: 92% of the 21M pairs of 2M generated events). An incremental
+build adds the pairs whose later event falls in [previous as_of, as_of) to the stored counts, keeps every new
+pair, and recomputes the neighbours of the items those pairs touch. So a stored count is exact for a pair that
+was kept by the last full build or first seen after it; a pair the last full build left out (seen fewer than
+``min_count`` times then) counts again from zero, so its count is short by at most ``min_count - 1`` until the
+next full build. Incremental builds also assume events arrive roughly in time order: an event older than the
+previous build's as_of is only counted by a full build.
 ``as_of`` (default: now) makes a build from the past only, for evaluation.
 """
 
@@ -108,7 +113,10 @@ def build(conn: psycopg.Connection[Any], *, as_of: datetime | None = None, incre
                                                           "lo": lo, "hi": hi, "since": since})
             if progress:
                 progress(done, len(chunks))
-        conn.execute(query("candidates.cooc_merge" if incremental else "candidates.cooc_merge_full"))
+        if incremental:
+            conn.execute(query("candidates.cooc_merge"))
+        else:
+            conn.execute(query("candidates.cooc_merge_full"), {"min_count": params["min_count"]})
         conn.execute(query("candidates.cooc_clear_neighbors"))
         conn.execute(query("candidates.cooc_neighbors"),
                      {"min_count": params["min_count"], "top_n": int(params["top_n"])})

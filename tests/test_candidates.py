@@ -214,7 +214,8 @@ def test_cooccurrence_build_known_scores(db: TestDB) -> None:
 
 def test_full_build_counts_as_the_incremental_upserts_do(db: TestDB) -> None:
     """The full build sums its batches' pairs once at the end; an incremental build from an empty start upserts
-    them batch by batch: the same pair counts, item counts and neighbour lists."""
+    them batch by batch: the same pair counts (the full build keeps those seen min_count = 2 times, the
+    incremental one every pair), item counts and neighbour lists."""
     from engine import datasets
 
     data = datasets.generate(datasets.GeneratorConfig(users=60, items=80, events=2500, days=30, dim=TEST_DIM,
@@ -224,12 +225,42 @@ def test_full_build_counts_as_the_incremental_upserts_do(db: TestDB) -> None:
     neighbours = "SELECT item_key, rank, neighbor_key, score FROM pgrec.item_neighbors ORDER BY 1, 2"
     full = cooccurrence.build(db.conn, batches=7)
     full_pairs, full_nb = db.conn.execute(pairs).fetchall(), db.conn.execute(neighbours).fetchall()
-    assert full.pairs == len(full_pairs) > 100 and max(c for _, _, c in full_pairs) > 1
+    assert full.pairs == len(full_pairs) > 100 and min(c for _, _, c in full_pairs) == 2
     cooccurrence.build(db.conn, as_of=NOW - timedelta(days=400))  # empty: before every event
     assert db.scalar("SELECT count(*) FROM pgrec.cooccurrence_pairs") == 0
     cooccurrence.build(db.conn, incremental=True, as_of=full.as_of, batches=5)
-    assert db.conn.execute(pairs).fetchall() == full_pairs
+    inc_pairs = db.conn.execute(pairs).fetchall()
+    assert [p for p in inc_pairs if p[2] >= 2] == full_pairs
+    assert any(p[2] == 1 for p in inc_pairs)  # the pairs the full build leaves out
     assert db.conn.execute(neighbours).fetchall() == full_nb
+
+
+def test_full_build_keeps_pairs_seen_min_count_times_and_later_builds_count_on(db: TestDB) -> None:
+    """A pair seen fewer than min_count times is left out of a full build; seen again after it, an incremental
+    build counts it from zero (short by at most min_count - 1), and the next full build counts it exactly."""
+    _fan(db, 30)
+    for u in range(2, 5):  # three users: x10 then x20 (kept)
+        _event(db, f"u{u}", "x10", at=NOW - timedelta(days=3))
+        _event(db, f"u{u}", "x20", at=NOW - timedelta(days=3) + timedelta(hours=1))
+    _event(db, "u5", "x11", at=NOW - timedelta(days=3))  # one user: x11 then x21 (left out)
+    _event(db, "u5", "x21", at=NOW - timedelta(days=3) + timedelta(hours=1))
+    count = """SELECT p.count FROM pgrec.cooccurrence_pairs p JOIN pgrec.items a ON a.item_key = p.item_a
+                JOIN pgrec.items b ON b.item_key = p.item_b WHERE a.item_id = %s AND b.item_id = %s"""
+    first = cooccurrence.build(db.conn, as_of=NOW - timedelta(days=1))
+    assert first.pairs == 2  # (x10, x20) both ways; (x11, x21) seen once
+    assert db.scalar(count, ("x10", "x20")) == 3
+    assert db.scalar(count, ("x11", "x21")) is None
+    _event(db, "u6", "x11", at=NOW - timedelta(hours=5))  # a second user with x11 then x21
+    _event(db, "u6", "x21", at=NOW - timedelta(hours=4))
+    cooccurrence.build(db.conn, incremental=True, as_of=NOW)
+    assert db.scalar(count, ("x11", "x21")) == 1  # true count 2: short by 1 = min_count - 1
+    assert db.scalar(count, ("x21", "x11")) == 1
+    assert db.scalar(count, ("x10", "x20")) == 3
+    cooccurrence.build(db.conn, as_of=NOW)
+    assert db.scalar(count, ("x11", "x21")) == 2
+    nb = """SELECT count(*) FROM pgrec.item_neighbors n JOIN pgrec.items a ON a.item_key = n.item_key
+             JOIN pgrec.items b ON b.item_key = n.neighbor_key WHERE a.item_id = 'x11' AND b.item_id = 'x21'"""
+    assert db.scalar(nb) == 1
 
 
 def test_history_source_and_a_new_event(db: TestDB) -> None:
