@@ -26,8 +26,15 @@ def sql_root() -> Path:
     return packaged if packaged.is_dir() else here.parent / "sql"
 
 
+# PostgreSQL lets PUBLIC execute every new function, and a per-schema ALTER DEFAULT PRIVILEGES cannot revoke
+# that global default: each file's functions are made private here, right after they are created, so that a
+# role with USAGE on the schema (pgrec_app) can call only what it is granted by name (migration 0006's list).
+PRIVATE_FUNCTIONS = "REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgrec FROM PUBLIC"
+
+
 def _run(path: Path) -> None:
     op.get_bind().exec_driver_sql(path.read_text(), execution_options={"no_parameters": True})
+    op.get_bind().exec_driver_sql(PRIVATE_FUNCTIONS)
 
 
 def apply(concern: str, version: int) -> None:
@@ -95,6 +102,7 @@ def restore(concern: str, version: int, name: str) -> None:
         raise ValueError(f"sql/{concern}/v{version}.sql has no statement for pgrec.{name}")
     for st in found:
         op.get_bind().exec_driver_sql(st, execution_options={"no_parameters": True})
+    op.get_bind().exec_driver_sql(PRIVATE_FUNCTIONS)
 
 
 def _objects(concern: str, version: int) -> set[tuple[str, str]]:

@@ -213,13 +213,35 @@ def test_least_privilege_role_can_recommend_and_cannot_read(sdb: TestDB) -> None
                               "SELECT count(*) FROM pgrec.events",
                               "SELECT pgrec.finish_request('u', 'default', 1, '{}', '{}', '{}')",
                               "SELECT pgrec.upsert_item('x')",
-                              "SELECT count(*) FROM pgrec.candidate_features('u', 'default', 10, NULL)"):
+                              "SELECT count(*) FROM pgrec.candidate_features('u', 'default', 10, NULL)",
+                              # internal functions that write (the review found them callable: migration 0017)
+                              "SELECT pgrec.item_stats_invalidate('1970-01-01')",
+                              "SELECT pgrec.refresh_embedding_neighbors('{}'::bigint[], 1)",
+                              "SELECT count(*) FROM pgrec.unengaged_items(10, NULL, NULL, NULL)"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     app.execute(forbidden)
         # what the role did is logged like any other request
         assert sdb.scalar("SELECT count(*) FROM pgrec.impressions WHERE request_id = %s", (rows[0][0],)) == 5
     finally:
         sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
+
+
+def test_only_the_named_functions_are_callable_by_other_roles(sdb: TestDB) -> None:
+    """No function of schema pgrec is executable by PUBLIC (a NULL ACL means it is); pgrec_app may call exactly
+    the functions it is granted by name (migrations 0006 and 0007)."""
+    public = sdb.conn.execute(
+        """SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
+            WHERE p.pronamespace = 'pgrec'::regnamespace
+              AND (p.proacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = 0))
+            ORDER BY 1""").fetchall()
+    assert public == []
+    granted = {r[0] for r in sdb.conn.execute(
+        """SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p, aclexplode(p.proacl) a
+            WHERE p.pronamespace = 'pgrec'::regnamespace AND a.grantee = 'pgrec_app'::regrole
+              AND a.privilege_type = 'EXECUTE'""").fetchall()}
+    assert {g.split("(")[0] for g in granted} == {
+        "pgrec.recommend", "pgrec.similar_items", "pgrec.trending_items", "pgrec.track_event",
+        "pgrec.assign_variant", "pgrec.variant_bucket"}
 
 
 def _with_user(url: str, role: str) -> str:
