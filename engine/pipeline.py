@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from operator import itemgetter
@@ -135,7 +135,9 @@ class Recommender:
             ctx = json.dumps(json.loads(ctx) | {"exclude_seen": True})
         self._ensure_item_stats()
         out: list[Recommendation] = []
-        with self._connection() as conn:
+        # one transaction: a call that fails leaves no impressions (nor new users) of its earlier users. One user
+        # writes in one statement (pgrec.finish_request), atomic already: no BEGIN / COMMIT round trips for it.
+        with self._connection() as conn, (conn.transaction() if len(user_ids) > 1 else nullcontext()):
             for start in range(0, len(user_ids), BATCH):
                 out.extend(self._serve(conn, list(user_ids[start:start + BATCH]), k, surface, ctx, as_of, log,
                                        variant))
@@ -310,8 +312,10 @@ def _check(user_ids: Sequence[str], k: int, surface: str, context: dict[str, Any
     for n, uid in enumerate(user_ids):
         if not isinstance(uid, str) or not uid or len(uid) > 256:
             raise InvalidRequest(f"user_id #{n + 1} ({uid!r}) must be a non-empty string of at most 256 characters")
-    if not isinstance(surface, str) or not surface:
-        raise InvalidRequest(f"surface must be a non-empty string, got {surface!r}")
+        if "\x00" in uid:
+            raise InvalidRequest(f"user_id #{n + 1} ({uid!r}) contains a NUL character, which PostgreSQL text cannot hold")
+    if not isinstance(surface, str) or not surface or "\x00" in surface:
+        raise InvalidRequest(f"surface must be a non-empty string without NUL characters, got {surface!r}")
     if context is not None and not isinstance(context, dict):
         raise InvalidRequest(f"context must be a JSON object (dict), got {type(context).__name__}")
     if as_of is not None and as_of.tzinfo is None:
@@ -325,7 +329,7 @@ def _check(user_ids: Sequence[str], k: int, surface: str, context: dict[str, Any
 def _translate(exc: psycopg.Error) -> Exception:
     """SQL errors to the public ones: 22023 (bad parameter) -> InvalidRequest, P0002 (unknown id) -> NotFound."""
     msg = (exc.diag.message_primary if exc.diag else None) or str(exc)
-    if exc.sqlstate in ("22023", "22P02", "22007", "22008"):
+    if exc.sqlstate in ("22023", "22P02", "22007", "22008", "22P05", "22021"):
         return InvalidRequest(msg)
     if exc.sqlstate == "P0002":
         return NotFound(msg)

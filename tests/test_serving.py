@@ -177,6 +177,34 @@ def test_recommend_many_matches_single_requests(sdb: TestDB) -> None:
     assert set(many[0].timings_ms) >= {"candidates_features", "rank", "rerank_log", "total"}
 
 
+def test_recommend_many_failing_in_a_later_batch_leaves_nothing(sdb: TestDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call over more users than one batch that fails after its first batch was logged leaves no impressions
+    and no new users (the review found 16 users and 48 impressions left behind)."""
+    from engine import pipeline
+
+    users = [*_users(sdb, 3), *[f"new-{n}" for n in range(pipeline.BATCH + 2)]]
+    before = sdb.scalar("SELECT count(*) FROM pgrec.users")
+    calls = []
+    serve = Recommender._serve
+
+    def failing(self: Recommender, conn: psycopg.Connection[Any], *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the second batch: the database refuses a statement
+            conn.execute("SELECT 1 / 0")
+        return serve(self, conn, *args)
+
+    monkeypatch.setattr(Recommender, "_serve", failing)
+    with Recommender(sdb.settings) as rec, pytest.raises(psycopg.errors.DivisionByZero):
+        rec.recommend_many(users, k=3, as_of=AS_OF)
+    assert len(calls) == 2
+    assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
+    assert sdb.scalar("SELECT count(*) FROM pgrec.users") == before
+    # a NUL in an id is refused before any work, naming the id
+    with Recommender(sdb.settings) as rec, pytest.raises(InvalidRequest, match=r"#2 .*NUL"):
+        rec.recommend_many([users[0], "bad\x00id"], k=3, as_of=AS_OF)
+    assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
+
+
 def test_bad_requests_are_refused_and_change_nothing(sdb: TestDB) -> None:
     user = _users(sdb, 1)[0]
     with Recommender(sdb.settings) as rec:

@@ -34,6 +34,8 @@ def _read_users(path: Path) -> list[str]:
                 raise fail(f"{path}:{n}: a JSON line needs a \"user_id\" field") from None
         if len(line) > 256:
             raise fail(f"{path}:{n}: user id longer than 256 characters")
+        if "\x00" in line:  # refused here, before the first batch is served and logged
+            raise fail(f"{path}:{n}: user id contains a NUL character")
         users.append(line)
     if not users:
         raise fail(f"{path}: no user ids")
