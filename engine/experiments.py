@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 
 from engine.errors import InvalidRequest, NotFound
+from engine.ranking.compile import install_compiled_model
 from engine.sql import query
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -102,9 +103,17 @@ def create(conn: psycopg.Connection[Any], name: str, surface: str, variants: Seq
         if conn.execute(query("service.experiment_state"), {"experiment": name}).fetchone() is not None:
             raise InvalidRequest(f"name: experiment {name!r} already exists")
         for i, v in enumerate(variants):
-            if v.model_version is not None and conn.execute(
-                    query("service.model_exists"), {"version": v.model_version}).fetchone() is None:
+            if v.model_version is None:
+                continue
+            row = conn.execute(query("service.model_exists"), {"version": v.model_version}).fetchone()
+            if row is None:
                 raise NotFound(f"variants[{i}].model_version: unknown model version {v.model_version}")
+            if row[0] != "ranker":
+                raise InvalidRequest(f"variants[{i}].model_version: model version {v.model_version} is a "
+                                     f"{row[0]} model, not a ranker")
+            # SQL-only apps serve the arm through pgrec.recommend(model_version => ...): compile it now (a model
+            # stored without activation was not compiled); one the compiler refuses refuses the experiment
+            install_compiled_model(conn, v.model_version)
         try:
             with conn.transaction():
                 conn.execute(query("service.insert_experiment"),

@@ -341,6 +341,34 @@ def test_experiment_admin_validation(api: Api) -> None:
     assert c.get("/v1/admin/experiments", headers=h).json() == []
 
 
+def test_an_arm_needs_a_ranker_and_gets_it_compiled_for_sql(api: Api) -> None:
+    """A variant naming a retrieval model is refused (its users got 500s: found by review); a ranker stored
+    without activation is compiled when the experiment starts, so SQL-only apps can serve that arm too."""
+    import lightgbm as lgb
+    import numpy as np
+
+    db: TestDB = api.db
+    retrieval = db.scalar("INSERT INTO pgrec.models (kind, artifact, features) VALUES ('retrieval', %s, '[]') "
+                          "RETURNING version", (b"\x80not a booster",))
+    r = api.client.post("/v1/admin/experiments", headers=api.admin, json={
+        "name": "e-ret", "surface": "default", "variants": [{"name": "a", "share": 1, "model_version": retrieval}]})
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"loc": ["body", "variants", "0", "model_version"], "type": "value_error",
+                                   "msg": f"model version {retrieval} is a retrieval model, not a ranker"}]
+    x = np.random.default_rng(1).normal(size=(200, 2))
+    booster = lgb.train({"objective": "regression", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 5},
+                        lgb.Dataset(x, x[:, 0]), num_boost_round=3)
+    ranker = db.scalar("INSERT INTO pgrec.models (kind, artifact, features) VALUES ('ranker', %s, %s) "
+                       "RETURNING version", (booster.model_to_string().encode(), json.dumps(["f_a", "f_b"])))
+    assert db.scalar("SELECT count(*) FROM pgrec.compiled_rankers WHERE version = %s", (ranker,)) == 0
+    r = api.client.post("/v1/admin/experiments", headers=api.admin, json={
+        "name": "e-rank", "surface": "default", "variants": [{"name": "a", "share": 1, "model_version": ranker}]})
+    assert r.status_code == 201, r.text
+    assert db.scalar("SELECT function_name FROM pgrec.compiled_rankers WHERE version = %s", (ranker,)) == \
+        f"ranker_score_v{ranker}"
+    assert [e.name for e in experiments.list_experiments(db.conn)] == ["e-rank"]
+
+
 def test_online_report_joins_impressions_with_events(api: Api) -> None:
     db: TestDB = api.db
     for i in ("a", "b"):

@@ -153,6 +153,8 @@ def load(conn: psycopg.Connection[Any], version: int) -> LoadedModel:
     import lightgbm as lgb  # only where a model is used
 
     info, artifact = get(conn, version)
+    if info.kind != RANKER:  # a retrieval model's artifact is not a booster
+        raise InvalidRequest(f"model version {version} is a {info.kind} model, not a ranker")
     if artifact is None:
         raise InvalidRequest(f"model version {version} has no artifact")
     booster = lgb.Booster(model_str=artifact.decode("utf-8"))
