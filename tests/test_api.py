@@ -405,6 +405,34 @@ def test_online_report_joins_impressions_with_events(api: Api) -> None:
     assert api.client.get("/v1/admin/report/online", params={"since": "soon"}, headers=api.admin).status_code == 422
 
 
+def test_online_report_credits_a_click_once_and_never_before_the_impression(api: Api) -> None:
+    """Two cases the review found: a click citing a request id but made before that list was served, and one
+    click without a request id after two lists (two variants) showed the item: it counted for both."""
+    db: TestDB = api.db
+    db.conn.execute("SELECT pgrec.upsert_item('a'), pgrec.upsert_user('u1')")
+    served = datetime.now(UTC) - timedelta(days=4)
+    rp, rq = uuid.uuid4(), uuid.uuid4()
+    db.conn.execute("""
+        INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, variant, served_at)
+        SELECT x.r, u.user_key, 'default', 1, i.item_key, x.v, x.t
+          FROM (VALUES (%(rp)s::uuid, 'P', %(t)s::timestamptz),
+                       (%(rq)s::uuid, 'Q', %(t)s::timestamptz + interval '10 minutes')) AS x(r, v, t),
+               pgrec.users u, pgrec.items i WHERE u.user_id = 'u1' AND i.item_id = 'a'""",
+        {"t": served, "rp": rp, "rq": rq})
+
+    def report() -> dict[str, int]:
+        rows = api.client.get("/v1/admin/report/online", headers=api.admin).json()
+        return {x["variant"]: x["clicks"] for x in rows if x["position"] is None}
+
+    # a click three days before P was served, citing P's request id: no click
+    db.conn.execute("SELECT pgrec.track_event('u1', 'a', 'click', %s, NULL, NULL, NULL, %s)",
+                    (served - timedelta(days=3), rp))
+    assert report() == {"P": 0, "Q": 0}
+    # one click without a request id after both lists: credited once, to the later list (Q)
+    db.conn.execute("SELECT pgrec.track_event('u1', 'a', 'click', %s)", (served + timedelta(minutes=30),))
+    assert report() == {"P": 0, "Q": 1}
+
+
 def test_more_concurrent_requests_than_threads_and_connections(api: Api) -> None:
     """Requests outnumber both the worker threads and the pooled connections: each still gets its answer (a
     connection held by a request that waits for a thread, and threads waiting for connections, never block each

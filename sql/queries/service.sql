@@ -64,8 +64,10 @@ SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 
 -- name: online_report
 -- One row per (surface, variant, position) and a total per (surface, variant) with position NULL.
--- An impression is clicked / converted when the same user had a click / conversion event on the same item
--- that cites the impression's request id, or, without a request id, within the attribution window after it.
+-- An impression is clicked / converted when the same user had a click / conversion event on the same item,
+-- at or after it, that cites the impression's request id, or, without a request id, within the attribution
+-- window after it; such an event is credited once, to the latest impression of that user and item before it
+-- (ties: the greater request id), so that two lists showing the item do not both count one click.
 WITH cfg AS (
     SELECT coalesce((SELECT array_agg(t.type_id) FROM pgrec.event_types t
                       WHERE t.name IN (SELECT jsonb_array_elements_text(c.value) FROM pgrec.config c
@@ -89,9 +91,14 @@ WITH cfg AS (
             FROM pgrec.events e
            WHERE e.user_key = imp.user_key AND e.item_key = imp.item_key
              AND e.type_id = ANY (cfg.click_ids || cfg.conversion_ids)
+             AND e.occurred_at >= imp.served_at
              AND (e.request_id = imp.request_id
-                  OR (e.request_id IS NULL AND e.occurred_at >= imp.served_at
-                      AND e.occurred_at < imp.served_at + cfg.attribution))
+                  OR (e.request_id IS NULL AND e.occurred_at < imp.served_at + cfg.attribution
+                      AND NOT EXISTS (
+                          SELECT 1 FROM pgrec.impressions later
+                           WHERE later.user_key = imp.user_key AND later.item_key = imp.item_key
+                             AND later.served_at <= e.occurred_at
+                             AND (later.served_at, later.request_id) > (imp.served_at, imp.request_id))))
       ) m ON true
 )
 SELECT surface, variant, position, count(*) AS impressions,
