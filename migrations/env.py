@@ -25,8 +25,9 @@ def run_migrations_online() -> None:
 
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
+    # the schema is created in the migrations' own transaction (alembic runs inside the one already begun):
+    # a failed first upgrade leaves no empty schema pgrec behind
     connection.execute(text("CREATE SCHEMA IF NOT EXISTS pgrec"))
-    connection.commit()
     context.configure(
         connection=connection,
         version_table="alembic_version",
@@ -35,6 +36,7 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
     )
     with context.begin_transaction():
         context.run_migrations()
+    connection.commit()
 
 
 if context.is_offline_mode():

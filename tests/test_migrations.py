@@ -95,3 +95,28 @@ def test_previous_revision_serves_after_a_step_down(empty_db: TestDB) -> None:
         assert len(c.execute("SELECT * FROM pgrec.recommend('u', 2)").fetchall()) == 2
     migrate.upgrade(empty_db.settings)
     assert migrate.current(empty_db.settings).split()[0] == head
+
+
+def test_a_failed_first_upgrade_leaves_no_schema(empty_db: TestDB) -> None:
+    """A role that may create schemas but not the vector extension: the upgrade fails and leaves nothing, not
+    even an empty schema pgrec (it was created and committed before the migrations: found by review)."""
+    import os
+    import uuid
+
+    from psycopg import sql as psql
+    from sqlalchemy.engine import make_url
+
+    from engine.db import DatabaseError
+
+    role = f"pgrec_mig_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    empty_db.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x'").format(psql.Identifier(role)))
+    empty_db.conn.execute(psql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+        psql.Identifier(empty_db.name), psql.Identifier(role)))
+    url = make_url(empty_db.url).set(username=role, password="x").render_as_string(hide_password=False)
+    try:
+        with pytest.raises(DatabaseError, match=r"(?i)extension|permission"):
+            migrate.upgrade(empty_db.settings.model_copy(update={"database_url": url}))
+        assert empty_db.scalar("SELECT to_regnamespace('pgrec') IS NULL") is True
+    finally:
+        empty_db.conn.execute(psql.SQL("DROP OWNED BY {}").format(psql.Identifier(role)))
+        empty_db.conn.execute(psql.SQL("DROP ROLE {}").format(psql.Identifier(role)))
