@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -52,3 +53,31 @@ def test_report_online_command(cli: CliRunner, db: TestDB) -> None:
     r = cli.invoke(app, ["report", "online", "--json", "--surface", "default"])
     assert r.exit_code == 0, r.output
     assert '"clicks": 1' in r.output and '"variant": "control"' in r.output
+
+
+def test_experiments_commands(cli: CliRunner, db: TestDB) -> None:
+    r = cli.invoke(app, ["experiments", "create", "exp-cli", "-v", "control=0.5", "-v", "strict=0.5,policy_set=strict",
+                         "--description", "from the CLI"])
+    assert r.exit_code == 0, r.output
+    rows = db.conn.execute("SELECT variant, share, model_version, policy_set FROM pgrec.experiment_variants "
+                           "WHERE experiment = 'exp-cli' ORDER BY variant").fetchall()
+    assert rows == [("control", 0.5, None, None), ("strict", 0.5, None, "strict")]
+    listed = cli.invoke(app, ["experiments", "list", "--json"])
+    assert listed.exit_code == 0
+    exp = json.loads(listed.output)
+    assert [(e["name"], e["surface"], [v["name"] for v in e["variants"]]) for e in exp] == [
+        ("exp-cli", "default", ["control", "strict"])]
+    # refusals name what is wrong and change nothing
+    for args, words in ((["-v", "a=0.5", "-v", "b=0.4"], "sum to 1"), (["-v", "a"], "NAME=SHARE"),
+                        (["-v", "a=1,model=x"], "version number"), (["-v", "a=1,colour=red"], "model=VERSION"),
+                        (["-v", "a=1,model=424242"], "unknown model version")):
+        bad = cli.invoke(app, ["experiments", "create", "exp-bad", *args])
+        assert bad.exit_code == 1 and words in bad.output, (args, bad.output)
+    assert db.scalar("SELECT count(*) FROM pgrec.experiments WHERE experiment = 'exp-bad'") == 0
+    busy = cli.invoke(app, ["experiments", "create", "exp-two", "-v", "a=1"])
+    assert busy.exit_code == 1 and "already has an active experiment" in busy.output
+    assert cli.invoke(app, ["experiments", "end", "exp-cli"]).exit_code == 0
+    again = cli.invoke(app, ["experiments", "end", "exp-cli"])
+    assert again.exit_code == 1 and "already ended" in again.output
+    assert "no active experiments" in cli.invoke(app, ["experiments", "list"]).output
+    assert "exp-cli" in cli.invoke(app, ["experiments", "list", "--all"]).output

@@ -22,6 +22,8 @@ models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 policy_app = typer.Typer(help="Re-ranking policies (rows in pgrec.policies).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for the HTTP service.", no_args_is_help=True)
 report_app = typer.Typer(help="Reports.", no_args_is_help=True)
+experiments_app = typer.Typer(help="A/B experiments: variants per surface by model version and/or policy set.",
+                              no_args_is_help=True)
 config_app = typer.Typer(help="Settings the SQL functions read (pgrec.config), checked on write.", no_args_is_help=True)
 sources_app = typer.Typer(help="Candidate sources per surface (pgrec.candidate_sources).", no_args_is_help=True)
 
@@ -34,6 +36,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
 app.add_typer(report_app, name="report")
+app.add_typer(experiments_app, name="experiments")
 app.add_typer(sources_app, name="sources")
 app.add_typer(config_app, name="config")
 

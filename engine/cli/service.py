@@ -12,10 +12,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from engine.cli.app import app, bench_app, console, fail, keys_app, report_app
+from engine.cli.app import app, bench_app, console, experiments_app, fail, keys_app, report_app
 from engine.cli.core import db_connection
 from engine.config import get_settings
 from engine.errors import InvalidRequest, NotFound
+from engine.experiments import VariantSpec
 
 
 @app.command("serve")
@@ -125,6 +126,87 @@ def report_online(
                   f"{r.impressions:,}", f"{r.clicks:,}", f"{r.ctr:.2%}", f"{r.conversions:,}",
                   f"{r.conversion_rate:.2%}", style="bold" if r.position is None else None)
     console.print(t)
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def _variant_spec(text: str) -> VariantSpec:
+    """``NAME=SHARE[,model=VERSION][,policy_set=SET]`` as a VariantSpec, or a clear error."""
+    head, *rest = text.split(",")
+    name, sep, share = head.partition("=")
+    if not sep:
+        raise fail(f"--variant {text!r}: expected NAME=SHARE[,model=VERSION][,policy_set=SET]")
+    extra: dict[str, str] = {}
+    for part in rest:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("model", "policy_set") or key in extra:
+            raise fail(f"--variant {text!r}: {part!r} is not model=VERSION or policy_set=SET (each at most once)")
+        extra[key] = value
+    try:
+        share_f = float(share)
+        model = int(extra["model"]) if "model" in extra else None
+    except ValueError:
+        raise fail(f"--variant {text!r}: the share must be a number and the model a version number") from None
+    return VariantSpec(name.strip(), share_f, model, extra.get("policy_set") or None)
+
+
+@experiments_app.command("create")
+def experiments_create(
+    name: Annotated[str, typer.Argument(help="experiment name (the hash salt: users keep their variant)")],
+    variant: Annotated[list[str], typer.Option(
+        "--variant", "-v", help="NAME=SHARE[,model=VERSION][,policy_set=SET], repeatable; shares sum to 1")],
+    surface: Annotated[str, typer.Option(help="the surface it runs on (one active experiment per surface)")] = "default",
+    description: Annotated[str | None, typer.Option(help="free text")] = None,
+) -> None:
+    """Start an experiment (an arm's ranker is compiled to SQL, so SQL-only apps serve it too)."""
+    from engine import experiments
+
+    specs = [_variant_spec(v) for v in variant]
+    with db_connection() as conn:
+        try:
+            exp = experiments.create(conn, name, surface, specs, description)
+        except (InvalidRequest, NotFound) as exc:
+            raise fail(str(exc)) from None
+    console.print(f"experiment {exp.name!r} on surface {exp.surface!r}: " + ", ".join(
+        f"{v.name} {v.share:g}" for v in exp.variants))
+
+
+@experiments_app.command("list")
+def experiments_list(
+    include_ended: Annotated[bool, typer.Option("--all", help="ended experiments too")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The experiments and their variants."""
+    from engine import experiments
+
+    with db_connection() as conn:
+        exps = experiments.list_experiments(conn, include_ended=include_ended)
+    if as_json:
+        console.print_json(json.dumps([{**e.__dict__, "variants": [v.__dict__ for v in e.variants]} for e in exps]))
+        return
+    if not exps:
+        console.print("no experiments" if include_ended else "no active experiments")
+        return
+    t = Table("experiment", "surface", "active", "variant", "share", "model", "policy set", title="experiments")
+    for e in exps:
+        for v in e.variants:
+            t.add_row(e.name, e.surface, "yes" if e.active else "no", v.name, f"{v.share:g}",
+                      "-" if v.model_version is None else str(v.model_version), v.policy_set or "-")
+    console.print(t)
+
+
+@experiments_app.command("end")
+def experiments_end(name: Annotated[str, typer.Argument(help="experiment name")]) -> None:
+    """Stop an experiment; its impressions stay for the report."""
+    from engine import experiments
+
+    with db_connection() as conn:
+        try:
+            experiments.end(conn, name)
+        except NotFound as exc:
+            raise fail(str(exc)) from None
+    console.print(f"experiment {name!r} ended")
 
 
 # ---------------------------------------------------------------- bench
