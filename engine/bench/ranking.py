@@ -1,4 +1,5 @@
-"""Stage 2 speed on the loaded data: candidates alone, candidates + features, and the ranker's predict."""
+"""Stage 2 speed on the loaded data: candidates alone, candidates + features, the ranker's predict, and the same
+model compiled to SQL."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg import sql as psql
 
 from engine.ranking import features, registry
 from engine.sql import query
@@ -63,3 +65,34 @@ def run(conn: psycopg.Connection[Any], *, users: int = 50, n: int = 500, as_of: 
         model.predict(x)
         pred.append(time.perf_counter() - t0)
     yield f"ranker v{version} predict:    {_ms(pred)} ({model.booster.num_trees()} trees, 1 thread)"
+    yield from _sql_ranker(conn, version, [cf.matrix(model.features) for cf in frames])
+
+
+def _sql_ranker(conn: psycopg.Connection[Any], version: int, matrices: list[np.ndarray]) -> Iterator[str]:
+    """The same rows through the model compiled to SQL (what pgrec.recommend runs): each user's feature arrays
+    from an indexed temporary table, scored by pgrec.ranker_score_v<version>, minus the same read without it."""
+    row = conn.execute(query("serving.compiled"), {"version": version}).fetchone()
+    if row is None:
+        yield f"ranker v{version} is not compiled to SQL: SQL ranker not timed"
+        return
+    fn = row[0]
+    with conn.transaction():
+        conn.execute("CREATE TEMP TABLE pgrec_bench_rank (g int, f float8[]) ON COMMIT DROP")
+        with conn.cursor().copy("COPY pgrec_bench_rank (g, f) FROM STDIN") as cp:
+            for g, x in enumerate(matrices):
+                for r in x:
+                    cp.write_row((g, [None if np.isnan(v) else float(v) for v in r]))
+        conn.execute("CREATE INDEX ON pgrec_bench_rank (g)")
+        conn.execute("ANALYZE pgrec_bench_rank")
+        scored = psql.SQL("SELECT sum({}(f)) FROM pgrec_bench_rank WHERE g = %s").format(psql.Identifier("pgrec", fn))
+        bare = psql.SQL("SELECT sum(cardinality(f)) FROM pgrec_bench_rank WHERE g = %s")
+        with_fn: list[float] = []
+        without: list[float] = []
+        for g in range(len(matrices)):
+            for stmt, out in ((scored, with_fn), (bare, without)):
+                t0 = time.perf_counter()
+                conn.execute(stmt, (g,)).fetchone()
+                out.append(time.perf_counter() - t0)
+        rows = np.mean([len(x) for x in matrices])
+        yield (f"ranker v{version} in SQL:     {_ms([a - b for a, b in zip(with_fn, without, strict=True)])} "
+               f"(pgrec.{fn}, {rows:.0f} rows per user; the read of the rows subtracted)")

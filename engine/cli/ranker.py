@@ -344,7 +344,8 @@ def bench_ranker(
     n: Annotated[int, typer.Option("--n", help="candidates per user")] = 500,
     as_of: Annotated[str | None, typer.Option("--as-of", help="features as of this time (ISO 8601)")] = None,
 ) -> None:
-    """Request-path cost of stage 2 on the loaded data: candidates, candidates + features, predict."""
+    """Request-path cost of stage 2 on the loaded data: candidates, candidates + features, predict, and the
+    active model compiled to SQL."""
     from engine.bench.ranking import run
 
     if users < 1 or n < 1:
