@@ -126,3 +126,25 @@ def test_train_all_keeps_label_windows_out_of_the_ranker_features(db: TestDB,
     # EASE neighbours likewise: as of each cutoff, then from every event (as_of None = now) for serving
     assert ease_as_of == [*cutoffs, None]
     assert db.scalar("SELECT count(*) FROM pgrec.model_neighbors WHERE model = 'ease'") > 0
+
+
+def test_cli_replay_defaults_match_the_ranker_config() -> None:
+    """`pgrec train ranker`, `pgrec train all` and `pgrec eval` replay the same number of label windows as
+    RankerConfig() by default: 19 cutoffs plus one, the latest half of the events at 2.5% per window (9 gave the
+    MovieLens replays 200-350 training groups; twice the windows lifted the funnel, see docs/ranking.md)."""
+    import typer.main
+
+    from engine.cli import app
+
+    rc = RankerConfig()
+    assert rc.cutoffs == 19
+    assert 0 < rc.window_share * (rc.cutoffs + 1) < 1
+    root = typer.main.get_command(app)
+    for path in (("train", "ranker"), ("train", "all"), ("eval",)):
+        cmd = root
+        for name in path:
+            cmd = cmd.commands[name]  # type: ignore[attr-defined]
+        defaults = {p.name: p.default for p in cmd.params}
+        assert defaults["cutoff_count"] == rc.cutoffs, path
+        assert defaults["window_share"] == rc.window_share, path
+        assert defaults["valid_windows"] == rc.valid_windows, path

@@ -36,7 +36,9 @@ class RankerConfig:
 
     horizon_days: float | None = None   # label window after each cutoff (None: windows of window_share events)
     window_share: float = 0.025         # share of the events before `until` in each label window
-    cutoffs: int = 9                    # cutoffs (plus one): the windows before the validation ones train
+    cutoffs: int = 19                   # cutoffs (plus one): the windows before the validation ones train (19:
+                                        # with window_share 2.5%, the latest half of the events; 9 windows gave
+                                        # MovieLens 200-350 training groups, too few: see docs/ranking.md)
     valid_windows: int = 3              # the latest windows validate early stopping (at most all but one)
     refit: bool = True                  # then train on every window for the early-stopped number of rounds
     n_candidates: int = 300             # candidates per group (the serving n should match)
