@@ -182,9 +182,11 @@ class Assigner:
 
 @dataclass(frozen=True)
 class ReportRow:
-    """Online results of one (surface, variant, position); position None is the total over positions."""
+    """Online results of one (surface, experiment, variant, position); position None is the total over positions;
+    experiment '' for impressions served outside any experiment."""
 
     surface: str
+    experiment: str
     variant: str
     position: int | None
     impressions: int
@@ -202,9 +204,9 @@ class ReportRow:
 
 def online_report(conn: psycopg.Connection[Any], *, since: datetime | None = None,
                   surface: str | None = None) -> list[ReportRow]:
-    """Impressions, clicks and conversions per surface, variant and position, from impressions joined with
+    """Impressions, clicks and conversions per surface, experiment, variant and position, from impressions joined with
     events: by the request id the event cites, else the same user and item within the attribution window
     (config ``report_attribution_hours``; click and conversion types in ``report_click_types`` /
     ``report_conversion_types``)."""
     rows = conn.execute(query("service.online_report"), {"since": since, "surface": surface}).fetchall()
-    return [ReportRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]
+    return [ReportRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6])) for r in rows]

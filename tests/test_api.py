@@ -433,6 +433,27 @@ def test_online_report_credits_a_click_once_and_never_before_the_impression(api:
     assert report() == {"P": 0, "Q": 1}
 
 
+def test_online_report_keeps_experiments_that_reuse_variant_names_apart(api: Api) -> None:
+    db: TestDB = api.db
+    db.conn.execute("SELECT pgrec.upsert_item('a'), pgrec.upsert_user('u1')")
+    _experiment(api, "first")
+    assert api.client.post("/v1/admin/experiments/first/end", headers=api.admin).status_code == 204
+    _experiment(api, "second")
+    first = db.conn.execute("SELECT created_at, ended_at FROM pgrec.experiments WHERE experiment = 'first'").fetchone()
+    second = db.scalar("SELECT created_at FROM pgrec.experiments WHERE experiment = 'second'")
+    assert first is not None
+    before = first[0] - timedelta(days=1)
+    # one impression of 'control' in each experiment, one before either, one without a variant
+    for served, variant in ((first[0], "control"), (second, "control"), (before, "control"), (second, None)):
+        db.conn.execute(
+            "INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, variant, served_at) "
+            "SELECT %s, u.user_key, 'default', 1, i.item_key, %s, %s FROM pgrec.users u, pgrec.items i "
+            "WHERE u.user_id = 'u1' AND i.item_id = 'a'", (uuid.uuid4(), variant, served))
+    rows = api.client.get("/v1/admin/report/online", headers=api.admin).json()
+    totals = {(x["experiment"], x["variant"]): x["impressions"] for x in rows if x["position"] is None}
+    assert totals == {("", ""): 1, ("", "control"): 1, ("first", "control"): 1, ("second", "control"): 1}
+
+
 def test_more_concurrent_requests_than_threads_and_connections(api: Api) -> None:
     """Requests outnumber both the worker threads and the pooled connections: each still gets its answer (a
     connection held by a request that waits for a thread, and threads waiting for connections, never block each

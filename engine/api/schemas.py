@@ -189,6 +189,8 @@ class ExperimentOut(BaseModel):
 
 class ReportRow(BaseModel):
     surface: str
+    experiment: str = Field(description="the experiment running on the surface when the impressions were served; "
+                                        "empty outside any")
     variant: str
     position: int | None = Field(description="NULL: all positions of this surface and variant")
     impressions: int

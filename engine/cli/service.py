@@ -107,7 +107,8 @@ def report_online(
     surface: Annotated[str | None, typer.Option(help="one surface only")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Impressions, CTR and conversion per surface, variant and position (impressions joined with events)."""
+    """Impressions, CTR and conversion per surface, experiment, variant and position (impressions joined with
+    events)."""
     from engine.experiments import online_report
 
     with db_connection() as conn:
@@ -119,10 +120,10 @@ def report_online(
     if not rows:
         console.print("no impressions" + (f" since {since}" if since else ""))
         return
-    t = Table("surface", "variant", "position", "impressions", "clicks", "CTR", "conversions", "conv. rate",
-              title="online report")
+    t = Table("surface", "experiment", "variant", "position", "impressions", "clicks", "CTR", "conversions",
+              "conv. rate", title="online report")
     for r in rows:
-        t.add_row(r.surface, r.variant or "-", "all" if r.position is None else str(r.position),
+        t.add_row(r.surface, r.experiment or "-", r.variant or "-", "all" if r.position is None else str(r.position),
                   f"{r.impressions:,}", f"{r.clicks:,}", f"{r.ctr:.2%}", f"{r.conversions:,}",
                   f"{r.conversion_rate:.2%}", style="bold" if r.position is None else None)
     console.print(t)

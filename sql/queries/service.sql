@@ -63,7 +63,10 @@ SELECT experiment, variant, model_version, policy_set FROM pgrec.assign_variant(
 SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 
 -- name: online_report
--- One row per (surface, variant, position) and a total per (surface, variant) with position NULL.
+-- One row per (surface, experiment, variant, position) and a total per (surface, experiment, variant) with
+-- position NULL. An impression's experiment is the one that ran on its surface when it was served (at most one
+-- runs per surface at a time), so two experiments that reuse variant names stay apart; '' when none ran (or the
+-- impression has no variant).
 -- An impression is clicked / converted when the same user had a click / conversion event on the same item,
 -- at or after it, that cites the impression's request id, or, without a request id, within the attribution
 -- window after it; such an event is credited once, to the latest impression of that user and item before it
@@ -82,7 +85,12 @@ WITH cfg AS (
      WHERE i.served_at >= coalesce(%(since)s::timestamptz, '-infinity')
        AND (%(surface)s::text IS NULL OR i.surface = %(surface)s::text)
 ), judged AS (
-    SELECT imp.surface, coalesce(imp.variant, '') AS variant, imp.position,
+    SELECT imp.surface,
+           coalesce((SELECT x.experiment FROM pgrec.experiments x
+                      WHERE imp.variant IS NOT NULL AND x.surface = imp.surface AND x.created_at <= imp.served_at
+                        AND (x.ended_at IS NULL OR imp.served_at < x.ended_at)
+                      ORDER BY x.created_at DESC LIMIT 1), '') AS experiment,
+           coalesce(imp.variant, '') AS variant, imp.position,
            coalesce(m.clicked, false) AS clicked, coalesce(m.converted, false) AS converted
       FROM imp CROSS JOIN cfg
       LEFT JOIN LATERAL (
@@ -101,12 +109,12 @@ WITH cfg AS (
                              AND (later.served_at, later.request_id) > (imp.served_at, imp.request_id))))
       ) m ON true
 )
-SELECT surface, variant, position, count(*) AS impressions,
+SELECT surface, experiment, variant, position, count(*) AS impressions,
        count(*) FILTER (WHERE clicked) AS clicks,
        count(*) FILTER (WHERE converted) AS conversions
   FROM judged
- GROUP BY GROUPING SETS ((surface, variant), (surface, variant, position))
- ORDER BY surface, variant, position NULLS FIRST
+ GROUP BY GROUPING SETS ((surface, experiment, variant), (surface, experiment, variant, position))
+ ORDER BY surface, experiment, variant, position NULLS FIRST
 
 -- name: track_event
 SELECT pgrec.track_event(%(user_id)s::text, %(item_id)s::text, %(event_type)s::text,
