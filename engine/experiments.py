@@ -204,9 +204,10 @@ class ReportRow:
 
 def online_report(conn: psycopg.Connection[Any], *, since: datetime | None = None,
                   surface: str | None = None) -> list[ReportRow]:
-    """Impressions, clicks and conversions per surface, experiment, variant and position, from impressions joined with
-    events: by the request id the event cites, else the same user and item within the attribution window
-    (config ``report_attribution_hours``; click and conversion types in ``report_click_types`` /
-    ``report_conversion_types``)."""
+    """Impressions, clicks and conversions per surface, experiment, variant and position, from impressions
+    joined with events: by the request id the event cites (at or after the impression), else the same user and
+    item within the attribution window (config ``report_attribution_hours``), credited once, to the latest
+    impression before the event; click and conversion types in ``report_click_types`` /
+    ``report_conversion_types``."""
     rows = conn.execute(query("service.online_report"), {"since": since, "surface": surface}).fetchall()
     return [ReportRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6])) for r in rows]

@@ -48,6 +48,7 @@ def end_experiment(name: ExperimentName, key: AdminKey, conn: Conn, services: Se
 def report_online(key: AdminKey, conn: Conn, since: UtcTime | None = None,
                   surface: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")] = None,
                   ) -> list[ReportRow]:
-    return [ReportRow(surface=r.surface, experiment=r.experiment, variant=r.variant, position=r.position, impressions=r.impressions,
-                      clicks=r.clicks, conversions=r.conversions, ctr=r.ctr, conversion_rate=r.conversion_rate)
+    return [ReportRow(surface=r.surface, experiment=r.experiment, variant=r.variant, position=r.position,
+                      impressions=r.impressions, clicks=r.clicks, conversions=r.conversions, ctr=r.ctr,
+                      conversion_rate=r.conversion_rate)
             for r in experiments.online_report(conn, since=since, surface=surface)]
