@@ -26,18 +26,22 @@ from engine.db import (
     is_embedded,
     stop_embedded,
 )
+from engine.errors import PgrecError
 from engine.sql import query
 
 
 @contextmanager
 def db_connection() -> Iterator[psycopg.Connection[Any]]:
-    """A checked connection, or a clear error and exit code 1."""
+    """A checked connection, or a clear error and exit code 1; so are pgrec's own errors (InvalidRequest, NotFound,
+    Unavailable) and database errors raised in the block."""
     try:
         conn = connect(get_settings())
     except DatabaseError as exc:
         raise fail(str(exc)) from None
     try:
         yield conn
+    except PgrecError as exc:
+        raise fail(str(exc)) from None
     except psycopg.errors.UndefinedTable:
         raise fail("the pgrec schema is not installed here: run `pgrec db upgrade`") from None
     except psycopg.Error as exc:

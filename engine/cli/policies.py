@@ -145,10 +145,7 @@ def policy_update(
 def policy_delete(ref: Annotated[str, typer.Argument(help="name or id")]) -> None:
     """Delete a policy (its versions stay in pgrec.policy_audit)."""
     with db_connection() as conn:
-        try:
-            policies.delete(conn, ref)
-        except NotFound as exc:
-            raise fail(str(exc)) from None
+        policies.delete(conn, ref)
     console.print(f"deleted policy {ref}")
 
 

@@ -1,4 +1,4 @@
-"""CLI commands for the HTTP service: serve, keys, report online, bench http."""
+"""CLI commands for the HTTP service: serve, keys, experiments, report online, bench http."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from engine import experiments
 from engine.cli.app import app, bench_app, console, experiments_app, fail, keys_app, report_app
 from engine.cli.core import db_connection
 from engine.config import get_settings
-from engine.errors import InvalidRequest, NotFound
-from engine.experiments import VariantSpec
+from engine.errors import InvalidRequest
 
 
 @app.command("serve")
@@ -71,10 +71,7 @@ def keys_revoke(key_id: int) -> None:
     from engine.api.keys import revoke_key
 
     with db_connection() as conn:
-        try:
-            revoke_key(conn, key_id)
-        except NotFound as exc:
-            raise fail(str(exc)) from None
+        revoke_key(conn, key_id)
     console.print(f"key {key_id} revoked")
 
 
@@ -109,10 +106,8 @@ def report_online(
 ) -> None:
     """Impressions, CTR and conversion per surface, experiment, variant and position (impressions joined with
     events)."""
-    from engine.experiments import online_report
-
     with db_connection() as conn:
-        rows = online_report(conn, since=since, surface=surface)
+        rows = experiments.online_report(conn, since=since, surface=surface)
     if as_json:
         console.print_json(json.dumps([{**r.__dict__, "ctr": r.ctr, "conversion_rate": r.conversion_rate}
                                        for r in rows], default=str))
@@ -132,7 +127,7 @@ def report_online(
 # ---------------------------------------------------------------- experiments
 
 
-def _variant_spec(text: str) -> VariantSpec:
+def _variant_spec(text: str) -> experiments.VariantSpec:
     """``NAME=SHARE[,model=VERSION][,policy_set=SET]`` as a VariantSpec, or a clear error."""
     head, *rest = text.split(",")
     name, sep, share = head.partition("=")
@@ -149,7 +144,7 @@ def _variant_spec(text: str) -> VariantSpec:
         model = int(extra["model"]) if "model" in extra else None
     except ValueError:
         raise fail(f"--variant {text!r}: the share must be a number and the model a version number") from None
-    return VariantSpec(name.strip(), share_f, model, extra.get("policy_set") or None)
+    return experiments.VariantSpec(name.strip(), share_f, model, extra.get("policy_set") or None)
 
 
 @experiments_app.command("create")
@@ -161,14 +156,9 @@ def experiments_create(
     description: Annotated[str | None, typer.Option(help="free text")] = None,
 ) -> None:
     """Start an experiment (an arm's ranker is compiled to SQL, so SQL-only apps serve it too)."""
-    from engine import experiments
-
     specs = [_variant_spec(v) for v in variant]
-    with db_connection() as conn:
-        try:
-            exp = experiments.create(conn, name, surface, specs, description)
-        except (InvalidRequest, NotFound) as exc:
-            raise fail(str(exc)) from None
+    with db_connection() as conn:  # a refusal (InvalidRequest, NotFound) is printed, exit code 1
+        exp = experiments.create(conn, name, surface, specs, description)
     console.print(f"experiment {exp.name!r} on surface {exp.surface!r}: " + ", ".join(
         f"{v.name} {v.share:g}" for v in exp.variants))
 
@@ -179,8 +169,6 @@ def experiments_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The experiments and their variants."""
-    from engine import experiments
-
     with db_connection() as conn:
         exps = experiments.list_experiments(conn, include_ended=include_ended)
     if as_json:
@@ -200,13 +188,8 @@ def experiments_list(
 @experiments_app.command("end")
 def experiments_end(name: Annotated[str, typer.Argument(help="experiment name")]) -> None:
     """Stop an experiment; its impressions stay for the report."""
-    from engine import experiments
-
     with db_connection() as conn:
-        try:
-            experiments.end(conn, name)
-        except NotFound as exc:
-            raise fail(str(exc)) from None
+        experiments.end(conn, name)
     console.print(f"experiment {name!r} ended")
 
 
