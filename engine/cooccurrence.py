@@ -99,6 +99,7 @@ def build(conn: psycopg.Connection[Any], *, as_of: datetime | None = None, incre
                                 {"mode": mode, "as_of": as_of, "params": json.dumps(params)}).fetchone()[0]  # type: ignore[index]
         if not incremental:
             conn.execute(query("candidates.cooc_reset"))
+        conn.execute(query("candidates.cooc_drop_temp"))
         conn.execute(query("candidates.cooc_stage"), {"as_of": as_of, "since": since})
         conn.execute(query("candidates.cooc_stage_index"))
         conn.execute("ANALYZE cooc_ev")

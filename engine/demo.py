@@ -97,7 +97,7 @@ def _fresh_database(settings: Settings, name: str) -> Settings:
 
 def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]:
     """Run the demo; returns what it measured (metrics, timings, the lists shown)."""
-    from engine import cooccurrence, policies
+    from engine import cooccurrence, itemsim, policies
     from engine.evaluation import funnel
     from engine.pipeline import Recommender
     from engine.ranking.compile import install_compiled_model
@@ -145,6 +145,8 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
                           f"features, active; pgrec.{compiled.function_name} for the SQL path")
             r = cooccurrence.build(conn)
             console.print(f"co-occurrence on every event: {r.pairs:,} pairs, neighbours for {r.items:,} items")
+            e = itemsim.build_ease(conn)  # the evaluation left the EASE neighbours as of its split
+            console.print(f"EASE neighbours on every event: {e.rows:,} pairs over {e.items:,} items")
             if retrieval is not None and hasattr(retrieval, "train_and_store"):
                 from engine.retrieval.train import RetrievalConfig
 

@@ -357,6 +357,8 @@ def parse_event(raw: dict[str, Any]) -> tuple[Any, ...]:
     assert t is not None
     if t.timestamp() > time.time() + _FUTURE_SLACK_S:
         raise FieldError("occurred_at", f"{t.isoformat()} is in the future")
+    if t.timestamp() < 0:  # as pgrec.track_event: every month of events is a partition
+        raise FieldError("occurred_at", f"{t.isoformat()} is before 1970-01-01")
     return (
         _text(raw, "event_id", required=False),
         _text(raw, "user_id", required=True),
@@ -413,6 +415,10 @@ def _copy_text(v: Any) -> str:
 # ---------------------------------------------------------------- reading files
 
 
+# a field may be as long as PostgreSQL allows (1 GB), not the csv module's default of 128 KiB
+csv.field_size_limit(1 << 30)
+
+
 def read_records(path: Path, progress: Progress | None = None) -> Iterator[Record]:
     """(line, fields) from a CSV file with a header row or a JSONL file; line numbers count from 1.
 
@@ -430,8 +436,27 @@ def read_records(path: Path, progress: Progress | None = None) -> Iterator[Recor
                 obj, error = _json_line(line)
                 yield n, obj if error is None else {"__error__": error}
         elif suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            for row in reader:
+            # strict: a quote in the middle of a field is an error, not a character to guess about
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+            try:
+                _ = reader.fieldnames  # the header, so that line_num counts from it
+            except csv.Error as exc:
+                raise ImportFailed(str(path), [Reject(1, "(header)", f"malformed CSV ({exc})")]) from None
+            while True:
+                begin = reader.line_num + 1  # the line the next record starts on
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:
+                    if "end of data" in str(exc):
+                        # the rest of the file went into one quoted field: no row after it can be trusted
+                        raise ImportFailed(str(path), [Reject(begin, "(line)", "a quoted field that starts on this "
+                                                              "line is not closed before the end of the file")]) from None
+                    if progress:
+                        progress(1)
+                    yield begin, {"__error__": FieldError("(line)", f"malformed CSV ({exc})")}
+                    continue
                 if progress:
                     progress(1)
                 if None in row:
@@ -593,7 +618,8 @@ def import_file(
                 create_missing_items=create_missing_items,
             )
         result.warnings.extend(warnings)
-        if result.rejected:
+        if result.rejected or skip_invalid or rejects_path is not None:
+            # written even when empty, so a rejects file always describes the latest import of this file
             one_per_line = result.checked_by == "sql" or path.suffix.lower() not in (".csv", ".tsv")
             write_rejects(rejects_to, result.rejected, row_texts(path, {r.line for r in result.rejected},
                                                                  records_are_lines=one_per_line))

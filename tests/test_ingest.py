@@ -249,3 +249,96 @@ def test_cli_import_reports_bad_row_and_exits_nonzero(db: TestDB, tmp_path: Path
         assert res.exit_code == 0 and '"items": 3' in res.output
     finally:
         get_settings.cache_clear()
+
+
+# ---------------------------------------------------------------- input that v1 mishandled (session 8 review)
+
+
+def test_item_and_user_imports_keep_what_the_file_leaves_out(db: TestDB, tmp_path: Path) -> None:
+    _items(db, tmp_path)
+    before = db.conn.execute("SELECT item_id, categories, properties, created_at FROM pgrec.items "
+                             "ORDER BY item_id").fetchall()
+    only = _write(tmp_path / "avail.csv", "item_id,available\na,false\nb,\nc,true\n")
+    for _ in range(2):  # twice: the same rows
+        ingest.import_file(db.conn, "items", only)
+        after = db.conn.execute("SELECT item_id, categories, properties, created_at FROM pgrec.items "
+                                "ORDER BY item_id").fetchall()
+        assert after == before  # categories, properties and created_at kept (v1 reset created_at to now)
+    assert db.conn.execute("SELECT item_id, available FROM pgrec.items ORDER BY item_id").fetchall() == [
+        ("a", False), ("b", True), ("c", True)]
+    ingest.import_file(db.conn, "users", _write(tmp_path / "u.jsonl", '{"user_id": "x", "properties": {"k": 1}}\n'))
+    ingest.import_file(db.conn, "users", _write(tmp_path / "u.csv", "user_id\nx\ny\n"))
+    assert db.conn.execute("SELECT user_id, properties FROM pgrec.users ORDER BY user_id").fetchall() == [
+        ("x", {"k": 1}), ("y", {})]
+
+
+def test_an_unterminated_quote_imports_nothing_even_when_skipping(db: TestDB, tmp_path: Path) -> None:
+    path = _write(tmp_path / "i.csv", 'item_id,categories\nu0,x\nu1,"unterminated\nu2,ok\nu3,ok\n')
+    for skip in (False, True):
+        with pytest.raises(ingest.ImportFailed, match=r"line 3, field .line.: a quoted field that starts on this "
+                                                      "line is not closed"):
+            ingest.import_file(db.conn, "items", path, skip_invalid=skip)
+    assert db.scalar("SELECT count(*) FROM pgrec.items") == 0
+    # a quote inside a field is one bad row: --skip-invalid keeps the others
+    bad = _write(tmp_path / "j.csv", 'item_id,categories\nu0,x\nu1,"a"b\nu2,ok\n')
+    r = ingest.import_file(db.conn, "items", bad, skip_invalid=True)
+    assert r.stored == 2 and [(x.line, x.field) for x in r.rejected] == [(3, "(line)")]
+
+
+def test_long_csv_fields_and_a_fresh_rejects_file(db: TestDB, tmp_path: Path) -> None:
+    long_title = "t" * 300_000  # beyond the csv module's default field limit of 128 KiB
+    path = _write(tmp_path / "i.csv", f'item_id,properties\nbig,"{{""title"": ""{long_title}""}}"\n')
+    assert ingest.import_file(db.conn, "items", path).stored == 1
+    assert db.scalar("SELECT length(properties ->> 'title') FROM pgrec.items WHERE item_id = 'big'") == 300_000
+    rejects = tmp_path / "r.jsonl"
+    events = _write(tmp_path / "ev.csv", EVENTS_CSV.replace(",u1,a,", ",u1,big,").replace(",u2,a,", ",u2,big,")
+                    .replace(",u1,b,", ",u1,big,").replace(",u2,b,", ",u2,big,") + "e8,u9,big,poke,2024-02-03,\n")
+    ingest.import_file(db.conn, "events", events, skip_invalid=True, rejects_path=rejects)
+    assert len(rejects.read_text().splitlines()) == 1
+    events.write_text(EVENTS_CSV.replace(",a,", ",big,").replace(",b,", ",big,"))  # fixed
+    ingest.import_file(db.conn, "events", events, skip_invalid=True, rejects_path=rejects)
+    assert rejects.read_text() == ""  # not the stale rejects of the earlier run
+
+
+def test_events_before_1970_are_refused_on_every_path(db: TestDB, tmp_path: Path) -> None:
+    db.conn.execute("SELECT pgrec.upsert_item('a')")
+    for when in ("1969-12-31T23:59:59Z", "-infinity"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="is before 1970-01-01"):
+            db.conn.execute("SELECT pgrec.track_event('u', 'a', 'click', %s::timestamptz)", (when,))
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="value is Infinity"):
+        db.conn.execute("SELECT pgrec.track_event('u', 'a', 'rating', value => 'Infinity')")
+    for jsonl in (False, True):  # the Python check (JSONL) and the SQL check pass (CSV, PostgreSQL >= 16)
+        path = (_write(tmp_path / "e.jsonl", '{"user_id": "u", "item_id": "a", "event_type": "click", '
+                                             '"occurred_at": "1969-07-20T20:17:00Z"}\n') if jsonl else
+                _write(tmp_path / "e.csv", "user_id,item_id,event_type,occurred_at\nu,a,click,1969-07-20T20:17:00Z\n"))
+        with pytest.raises(ingest.ImportFailed, match=r"line [12], field occurred_at: .* is before 1970-01-01"):
+            ingest.import_file(db.conn, "events", path)
+    assert db.scalar("SELECT count(*) FROM pgrec.events") == 0
+    assert db.scalar("SELECT count(*) FROM pg_class WHERE relname LIKE 'events_19%'") == 0
+
+
+def test_ids_are_checked_with_a_clear_message(db: TestDB) -> None:
+    db.conn.execute("SELECT pgrec.upsert_item('a')")
+    with pytest.raises(psycopg.errors.InvalidParameterValue,
+                       match=r"pgrec.upsert_item: item_id is longer than 256 characters"):
+        db.conn.execute("SELECT pgrec.upsert_item(repeat('x', 300))")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"pgrec.track_event: event_id is required"):
+        db.conn.execute("SELECT pgrec.track_event('u', 'a', 'click', event_id => '')")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"pgrec.upsert_user: user_id is longer"):
+        db.conn.execute("SELECT pgrec.upsert_user(repeat('y', 257))")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="created_at must be a finite time"):
+        db.conn.execute("SELECT pgrec.upsert_item('b', created_at => 'infinity')")
+
+
+def test_vector_values_beyond_and_below_a_real(db: TestDB) -> None:
+    db.conn.execute("SELECT pgrec.upsert_item('a')")
+    huge = f"array_fill(0.1::float8, ARRAY[{TEST_DIM - 1}]) || 1e39::float8"
+    with pytest.raises(psycopg.errors.InvalidParameterValue,
+                       match=f'item "a" has a value beyond the range of a 4-byte float .* at position {TEST_DIM}'):
+        db.conn.execute(f"SELECT pgrec.set_item_embedding('a', {huge})")
+    tiny = f"array_fill(0.1::float8, ARRAY[{TEST_DIM - 1}]) || 1e-46::float8"
+    db.conn.execute(f"SELECT pgrec.set_item_embedding('a', {tiny})")  # v1: "value out of range: underflow"
+    v = db.scalar("SELECT embedding::real[] FROM pgrec.item_embeddings")
+    assert v[-1] == 0.0 and v[0] == pytest.approx(0.1)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="all zeros"):
+        db.conn.execute(f"SELECT pgrec.set_item_embedding('a', array_fill(1e-300::float8, ARRAY[{TEST_DIM}]))")

@@ -148,3 +148,36 @@ def test_cli_replay_defaults_match_the_ranker_config() -> None:
         assert defaults["cutoff_count"] == rc.cutoffs, path
         assert defaults["window_share"] == rc.window_share, path
         assert defaults["valid_windows"] == rc.valid_windows, path
+
+
+def test_cli_eval_leaves_the_served_models_as_they_were(db: TestDB, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pgrec eval` trains co-occurrence, EASE and retrieval as of its cutoffs and split, in a transaction it
+    rolls back (before, it left them in place of the served ones)."""
+    from engine import cooccurrence, itemsim
+    from engine.cli import app
+
+    _world(db)
+    cooccurrence.build(db.conn)
+    itemsim.build_ease(db.conn)
+
+    def served() -> tuple[object, ...]:
+        return db.conn.execute(
+            "SELECT (SELECT count(*) FROM pgrec.item_neighbors), (SELECT sum(score) FROM pgrec.item_neighbors), "
+            "(SELECT count(*) FROM pgrec.model_neighbors), (SELECT sum(score) FROM pgrec.model_neighbors), "
+            "(SELECT count(*) FROM pgrec.models), "
+            "(SELECT string_agg(DISTINCT model_version, ',') FROM pgrec.item_embeddings)").fetchone()  # type: ignore[return-value]
+
+    before = served()
+    monkeypatch.setenv("PGREC_DATABASE_URL", db.url)
+    monkeypatch.setenv("PGREC_EMBEDDING_DIM", "16")
+    get_settings.cache_clear()
+    try:
+        out = CliRunner().invoke(app, ["eval", "--split-at", (NOW - timedelta(days=7)).isoformat(), "--n", "30",
+                                       "--max-users", "10", "--cutoff-count", "1", "--ranker-horizon-days", "7",
+                                       "--output", str(tmp_path / "ev")])
+        assert out.exit_code == 0, out.output
+        assert "funnel NDCG@10" in out.output
+    finally:
+        get_settings.cache_clear()
+    assert served() == before

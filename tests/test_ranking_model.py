@@ -169,3 +169,22 @@ def test_latest_windows_validate_then_every_window_trains(db: TestDB) -> None:
     floored = train_ranker(db.conn, replace(config, min_rounds=floor), until=until)
     assert floored.metrics["best_iteration"] == m["best_iteration"]
     assert floored.metrics["refit_rounds"] == floored.booster.current_iteration() == min(floor, 40)
+
+
+def test_activating_the_active_model_changes_nothing_and_only_rankers_activate(db: TestDB) -> None:
+    v1, v2 = _save(db, 1), _save(db, 2)
+    registry.activate(db.conn, v1)
+    registry.activate(db.conn, v2)
+    assert registry.activate(db.conn, v2).version == v2  # already active: no new entry in the activation log
+    assert registry.rollback(db.conn).version == v1  # so the rollback returns to the one before, not to v2
+    retrieval = registry.save(db.conn, kind="retrieval", artifact=b"weights", params={}, features=[], metrics={},
+                              data_window={})
+    with pytest.raises(InvalidRequest, match=fr"model version {retrieval} \(retrieval\) cannot be activated"):
+        registry.activate(db.conn, retrieval)
+    with pytest.raises(InvalidRequest, match="retrieval models cannot be activated or rolled back"):
+        registry.rollback(db.conn, "retrieval")
+    assert registry.active_version(db.conn) == v1
+    from engine.ranking.compile import CompileError, install_compiled_model
+
+    with pytest.raises(CompileError, match="is a retrieval model: only rankers compile to SQL"):
+        install_compiled_model(db.conn, retrieval)

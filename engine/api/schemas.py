@@ -43,6 +43,9 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- events
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class EventIn(Strict):
     event_id: Id | None = Field(None, description="Client id; a repeated (user, event_id) is a duplicate.")
     user_id: Id
@@ -60,7 +63,9 @@ class EventIn(Strict):
             return v
         if v > datetime.now(UTC) + _FUTURE_SLACK:
             raise ValueError("is in the future")
-        return v  # any past time, as the imports and pgrec.track_event take it
+        if v < _EPOCH:  # as the imports and pgrec.track_event: every month of events is a partition
+            raise ValueError("is before 1970-01-01")
+        return v
 
     @field_validator("properties")
     @classmethod

@@ -220,11 +220,11 @@ def import_embeddings(
 @app.command("generate")
 def generate_cmd(
     directory: Path,
-    users: int = 2_000,
-    items: int = 1_000,
-    events: int = 60_000,
+    users: Annotated[int, typer.Option(min=1)] = 2_000,
+    items: Annotated[int, typer.Option(min=1)] = 1_000,
+    events: Annotated[int, typer.Option(min=1)] = 60_000,
     seed: int = 7,
-    days: int = 120,
+    days: Annotated[int, typer.Option(min=1)] = 120,
 ) -> None:
     """Write a synthetic dataset in the generic import format (plus planted item vectors)."""
     dim = get_settings().embedding_dim

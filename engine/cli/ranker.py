@@ -262,8 +262,9 @@ def eval_cmd(
 ) -> None:
     """The full funnel beside popularity, EASE and each candidate source, on a temporal split.
 
-    Retrains co-occurrence and retrieval of this database as of the split (run `pgrec train all` afterwards
-    to serve from every event again)."""
+    It trains co-occurrence, EASE and retrieval as of each cutoff and the split, in one transaction that is
+    rolled back at the end: the served models stay as they were. Until it ends, serving waits on the
+    co-occurrence lists it rebuilds: evaluate a copy of a busy database."""
     if ctx.invoked_subcommand is not None:
         return
     from engine.evaluation import funnel, report
@@ -280,7 +281,8 @@ def eval_cmd(
                                retrieval=not no_retrieval, ranker=rc, seed=seed)
     with db_connection() as conn:
         try:
-            with _stages() as progress:
+            # rolled back: the stage-1 models trained as of the split must not replace the served ones
+            with _stages() as progress, conn.transaction(force_rollback=True):
                 result, _ = funnel.run(conn, config, progress=progress)
         except InvalidRequest as exc:
             raise fail(str(exc)) from None

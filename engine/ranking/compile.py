@@ -148,6 +148,9 @@ def install_compiled_model(conn: psycopg.Connection[Any], version: int) -> Compi
 
     row = conn.execute(query("serving.model_artifact"), {"version": version}).fetchone()
     if row is None:
+        kind = conn.execute(query("serving.model_kind"), {"version": version}).fetchone()
+        if kind is not None:
+            raise CompileError(f"model version {version} is a {kind[0]} model: only rankers compile to SQL")
         raise NotFound(f"model version {version} does not exist")
     artifact, features = row
     if artifact is None:

@@ -92,13 +92,25 @@ def _activate(conn: psycopg.Connection[Any], kind: str, version: int, action: st
 
 
 def activate(conn: psycopg.Connection[Any], version: int) -> ModelInfo:
-    """Make ``version`` the active model of its kind (the previous one is deactivated). Unknown: NotFound."""
+    """Make ``version`` the active ranker (the previous one is deactivated). Unknown: NotFound. Already active:
+    nothing changes (and nothing is logged, so a rollback still returns to the one before)."""
     info, artifact = get(conn, version)
+    _only_rankers(info.kind, f"model version {version} ({info.kind})")
     if artifact is None:
         raise InvalidRequest(f"model version {version} has no artifact and cannot be served")
+    if info.active:
+        return info
     with conn.transaction():
         _activate(conn, info.kind, version, "activate")
     return get(conn, version)[0]
+
+
+def _only_rankers(kind: str, what: str) -> None:
+    # a retrieval model's vectors are written (and it is activated) when it is trained; its stored row keeps the
+    # weights for the record, not the user-feature vocabulary needed to serve it again
+    if kind != RANKER:
+        raise InvalidRequest(f"{what} cannot be activated or rolled back: only rankers can; the served item vectors "
+                             "are those of the latest training (`pgrec train retrieval [--as-of TS]`)")
 
 
 def _stack(conn: psycopg.Connection[Any], kind: str) -> list[int]:
@@ -114,6 +126,7 @@ def _stack(conn: psycopg.Connection[Any], kind: str) -> list[int]:
 
 def rollback(conn: psycopg.Connection[Any], kind: str = RANKER) -> ModelInfo:
     """Re-activate the model that was active before the current one. Nothing to return to: InvalidRequest."""
+    _only_rankers(kind, f"{kind} models")
     with conn.transaction():
         conn.execute(query("ranking.model_lock_kind"), {"kind": kind})
         stack = _stack(conn, kind)

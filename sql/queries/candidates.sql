@@ -61,6 +61,11 @@ RETURNING pairs, items
 -- name: cooc_reset
 TRUNCATE pgrec.cooccurrence_pairs, pgrec.cooccurrence_items, pgrec.item_neighbors
 
+-- name: cooc_drop_temp
+-- the temporary tables of an earlier build in the same transaction (an evaluation builds again and again in one
+-- transaction that it rolls back; ON COMMIT DROP only drops them at its end)
+DROP TABLE IF EXISTS pg_temp.cooc_ev, pg_temp.cooc_touched, pg_temp.cooc_new
+
 -- name: cooc_stage
 -- Each user's first positive event per item before as_of, numbered in time order. Incremental builds stage
 -- only the users with a positive event in [since, as_of).

@@ -15,30 +15,38 @@ CREATE TEMP TABLE stage_items (
 ) ON COMMIT DROP
 
 -- name: merge_items
-INSERT INTO pgrec.items AS it (item_id, categories, properties, created_at, available)
-SELECT DISTINCT ON (item_id) item_id, coalesce(categories, '{}'), coalesce(properties, '{}'),
-       coalesce(created_at, now()), coalesce(available, true)
-  FROM stage_items
- ORDER BY item_id, line DESC
-ON CONFLICT (item_id) DO UPDATE SET
-    categories = coalesce(excluded.categories, it.categories),
-    properties = excluded.properties,
-    created_at = excluded.created_at,
-    available  = excluded.available,
-    updated_at = now()
-WHERE (it.categories, it.properties, it.created_at, it.available)
-      IS DISTINCT FROM (excluded.categories, excluded.properties, excluded.created_at, excluded.available)
+-- The rule of pgrec.upsert_item: a field the file leaves empty (or a column it does not have) keeps the stored
+-- value; a new item gets the defaults (no categories, no properties, created now, available). The last line of
+-- an id wins. (A concurrent insert of the same new id fails the import, which then stores nothing.)
+MERGE INTO pgrec.items AS it
+USING (SELECT DISTINCT ON (s.item_id) s.item_id, s.categories, s.properties, s.created_at, s.available
+         FROM stage_items s ORDER BY s.item_id, s.line DESC) AS nf
+   ON it.item_id = nf.item_id
+ WHEN MATCHED AND (it.categories, it.properties, it.created_at, it.available)
+                  IS DISTINCT FROM (coalesce(nf.categories, it.categories), coalesce(nf.properties, it.properties),
+                                    coalesce(nf.created_at, it.created_at), coalesce(nf.available, it.available))
+ THEN UPDATE SET categories = coalesce(nf.categories, it.categories),
+                 properties = coalesce(nf.properties, it.properties),
+                 created_at = coalesce(nf.created_at, it.created_at),
+                 available  = coalesce(nf.available, it.available),
+                 updated_at = now()
+ WHEN NOT MATCHED THEN
+    INSERT (item_id, categories, properties, created_at, available)
+    VALUES (nf.item_id, coalesce(nf.categories, '{}'), coalesce(nf.properties, '{}'), coalesce(nf.created_at, now()),
+            coalesce(nf.available, true))
 
 -- name: create_users_stage
 CREATE TEMP TABLE stage_users (line int NOT NULL, user_id text NOT NULL, properties jsonb) ON COMMIT DROP
 
 -- name: merge_users
-INSERT INTO pgrec.users AS u (user_id, properties)
-SELECT DISTINCT ON (user_id) user_id, coalesce(properties, '{}')
-  FROM stage_users
- ORDER BY user_id, line DESC
-ON CONFLICT (user_id) DO UPDATE SET properties = excluded.properties, updated_at = now()
-WHERE u.properties IS DISTINCT FROM excluded.properties
+-- As pgrec.upsert_user: empty properties keep the stored ones; the last line of an id wins.
+MERGE INTO pgrec.users AS u
+USING (SELECT DISTINCT ON (s.user_id) s.user_id, s.properties
+         FROM stage_users s ORDER BY s.user_id, s.line DESC) AS nf
+   ON u.user_id = nf.user_id
+ WHEN MATCHED AND nf.properties IS NOT NULL AND u.properties IS DISTINCT FROM nf.properties
+ THEN UPDATE SET properties = nf.properties, updated_at = now()
+ WHEN NOT MATCHED THEN INSERT (user_id, properties) VALUES (nf.user_id, coalesce(nf.properties, '{}'))
 
 -- name: create_events_stage
 -- Typed rows, filled by COPY from Python (records, PostgreSQL 15, or a file COPY cannot read), or by
@@ -95,7 +103,7 @@ SELECT line, j ->> 'event_id', j ->> 'user_id', j ->> 'item_id', j ->> 'event_ty
 INSERT INTO stage_events (line, event_id, user_id, item_id, event_type, occurred_at, value, properties,
                           request_id, bad_field)
 SELECT line, event_id, user_id, item_id, event_type, ts, num, props, rid,
-       CASE WHEN ts IS NULL OR ts > now() + interval '1 day' THEN 'occurred_at'
+       CASE WHEN ts IS NULL OR ts > now() + interval '1 day' OR ts < '1970-01-01 00:00:00+00' THEN 'occurred_at'
             WHEN octet_length(event_id) > 256 AND length(event_id) > 256 THEN 'event_id'
             WHEN user_id IS NULL OR (octet_length(user_id) > 256 AND length(user_id) > 256) THEN 'user_id'
             WHEN item_id IS NULL OR (octet_length(item_id) > 256 AND length(item_id) > 256) THEN 'item_id'

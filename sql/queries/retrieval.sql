@@ -45,9 +45,13 @@ VALUES ('retrieval', false, %(artifact)s, %(params)s, %(features)s, %(metrics)s,
 RETURNING version
 
 -- name: create_item_stage
+-- (dropped first: an evaluation trains several models in one transaction)
+DROP TABLE IF EXISTS pg_temp.stage_retrieval_items;
 CREATE TEMP TABLE stage_retrieval_items (LIKE pgrec.item_embeddings INCLUDING DEFAULTS) ON COMMIT DROP
 
 -- name: create_user_stage
+-- (dropped first: an evaluation trains several models in one transaction)
+DROP TABLE IF EXISTS pg_temp.stage_retrieval_users;
 CREATE TEMP TABLE stage_retrieval_users (LIKE pgrec.user_embeddings INCLUDING DEFAULTS) ON COMMIT DROP
 
 -- name: merge_item_vectors

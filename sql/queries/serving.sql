@@ -54,6 +54,9 @@ SELECT t.item_id, t.score FROM pgrec.trending_items(%(segment)s, %(k)s, %(as_of)
 -- name: model_artifact
 SELECT m.artifact, m.features FROM pgrec.models m WHERE m.version = %(version)s AND m.kind = 'ranker'
 
+-- name: model_kind
+SELECT m.kind FROM pgrec.models m WHERE m.version = %(version)s
+
 -- name: record_compiled
 INSERT INTO pgrec.compiled_rankers (version, function_name, features, num_trees)
 VALUES (%(version)s, %(function_name)s, %(features)s::jsonb, %(num_trees)s)
