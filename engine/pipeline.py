@@ -227,12 +227,7 @@ class Recommender:
 
     def _candidates(self, conn: psycopg.Connection[Any], user_ids: list[str], surface: str,
                     as_of: datetime | None, model: LoadedModel | None) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
-        name = "serving.candidate_features_many" if model is not None else "serving.candidates_many"
-        # binary results: ~200 rows x ~50 float8 columns decode in a quarter of the client CPU of text
-        cur = conn.execute(query(name), {"user_ids": user_ids, "surface": surface, "as_of": as_of}, binary=True)
-        rows = cur.fetchall()
-        cols = {d.name: i for i, d in enumerate(cur.description or ())}
-        return rows, cols
+        return _candidate_rows(conn, user_ids, surface, as_of, model)
 
     def _finish(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
                 as_of: datetime | None, log: bool, variant: Variant | None, model: LoadedModel | None,
@@ -261,6 +256,31 @@ class Recommender:
             raise Unavailable(f"no database connection within {self.settings.pool_timeout_s}s") from exc
         except psycopg.OperationalError as exc:
             raise Unavailable(f"database unavailable: {exc}") from exc
+
+
+def _candidate_rows(conn: psycopg.Connection[Any], user_ids: list[str], surface: str, as_of: datetime | None,
+                    model: LoadedModel | None) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    """Stage 1 (+ the features when a ranker scores them): the serving count of candidates per user."""
+    name = "serving.candidate_features_many" if model is not None else "serving.candidates_many"
+    # binary results: ~200 rows x ~50 float8 columns decode in a quarter of the client CPU of text
+    cur = conn.execute(query(name), {"user_ids": user_ids, "surface": surface, "as_of": as_of}, binary=True)
+    rows = cur.fetchall()
+    cols = {d.name: i for i, d in enumerate(cur.description or ())}
+    return rows, cols
+
+
+def scored_candidates(conn: psycopg.Connection[Any], user_id: str, surface: str = "default",
+                      as_of: datetime | None = None) -> tuple[list[int], list[float], list[str], int | None]:
+    """Stages 1-2 for one user as the Python path serves them: the serving count of candidates scored by the
+    active ranker (or ``pgrec.fallback_score`` without one), best first. Returns item keys, scores, each item's
+    sources (comma-separated) and the ranker version. ``pgrec policy explain`` re-ranks exactly this list."""
+    from engine.ranking.registry import RANKER, active_version
+
+    version = active_version(conn, RANKER)
+    model = load(conn, version) if version is not None else None
+    rows, cols = _candidate_rows(conn, [user_id], surface, as_of, model)
+    s = _rank(rows, cols, [user_id], model)[user_id]
+    return s.item_keys, s.scores, s.sources, version
 
 
 def _rank(rows: list[tuple[Any, ...]], cols: dict[str, int], user_ids: list[str],

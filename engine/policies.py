@@ -1,7 +1,7 @@
 """Stage 3: re-ranking with business rules stored as rows of ``pgrec.policies``.
 
-The rules run in one place, the SQL function ``pgrec.rerank`` (sql/policies/v1.sql), so the Python, SQL-only
-and HTTP paths serve the same lists; this module writes the rows and calls that function.
+The rules run in one place, the SQL function ``pgrec.rerank`` (sql/policies/v2.sql + v3.sql), so the Python,
+SQL-only and HTTP paths serve the same lists; this module writes the rows and calls that function.
 
 A policy row: ``name``, ``kind``, ``params`` (checked per kind by the database when written, and by the models
 below first), ``surface`` (None = every surface), ``segment`` (a predicate on user properties, None = everyone),
@@ -76,21 +76,27 @@ class HoldoutParams(_Params):
     control: Literal["trending", "scores"] = Field(default="trending", description="the list holdout users get")
 
 
+# upper bounds the database checks too (sql/policies/v3.sql policy_validate): beyond them applying a policy overflowed
+MAX_DAYS = 36500
+MAX_IMPRESSIONS = 1_000_000
+MAX_SCORE = 1e12
+
+
 class ExcludeInteractedParams(_Params):
     event_types: list[str] | None = Field(default=None, description="event type names; None = every type")
-    lookback_days: float | None = Field(default=None, gt=0, description="None = all time")
+    lookback_days: float | None = Field(default=None, gt=0, le=MAX_DAYS, description="None = all time")
 
 
 class ExcludeNegativeParams(_Params):
-    lookback_days: float | None = Field(default=None, gt=0)
+    lookback_days: float | None = Field(default=None, gt=0, le=MAX_DAYS)
     neighbours: bool = Field(default=False, description="also drop items close to a recent dislike")
     min_similarity: float = Field(default=0.9, gt=0, le=1, description="cosine similarity of a close neighbour")
     max_dislikes: int = Field(default=20, ge=1, le=1000, description="how many of the latest dislikes")
 
 
 class ExcludeServedParams(_Params):
-    min_impressions: int = Field(ge=1, description="shown in at least this many requests")
-    window_days: float = Field(gt=0)
+    min_impressions: int = Field(ge=1, le=MAX_IMPRESSIONS, description="shown in at least this many requests")
+    window_days: float = Field(gt=0, le=MAX_DAYS)
     engagement_types: list[str] | None = Field(default=None, description="None = any positive event")
 
 
@@ -107,7 +113,7 @@ class BlocklistParams(_Params):
 
 
 class FreshnessParams(_Params):
-    max_age_days: float = Field(gt=0)
+    max_age_days: float = Field(gt=0, le=MAX_DAYS)
 
 
 class AttributeFilterParams(_Params):
@@ -116,14 +122,14 @@ class AttributeFilterParams(_Params):
 
 
 class RelevanceFloorParams(_Params):
-    min_score: float
+    min_score: float = Field(ge=-MAX_SCORE, le=MAX_SCORE)
     fill: Literal["none", "trending"] = "none"
 
 
 class BoostParams(_Params):
     predicate: Predicate
-    multiply: float | None = Field(default=None, ge=0)
-    add: float | None = None
+    multiply: float | None = Field(default=None, ge=0, le=1e6)
+    add: float | None = Field(default=None, ge=-MAX_SCORE, le=MAX_SCORE)
 
     @model_validator(mode="after")
     def _something(self) -> BoostParams:
@@ -147,7 +153,7 @@ class SourceMixParams(_Params):
 
 
 class DiversityParams(_Params):
-    max_per_value: int = Field(ge=1)
+    max_per_value: int = Field(ge=1, le=1000)
     property: str | None = Field(default=None, min_length=1, description="None = the item's categories")
     window: int | None = Field(default=None, ge=2, le=1000, description="None = the whole top")
     top: int | None = Field(default=None, ge=1, le=1000, description="None = k")
@@ -166,9 +172,9 @@ class PromoteParams(_Params):
 
 class ExplorationParams(_Params):
     eligible: Literal["fresh", "under_exposed", "predicate"]
-    max_age_days: float | None = Field(default=None, gt=0)
-    max_impressions: int | None = Field(default=None, ge=1)
-    window_days: float | None = Field(default=None, gt=0)
+    max_age_days: float | None = Field(default=None, gt=0, le=MAX_DAYS)
+    max_impressions: int | None = Field(default=None, ge=1, le=MAX_IMPRESSIONS)
+    window_days: float | None = Field(default=None, gt=0, le=MAX_DAYS)
     predicate: Predicate | None = None
     slots: int | None = Field(default=None, ge=1, le=100)
     positions: list[int] | None = None
@@ -418,15 +424,19 @@ def rerank(conn: psycopg.Connection[Any], user_key: int | None, surface: str, k:
     return parse(result)
 
 
-def explain(conn: psycopg.Connection[Any], user_id: str, surface: str = "default", *, k: int = 10, n: int = 200,
+def explain(conn: psycopg.Connection[Any], user_id: str, surface: str = "default", *, k: int = 10,
             as_of: datetime | None = None, context: dict[str, Any] | None = None, policy_set: str | None = None,
             show: int | None = None) -> Reranked:
-    """Re-rank the user's candidates (scored by reciprocal-rank fusion of the sources until a ranker exists)
-    with the per-policy snapshots (``steps``: the first ``show`` items after each policy)."""
+    """Re-rank the user's candidates, scored as the Python path serves them (the active ranker, or
+    ``pgrec.fallback_score`` without one), with the per-policy snapshots (``steps``: the first ``show`` items after
+    each policy). Nothing is logged."""
+    from engine.pipeline import scored_candidates
+
+    if context is not None and not isinstance(context, dict):
+        raise InvalidRequest("context must be a JSON object")
     row = conn.execute(query("policies.user_key"), {"user_id": user_id}).fetchone()
-    rows = conn.execute(query("policies.explain_candidates"),
-                        {"user_id": user_id, "surface": surface, "n": n, "as_of": as_of}).fetchall()
+    keys, scores, sources, _ = scored_candidates(conn, user_id, surface, as_of)
     ctx = dict(context or {})
     ctx["debug"] = show or k
-    return rerank(conn, row[0] if row else None, surface, k, [r[0] for r in rows], [float(r[1]) for r in rows],
-                  [r[2] for r in rows], context=ctx, as_of=as_of, policy_set=policy_set)
+    return rerank(conn, row[0] if row else None, surface, k, keys, list[float | None](scores), sources,
+                  context=ctx, as_of=as_of, policy_set=policy_set)

@@ -446,6 +446,13 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("source_mix", {"source": "ann", "min_share": 0.8, "max_share": 0.2}, "params.min_share"),
     ("exploration", {"eligible": "fresh"}, "params.max_age_days"),
     ("teleport", {}, "unknown kind"),
+    # too large to apply (each broke every request of its surface until v3 bounded them)
+    ("freshness", {"max_age_days": 10_000_000}, "params.max_age_days"),
+    ("diversity", {"max_per_value": 10_000_000_000}, "params.max_per_value"),
+    ("exclude_interacted", {"lookback_days": 1e300}, "params.lookback_days"),
+    ("exclude_served", {"min_impressions": 1, "window_days": 1e300}, "params.window_days"),
+    ("boost", {"predicate": {"property": "x", "op": "exists"}, "multiply": 1e300}, "params.multiply"),
+    ("relevance_floor", {"min_score": 1e300}, "params.min_score"),
 ]
 
 
@@ -466,6 +473,13 @@ def test_malformed_rows_refused_by_the_database(cat: TestDB) -> None:
 def test_malformed_params_refused_by_python_and_update(cat: TestDB) -> None:
     with pytest.raises(InvalidRequest, match=r"params\.max_age_days"):
         policies.add(cat.conn, "f", "freshness", {"max_age_days": 0})
+    with pytest.raises(InvalidRequest, match=r"params\.max_age_days"):
+        policies.add(cat.conn, "f", "freshness", {"max_age_days": 36501})
+    policies.add(cat.conn, "longest", "freshness", {"max_age_days": 36500})  # the bound itself is applied fine
+    key, item = cat.conn.execute("SELECT item_key, item_id FROM pgrec.items WHERE available "
+                                 "ORDER BY item_key LIMIT 1").fetchone()  # type: ignore[misc]
+    assert policies.rerank(cat.conn, None, "default", 1, [key], [1.0], None).item_ids == [item]
+    policies.delete(cat.conn, "longest")
     with pytest.raises(InvalidRequest, match=r"params\.predicate\.op"):  # only the database checks predicates
         policies.add(cat.conn, "b", "boost", {"predicate": {"property": "x", "op": "nope"}, "add": 1})
     with pytest.raises(InvalidRequest, match="segment"):
@@ -631,12 +645,35 @@ PARITY_CONFIGS: list[list[tuple[str, dict[str, Any]]]] = [
 ]
 
 
-def test_v2_engine_answers_as_v1(cat: TestDB) -> None:
-    """sql/policies/v2.sql re-implements pgrec.rerank for speed: every answer (items, scores, reasons, dropped
-    counts, skipped, debug snapshots) equals the one of v1 on random catalogues, histories and requests."""
-    import random
+# v3 (sql/policies/v3.sql) against v2: the configurations above, and mixes where the leading filters (which v3
+# applies to the whole list by flags) meet pins of candidates, neighbours, fills and filters placed after other steps
+PARITY_CONFIGS_V3: list[list[tuple[str, dict[str, Any]]]] = [
+    *PARITY_CONFIGS,
+    [("exclude_served", {"min_impressions": 2, "window_days": 5}), ("exclude_negative", {}),
+     ("blocklist", {"items": ["p3", "p9"], "item_sets": ["parity-blocked"], "categories": ["c5"]}),
+     ("attribute_filter", {"predicate": {"property": "brand", "op": "in", "values": ["b1", "b2"]}, "mode": "drop"}),
+     ("pin", {"items": ["p11", "p12", "p13"], "positions": [1, 4, 30]})],
+    [("exclude_negative", {"neighbours": True, "min_similarity": 0.2}), ("exclude_interacted", {}),
+     ("freshness", {"max_age_days": 150}), ("relevance_floor", {"min_score": 0.3, "fill": "trending"}),
+     ("exclude_served", {"min_impressions": 1, "window_days": 9})],
+    [("boost", {"predicate": {"all": [{"property": "tags", "op": "exists"},
+                                      {"not": {"field": "source", "op": "in", "values": ["ann"]}}]}, "add": 0.4}),
+     ("exclude_interacted", {"event_types": ["view"]}), ("blocklist", {"categories": ["c1", "c2"]}),
+     ("attribute_filter", {"predicate": {"property": "age_rating", "op": "range", "min": 7}}),
+     ("diversity", {"max_per_value": 2, "window": 4}), ("pin", {"item_set": "parity-pins", "positions": [2, 3]})],
+    [("exclude_interacted", {"event_types": ["view", "click"], "lookback_days": 20}),
+     ("blocklist", {"categories": ["c4"]}), ("exclude_negative", {"lookback_days": 40})],
+    [("exclude_negative", {"lookback_days": 5}), ("exclude_interacted", {"lookback_days": 30}),
+     ("exploration", {"eligible": "fresh", "max_age_days": 60, "slots": 2, "positions": [1, 3], "depth": 50}),
+     ("mmr", {"lambda": 0.5}), ("pin", {"items": ["p0", "p1"]})],
+]
 
-    from migrations import sqlfiles
+
+def _parity_requests(cat: TestDB, configs: list[list[tuple[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """A random catalogue (240 items, vectors), three users with events and impressions, one policy set per
+    configuration, and four requests per set (candidates with duplicates and an unknown key, exclude and
+    include_only lists, an anonymous request in debug mode)."""
+    import random
 
     rng = random.Random(11)
     conn = cat.conn
@@ -662,11 +699,11 @@ def test_v2_engine_answers_as_v1(cat: TestDB) -> None:
                          (uuid.uuid4(), user_key, keys[f"p{n % 12}"], AS_OF - timedelta(days=rng.uniform(0, 9))))
     policies.put_item_set(conn, "parity-blocked", [f"p{rng.randrange(240)}" for _ in range(30)])
     policies.put_item_set(conn, "parity-pins", ["p200", "p201", "nope"])
-    for n, config in enumerate(PARITY_CONFIGS):
+    for n, config in enumerate(configs):
         for m, (kind, params) in enumerate(config):
             policies.add(conn, f"parity-{n}-{m}", kind, params, policy_set=f"s{n}", priority=100 + m % 2)
     requests = []
-    for n in range(len(PARITY_CONFIGS)):
+    for n in range(len(configs)):
         for r in range(4):
             cand = rng.sample(list(keys.values()), rng.choice([30, 150, 239]))
             cand = [*cand, *rng.sample(cand, 3), 10**9]  # duplicates and an unknown key
@@ -681,19 +718,56 @@ def test_v2_engine_answers_as_v1(cat: TestDB) -> None:
                 "scores": [round(rng.random(), 3) for _ in cand],
                 "sources": [rng.choice(["ann", "history", "trending", "fresh", "ann,trending", ""]) for _ in cand],
                 "context": psycopg.types.json.Jsonb(context), "as_of": AS_OF, "policy_set": f"s{n}"})
+    return requests
 
-    def answers() -> list[Any]:
-        out = []
-        for req in requests:
-            res = conn.execute(query("policies.rerank"), req).fetchone()[0]  # type: ignore[index]
-            for step in res.get("steps") or []:
-                step.pop("ms", None)
-            out.append(res)
-        return out
 
-    new = answers()
-    conn.execute((sqlfiles.sql_root() / "policies" / "v1.sql").read_text())
-    old = answers()
+def _parity_answers(conn: psycopg.Connection[Any], requests: list[dict[str, Any]]) -> list[Any]:
+    out = []
+    for req in requests:
+        res = conn.execute(query("policies.rerank"), req).fetchone()[0]  # type: ignore[index]
+        for step in res.get("steps") or []:
+            step.pop("ms", None)
+        out.append(res)
+    return out
+
+
+def test_v2_engine_answers_as_v1(cat: TestDB) -> None:
+    """sql/policies/v2.sql re-implemented pgrec.rerank for speed (and v3 again, pinned to v2 below): every answer
+    (items, scores, reasons, dropped counts, skipped, debug snapshots) equals the one of v1 on random catalogues,
+    histories and requests."""
+    from migrations import sqlfiles
+
+    requests = _parity_requests(cat, PARITY_CONFIGS)
+    new = _parity_answers(cat.conn, requests)
+    cat.conn.execute((sqlfiles.sql_root() / "policies" / "v1.sql").read_text())
+    old = _parity_answers(cat.conn, requests)
     assert sum(len(a["items"]) for a in new) > 300 and any(a["dropped"] for a in new)
     for req, a, b in zip(requests, new, old, strict=True):
+        assert a == b, (req["policy_set"], req["k"], len(req["item_keys"]))
+
+
+def test_v3_engine_answers_as_v2(cat: TestDB) -> None:
+    """sql/policies/v3.sql (migration 0018) re-implements parts of pgrec.rerank for speed: every answer (items,
+    scores, reasons, dropped counts, skipped, debug snapshots) equals the one of v2 on random catalogues,
+    histories and requests, and on the benchmark's own setup."""
+    from engine.bench.policies import setup
+    from migrations import sqlfiles
+
+    requests = _parity_requests(cat, PARITY_CONFIGS_V3)
+    # an empty candidate list (pins can still come from the catalogue) and one of unknown keys only
+    requests += [{**req, "item_keys": keys, "scores": [0.5] * len(keys), "sources": ["ann"] * len(keys)}
+                 for req in requests[::8] for keys in ([], [10**9, 10**9 + 1])]
+    v2, v3 = ((sqlfiles.sql_root() / "policies" / f"v{n}.sql").read_text() for n in (2, 3))
+    new = _parity_answers(cat.conn, requests)
+    cat.conn.execute(v2)
+    old = _parity_answers(cat.conn, requests)
+    cat.conn.execute(v3)
+    bench = setup(cat.conn, candidates=300, k=10)  # the benchmark's ten policies (it disables the others)
+    bench_requests = [*bench.requests[:4], {**bench.requests[4], "context": bench.debug_context}]
+    new_bench = _parity_answers(cat.conn, bench_requests)
+    cat.conn.execute(v2)
+    old_bench = _parity_answers(cat.conn, bench_requests)
+    assert sum(len(a["items"]) for a in new) > 400 and any(a["dropped"] for a in new)
+    assert all(len(a["items"]) == 10 and a["dropped"] for a in new_bench)
+    for req, a, b in zip(requests + bench_requests, new + new_bench, old + old_bench, strict=True):
         assert a == b, (req["policy_set"], req["k"], len(req["item_keys"]))

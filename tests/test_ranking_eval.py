@@ -100,6 +100,17 @@ def test_models_and_explain_commands(db: TestDB, monkeypatch: pytest.MonkeyPatch
         assert {c["name"] for c in ex["contributions"]} == set(registry.load(db.conn, v1).features)
         out = runner.invoke(app, ["explain", "u1", "no-such-item"])
         assert out.exit_code == 1 and "no-such-item" in out.output
+        # `pgrec policy explain` re-ranks the list as served: scored by the active ranker (it used a rank fusion)
+        from engine import policies
+        from engine.pipeline import Recommender
+
+        with Recommender(get_settings()) as rec:
+            served = rec.recommend("u1", k=5, log=False)
+        explained = policies.explain(db.conn, "u1", k=5)
+        assert explained.item_ids == [i.item_id for i in served.items] and len(served.items) == 5
+        assert [it.score for it in explained.items] == pytest.approx([i.score for i in served.items], abs=1e-9)
+        out = runner.invoke(app, ["policy", "explain", "u1", "--context", "[1]"])
+        assert out.exit_code == 1 and "context must be a JSON object" in out.output
     finally:
         get_settings.cache_clear()
 

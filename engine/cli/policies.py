@@ -169,17 +169,16 @@ def policy_explain(
     user: Annotated[str, typer.Argument(help="user id")],
     surface: Annotated[str, typer.Option()] = "default",
     k: Annotated[int, typer.Option(help="list length")] = 10,
-    n: Annotated[int, typer.Option(help="candidates to re-rank")] = 200,
     show: Annotated[int | None, typer.Option(help="items per snapshot (default k)")] = None,
     as_of: Annotated[str | None, typer.Option(help="ISO 8601 time (default now)")] = None,
     context: Annotated[str | None, typer.Option(help="request context JSON (exclude, include_only, params)")] = None,
     policy_set: Annotated[str | None, typer.Option("--set")] = None,
 ) -> None:
-    """The user's ranked list before and after each policy (candidates scored by reciprocal-rank fusion of
-    their sources until a ranker exists)."""
+    """The user's ranked list before and after each policy: the candidates scored as they are served (the
+    active ranker, or the sources' rank fusion without one), nothing logged."""
     with db_connection() as conn:
         try:
-            res = policies.explain(conn, user, surface, k=k, n=n, as_of=_when(as_of, "--as-of"),
+            res = policies.explain(conn, user, surface, k=k, as_of=_when(as_of, "--as-of"),
                                    context=_json(context, "--context"), policy_set=policy_set, show=show)
         except (InvalidRequest, NotFound) as exc:
             raise fail(str(exc)) from None

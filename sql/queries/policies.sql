@@ -68,12 +68,3 @@ SELECT pgrec.rerank(%(user_key)s, %(surface)s, %(k)s, %(item_keys)s::bigint[], %
 
 -- name: user_key
 SELECT user_key FROM pgrec.users WHERE user_id = %(user_id)s
-
--- name: explain_candidates
--- A scored list for explain until a ranker exists: reciprocal-rank fusion of the candidate sources' ranks.
-SELECT c.item_key,
-       coalesce(1.0 / (60 + c.ann_rank), 0) + coalesce(1.0 / (60 + c.history_rank), 0)
-       + coalesce(1.0 / (60 + c.trending_rank), 0) + coalesce(1.0 / (60 + c.fresh_rank), 0)
-       + coalesce(1.0 / (60 + c.popular_rank), 0) AS score,
-       array_to_string(c.sources, ',') AS sources
-  FROM pgrec.candidates(%(user_id)s, %(surface)s, %(n)s, %(as_of)s::timestamptz) c
