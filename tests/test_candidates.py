@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from conftest import TEST_DIM, TestDB
 
@@ -586,3 +587,17 @@ def test_surfaces_and_bad_input(db: TestDB) -> None:
     with pytest.raises(NotFound):
         candidates.similar(db.conn, "no-such-item")
     assert [i for i, *_ in candidates.similar(db.conn, "x0", 3)] == ["x1", "x2", "x3"]
+
+
+def test_requests_with_an_infinite_as_of_or_a_bad_k_are_refused_by_name(db: TestDB) -> None:
+    db.conn.execute("SELECT pgrec.upsert_item('a')")
+    for sql, message in [
+        ("SELECT * FROM pgrec.recommend('u', 5, as_of => '-infinity')", "as_of must be a finite time, got -infinity"),
+        ("SELECT * FROM pgrec.candidates('u', as_of => 'infinity')", "pgrec.candidates: as_of must be a finite time"),
+        ("SELECT * FROM pgrec.similar_items('a', -1)", "pgrec.similar_items: k must be between 1 and 1000, got -1"),
+        ("SELECT * FROM pgrec.trending_items(NULL, 0)", "pgrec.trending_items: k must be between 1 and 1000, got 0"),
+        ("SELECT * FROM pgrec.trending_items(NULL, 5, 'infinity')", "pgrec.trending_items: as_of must be a finite"),
+    ]:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=message), db.conn.transaction():
+            db.conn.execute(sql).fetchall()
+    assert db.conn.execute("SELECT count(*) FROM pgrec.similar_items('a', 1)").fetchone() == (0,)

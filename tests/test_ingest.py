@@ -342,3 +342,4 @@ def test_vector_values_beyond_and_below_a_real(db: TestDB) -> None:
     assert v[-1] == 0.0 and v[0] == pytest.approx(0.1)
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="all zeros"):
         db.conn.execute(f"SELECT pgrec.set_item_embedding('a', array_fill(1e-300::float8, ARRAY[{TEST_DIM}]))")
+
