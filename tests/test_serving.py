@@ -254,6 +254,29 @@ def test_least_privilege_role_can_recommend_and_cannot_read(sdb: TestDB) -> None
         sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
 
 
+def test_an_app_role_asking_for_past_days_stores_no_snapshots(sdb: TestDB) -> None:
+    """pgrec.recommend at a past as_of builds that day's item-counter snapshot for the schema owner (training asks
+    for the same days again and again), not for an app role, which gets the same list from the per-request
+    aggregate (before, an app could make the database store one snapshot per past day it named)."""
+    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+    user = _users(sdb, 1)[0]
+    days = "SELECT count(*) FROM pgrec.item_stats_days"
+    try:
+        with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
+            for back in (3, 4):
+                before = sdb.scalar(days)
+                as_app = [r[2:4] for r in _sql_recommend(app, user, k=5, as_of=AS_OF - timedelta(days=back), log=False)]
+                assert sdb.scalar(days) == before
+                as_owner = [r[2:4] for r in _sql_recommend(sdb.conn, user, k=5, as_of=AS_OF - timedelta(days=back),
+                                                          log=False)]
+                assert sdb.scalar(days) == before + 1
+                assert [i for i, _ in as_app] == [i for i, _ in as_owner] and len(as_app) == 5
+                assert [sc for _, sc in as_app] == pytest.approx([sc for _, sc in as_owner], abs=1e-9)
+    finally:
+        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
+
+
 def test_only_the_named_functions_are_callable_by_other_roles(sdb: TestDB) -> None:
     """No function of schema pgrec is executable by PUBLIC (a NULL ACL means it is); pgrec_app may call exactly
     the functions it is granted by name (migrations 0006 and 0007)."""
