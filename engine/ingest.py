@@ -437,18 +437,28 @@ def read_records(path: Path, progress: Progress | None = None) -> Iterator[Recor
                 yield n, obj if error is None else {"__error__": error}
         elif suffix in (".csv", ".tsv"):
             # strict: a quote in the middle of a field is an error, not a character to guess about
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+            start = [0, 0]  # [physical lines read, the first non-blank one of the record being read (0: none yet)]
+
+            def lines() -> Iterator[str]:
+                for text in fh:
+                    start[0] += 1
+                    if not start[1] and text.strip("\r\n"):
+                        start[1] = start[0]
+                    yield text
+
+            reader = csv.DictReader(lines(), delimiter="\t" if suffix == ".tsv" else ",", strict=True)
             try:
-                _ = reader.fieldnames  # the header, so that line_num counts from it
+                _ = reader.fieldnames  # the header
             except csv.Error as exc:
                 raise ImportFailed(str(path), [Reject(1, "(header)", f"malformed CSV ({exc})")]) from None
             while True:
-                begin = reader.line_num + 1  # the line the next record starts on
+                start[1] = 0
                 try:
                     row = next(reader)
                 except StopIteration:
                     break
                 except csv.Error as exc:
+                    begin = start[1] or start[0]  # the line the bad record starts on (blank lines skipped)
                     if "end of data" in str(exc):
                         # the rest of the file went into one quoted field: no row after it can be trusted
                         raise ImportFailed(str(path), [Reject(begin, "(line)", "a quoted field that starts on this "
@@ -519,8 +529,9 @@ def import_records(
         if kind == "events":
             _merge_events(conn, cur, result, skip_invalid, create_missing_items, source)
         else:
-            cur.execute(query(f"ingest.{spec.merge}"))
-            result.stored = cur.rowcount
+            for step in ("new", "given"):  # sql/queries/ingest.sql merge_items_new / merge_items_given
+                cur.execute(query(f"ingest.{spec.merge}_{step}"))
+                result.stored += cur.rowcount
             result.duplicates = result.read - len(result.rejected) - result.stored
     result.rejected.sort(key=lambda r: r.line)
     result.seconds = time.perf_counter() - t0

@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -177,7 +177,7 @@ class ExplorationParams(_Params):
     window_days: float | None = Field(default=None, gt=0, le=MAX_DAYS)
     predicate: Predicate | None = None
     slots: int | None = Field(default=None, ge=1, le=100)
-    positions: list[int] | None = None
+    positions: list[Annotated[int, Field(ge=1, le=1000)]] | None = None
     depth: int | None = Field(default=None, ge=1, le=5000)
 
     @model_validator(mode="after")
@@ -191,7 +191,7 @@ class ExplorationParams(_Params):
 class PinParams(_Params):
     items: list[str] | None = None
     item_set: str | None = None
-    positions: list[int] | None = None
+    positions: list[Annotated[int, Field(ge=1, le=1000)]] | None = None
 
     @model_validator(mode="after")
     def _something(self) -> PinParams:
@@ -437,6 +437,11 @@ def explain(conn: psycopg.Connection[Any], user_id: str, surface: str = "default
     row = conn.execute(query("policies.user_key"), {"user_id": user_id}).fetchone()
     keys, scores, sources, _ = scored_candidates(conn, user_id, surface, as_of)
     ctx = dict(context or {})
+    excl = ctx.get("exclude")
+    if ctx.pop("exclude_seen", False) is True and row is not None and isinstance(excl, list | None):
+        # as pgrec.finish_request does for a request (a malformed exclude is left for pgrec.rerank to refuse)
+        seen = [r[0] for r in conn.execute(query("policies.seen_item_ids"), {"user_key": row[0], "as_of": as_of})]
+        ctx["exclude"] = [*(excl or []), *seen]
     ctx["debug"] = show or k
     return rerank(conn, row[0] if row else None, surface, k, keys, list[float | None](scores), sources,
                   context=ctx, as_of=as_of, policy_set=policy_set)

@@ -336,6 +336,8 @@ def test_vector_values_beyond_and_below_a_real(db: TestDB) -> None:
     with pytest.raises(psycopg.errors.InvalidParameterValue,
                        match=f'item "a" has a value beyond the range of a 4-byte float .* at position {TEST_DIM}'):
         db.conn.execute(f"SELECT pgrec.set_item_embedding('a', {huge})")
+    largest = f"array_fill(0.1::float8, ARRAY[{TEST_DIM - 1}]) || 3.4028235e38::float8"  # how real prints its max
+    db.conn.execute(f"SELECT pgrec.set_item_embedding('a', {largest})")
     tiny = f"array_fill(0.1::float8, ARRAY[{TEST_DIM - 1}]) || 1e-46::float8"
     db.conn.execute(f"SELECT pgrec.set_item_embedding('a', {tiny})")  # v1: "value out of range: underflow"
     v = db.scalar("SELECT embedding::real[] FROM pgrec.item_embeddings")
@@ -343,3 +345,40 @@ def test_vector_values_beyond_and_below_a_real(db: TestDB) -> None:
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="all zeros"):
         db.conn.execute(f"SELECT pgrec.set_item_embedding('a', array_fill(1e-300::float8, ARRAY[{TEST_DIM}]))")
 
+
+
+def test_an_id_repeated_in_a_file_merges_field_by_field(db: TestDB, tmp_path: Path) -> None:
+    """As upsert_item applied line by line: each field keeps the last value the file gives it."""
+    path = _write(tmp_path / "dup.csv", 'item_id,categories,properties\nn1,cat1,\nn1,,"{""k"": 1}"\nn2,x,\n')
+    r = ingest.import_file(db.conn, "items", path)
+    assert (r.stored, r.duplicates) == (2, 1)
+    assert db.conn.execute("SELECT categories, properties FROM pgrec.items WHERE item_id = 'n1'").fetchone() == (
+        ["cat1"], {"k": 1})
+
+
+def test_an_import_waits_for_a_session_creating_the_same_user(db: TestDB, tmp_path: Path) -> None:
+    """A user created by track_event while an import of that user runs: the import waits and then updates it
+    (a MERGE failed the whole import with a unique violation)."""
+    path = _write(tmp_path / "u.jsonl", '{"user_id": "race1", "properties": {"from": "file"}}\n')
+    other = db.connect()
+    errors: list[BaseException] = []
+    try:
+        other.execute("BEGIN")
+        other.execute("SELECT pgrec.upsert_user('race1', '{\"from\": \"app\"}')")
+
+        def run() -> None:
+            try:
+                ingest.import_file(db.conn, "users", path)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()  # waiting on the other session's row
+        other.execute("COMMIT")
+        t.join(30)
+        assert not errors, errors
+    finally:
+        other.close()
+    assert db.scalar("SELECT properties FROM pgrec.users WHERE user_id = 'race1'") == {"from": "file"}

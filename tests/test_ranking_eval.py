@@ -109,6 +109,10 @@ def test_models_and_explain_commands(db: TestDB, monkeypatch: pytest.MonkeyPatch
         explained = policies.explain(db.conn, "u1", k=5)
         assert explained.item_ids == [i.item_id for i in served.items] and len(served.items) == 5
         assert [it.score for it in explained.items] == pytest.approx([i.score for i in served.items], abs=1e-9)
+        with Recommender(get_settings()) as rec:
+            served = rec.recommend("u1", k=5, log=False, exclude_seen=True)
+        explained = policies.explain(db.conn, "u1", k=5, context={"exclude_seen": True})
+        assert explained.item_ids == [i.item_id for i in served.items]
         out = runner.invoke(app, ["policy", "explain", "u1", "--context", "[1]"])
         assert out.exit_code == 1 and "context must be a JSON object" in out.output
     finally:

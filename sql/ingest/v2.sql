@@ -47,7 +47,7 @@ BEGIN
         RAISE EXCEPTION 'embedding for % "%" has a NULL, NaN or infinite value at position %', p_what, p_id, bad
             USING ERRCODE = '22023';
     END IF;
-    SELECT min(o) INTO bad FROM unnest(p_values) WITH ORDINALITY AS x(v, o) WHERE abs(v) > 3.4028234663852886e38;
+    SELECT min(o) INTO bad FROM unnest(p_values) WITH ORDINALITY AS x(v, o) WHERE abs(v) >= 3.4028235677973366e38;  -- rounds to infinity as a real
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'embedding for % "%" has a value beyond the range of a 4-byte float (3.4e38) at position %',
             p_what, p_id, bad USING ERRCODE = '22023';

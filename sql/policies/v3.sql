@@ -19,8 +19,8 @@
 -- pgrec.policy_validate (v2's, with upper bounds): a day count, impression count, per-value cap or score
 -- constant so large that applying it overflowed (a freshness of 1e7 days: "timestamp out of range";
 -- max_per_value 1e10: integer out of range) was accepted, and then every request on its surface failed. Days are
--- at most 36500, impression counts 1,000,000, max_per_value 1000 (k's own limit), multiply 1e6, add and min_score
--- +-1e12.
+-- at most 36500, impression counts 1,000,000, max_per_value and positions 1000 (k's own limit), multiply 1e6, add
+-- and min_score +-1e12.
 
 CREATE OR REPLACE FUNCTION pgrec.policy_validate(p_kind text, p jsonb, p_segment jsonb, p_where text)
 RETURNS void
@@ -155,8 +155,8 @@ BEGIN
         IF p ? 'positions' THEN
             IF jsonb_typeof(p -> 'positions') <> 'array' OR jsonb_array_length(p -> 'positions') = 0 OR EXISTS (
                    SELECT 1 FROM jsonb_array_elements(p -> 'positions') e
-                    WHERE jsonb_typeof(e) <> 'number' OR e::numeric < 1 OR e::numeric <> trunc(e::numeric)) THEN
-                PERFORM pgrec.policy_fail(w || '.positions', format('must be a list of positions >= 1, got %s', p -> 'positions'));
+                    WHERE jsonb_typeof(e) <> 'number' OR e::numeric < 1 OR e::numeric > 1000 OR e::numeric <> trunc(e::numeric)) THEN
+                PERFORM pgrec.policy_fail(w || '.positions', format('must be a list of positions from 1 to 1000, got %s', p -> 'positions'));
             END IF;
             IF jsonb_array_length(p -> 'positions') < coalesce(n, 1) THEN
                 PERFORM pgrec.policy_fail(w || '.positions', 'needs at least one position per slot');
@@ -176,15 +176,54 @@ BEGIN
         END IF;
         IF p ? 'positions' AND (jsonb_typeof(p -> 'positions') <> 'array' OR jsonb_array_length(p -> 'positions') = 0
            OR EXISTS (SELECT 1 FROM jsonb_array_elements(p -> 'positions') e
-                       WHERE jsonb_typeof(e) <> 'number' OR e::numeric < 1 OR e::numeric <> trunc(e::numeric))
+                       WHERE jsonb_typeof(e) <> 'number' OR e::numeric < 1 OR e::numeric > 1000 OR e::numeric <> trunc(e::numeric))
            OR (SELECT count(DISTINCT e) <> count(*) FROM jsonb_array_elements(p -> 'positions') e)) THEN
-            PERFORM pgrec.policy_fail(w || '.positions', format('must be a list of distinct positions >= 1, got %s', p -> 'positions'));
+            PERFORM pgrec.policy_fail(w || '.positions', format('must be a list of distinct positions from 1 to 1000, got %s', p -> 'positions'));
         END IF;
     END CASE;
 END
 $$;
 COMMENT ON FUNCTION pgrec.policy_validate(text, jsonb, jsonb, text) IS
     'Refuse a malformed policy (unknown kind, bad or unknown parameter, bad segment) with a message naming the field.';
+
+-- pgrec.policies_before_write (v2's, one change): params are checked on insert and when kind, params or segment
+-- change; v2 checked every update, so a row stored before the bounds above could not even be disabled.
+
+CREATE OR REPLACE FUNCTION pgrec.policies_before_write()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- an update that leaves kind, params and segment alone (enable, disable, priority, window) is not checked
+    -- again: a row stored under looser rules than today's can still be switched off
+    IF TG_OP = 'INSERT' OR (NEW.kind, NEW.params, NEW.segment) IS DISTINCT FROM (OLD.kind, OLD.params, OLD.segment) THEN
+        PERFORM pgrec.policy_validate(NEW.kind, NEW.params, NEW.segment,
+                                      format('policy %s (%s)', coalesce(quote_literal(NEW.name), 'NULL'), NEW.kind));
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF (NEW.name, NEW.kind, NEW.params, NEW.surface, NEW.segment, NEW.priority, NEW.enabled, NEW.starts_at,
+            NEW.ends_at, NEW.policy_set, NEW.description)
+           IS NOT DISTINCT FROM
+           (OLD.name, OLD.kind, OLD.params, OLD.surface, OLD.segment, OLD.priority, OLD.enabled, OLD.starts_at,
+            OLD.ends_at, OLD.policy_set, OLD.description) THEN
+            RETURN NULL;  -- nothing changed: no new version
+        END IF;
+        NEW.version := OLD.version + 1;
+        NEW.created_at := OLD.created_at;
+        NEW.created_by := OLD.created_by;
+        NEW.updated_at := now();
+        IF NEW.updated_by IS NOT DISTINCT FROM OLD.updated_by THEN
+            NEW.updated_by := current_user;
+        END IF;
+    ELSE
+        NEW.version := 1;
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION pgrec.policies_before_write() IS
+    'Trigger: validate a policy row, bump its version on a real change, keep the audit columns.';
 
 CREATE OR REPLACE FUNCTION pgrec.policy_seq(p_lo int, p_hi int)
 RETURNS int[]

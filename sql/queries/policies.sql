@@ -68,3 +68,8 @@ SELECT pgrec.rerank(%(user_key)s, %(surface)s, %(k)s, %(item_keys)s::bigint[], %
 
 -- name: user_key
 SELECT user_key FROM pgrec.users WHERE user_id = %(user_id)s
+
+-- name: seen_item_ids
+-- the items a user had any event with before as_of: context.exclude_seen in explain, as pgrec.finish_request
+SELECT DISTINCT i.item_id FROM pgrec.events e JOIN pgrec.items i ON i.item_key = e.item_key
+ WHERE e.user_key = %(user_key)s AND e.occurred_at < coalesce(%(as_of)s::timestamptz, now())
