@@ -529,7 +529,8 @@ def import_records(
         if kind == "events":
             _merge_events(conn, cur, result, skip_invalid, create_missing_items, source)
         else:
-            for step in ("new", "given"):  # sql/queries/ingest.sql merge_items_new / merge_items_given
+            cur.execute(query(f"ingest.{spec.merge}_last"))  # sql/queries/ingest.sql merge_items_*
+            for step in ("new", "given"):
                 cur.execute(query(f"ingest.{spec.merge}_{step}"))
                 result.stored += cur.rowcount
             result.duplicates = result.read - len(result.rejected) - result.stored

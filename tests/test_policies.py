@@ -681,14 +681,9 @@ PARITY_CONFIGS_V3: list[list[tuple[str, dict[str, Any]]]] = [
 ]
 
 
-def _parity_requests(cat: TestDB, configs: list[list[tuple[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """A random catalogue (240 items, vectors), three users with events and impressions, one policy set per
-    configuration, and four requests per set (candidates with duplicates and an unknown key, exclude and
-    include_only lists, an anonymous request in debug mode)."""
-    import random
-
-    rng = random.Random(11)
-    conn = cat.conn
+def _random_catalogue(conn: psycopg.Connection[Any], rng: random.Random) -> dict[str, int]:
+    """Every policy disabled; 240 items p0..p239 (brands, age ratings, tags, two of 12 categories, every 23rd
+    unavailable, created up to 200 days before AS_OF) with random vectors. Returns item id -> key."""
     conn.execute("UPDATE pgrec.policies SET enabled = false")
     items = [(f"p{n}", [f"c{rng.randrange(12)}", f"c{rng.randrange(12)}"],
               psycopg.types.json.Jsonb({"brand": f"b{n % 6}", "age_rating": rng.choice([0, 7, 12, 16, 18, 21]),
@@ -700,6 +695,16 @@ def _parity_requests(cat: TestDB, configs: list[list[tuple[str, dict[str, Any]]]
     conn.execute("INSERT INTO pgrec.item_embeddings (item_key, embedding) "
                  "SELECT k, (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, %s) WHERE k > 0)::public.vector "
                  "FROM unnest(%s::bigint[]) k", (TEST_DIM, list(keys.values())))
+    return keys
+
+
+def _parity_requests(cat: TestDB, configs: list[list[tuple[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """A random catalogue (240 items, vectors), three users with events and impressions, one policy set per
+    configuration, and four requests per set (candidates with duplicates and an unknown key, exclude and
+    include_only lists, an anonymous request in debug mode)."""
+    rng = random.Random(11)
+    conn = cat.conn
+    keys = _random_catalogue(conn, rng)
     for user in ("u1", "u2", "u3"):
         for _ in range(40):
             event(cat, user, f"p{rng.randrange(240)}", rng.choice(["view", "purchase", "dislike", "click", "like"]),
@@ -886,17 +891,7 @@ def _fuzz_world(cat: TestDB, rng: random.Random) -> dict[str, int]:
     """240 items (brands, age ratings, tags, two categories each, some unavailable), three users in two countries
     with events and impressions, trending, two item sets; every policy disabled."""
     conn = cat.conn
-    conn.execute("UPDATE pgrec.policies SET enabled = false")
-    items = [(f"p{n}", [f"c{rng.randrange(12)}", f"c{rng.randrange(12)}"],
-              psycopg.types.json.Jsonb({"brand": f"b{n % 6}", "age_rating": rng.choice([0, 7, 12, 16, 18, 21]),
-                                        "tags": rng.sample(["x", "y", "z"], rng.randrange(3))}),
-              AS_OF - timedelta(days=rng.uniform(0, 200)), n % 23 != 5) for n in range(240)]
-    with conn.cursor() as cur:
-        cur.executemany("SELECT pgrec.upsert_item(%s, %s, %s, %s, %s)", items)
-    keys = {r[0]: r[1] for r in conn.execute("SELECT item_id, item_key FROM pgrec.items WHERE item_id LIKE 'p%%'")}
-    conn.execute("INSERT INTO pgrec.item_embeddings (item_key, embedding) "
-                 "SELECT k, (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, %s) WHERE k > 0)::public.vector "
-                 "FROM unnest(%s::bigint[]) k", (TEST_DIM, list(keys.values())))
+    keys = _random_catalogue(conn, rng)
     for user, country in (("u1", "fr"), ("u2", "de"), ("u3", "fr")):
         conn.execute("SELECT pgrec.upsert_user(%s, %s)", (user, psycopg.types.json.Jsonb({"country": country})))
         for _ in range(60):

@@ -14,41 +14,36 @@ CREATE TEMP TABLE stage_items (
     properties jsonb, available boolean
 ) ON COMMIT DROP
 
+-- name: merge_items_last
+-- Items import, as pgrec.upsert_item applied line by line: per id and field, the value of the file's last line
+-- that has one (an empty field or a missing column keeps the stored value; a new item gets the defaults). Then
+-- merge_items_new inserts the new ids (ON CONFLICT DO NOTHING waits for a session inserting the same id) and
+-- merge_items_given, a statement of its own so that it sees such a row, writes the given fields. Stored = rows
+-- inserted + rows changed. (categories is an array: first_value, not array_agg.)
+DROP TABLE IF EXISTS pg_temp.stage_items_last;
+CREATE TEMP TABLE stage_items_last ON COMMIT DROP AS
+SELECT DISTINCT ON (s.item_id) s.item_id,
+       first_value(s.categories) OVER (PARTITION BY s.item_id ORDER BY s.categories IS NULL, s.line DESC) AS categories,
+       first_value(s.properties) OVER (PARTITION BY s.item_id ORDER BY s.properties IS NULL, s.line DESC) AS properties,
+       first_value(s.created_at) OVER (PARTITION BY s.item_id ORDER BY s.created_at IS NULL, s.line DESC) AS created_at,
+       first_value(s.available) OVER (PARTITION BY s.item_id ORDER BY s.available IS NULL, s.line DESC) AS available
+  FROM stage_items s
+
 -- name: merge_items_new
--- Items import, as pgrec.upsert_item applied line by line: per field, the file's last non-empty value counts (an
--- empty field or a missing column keeps the stored value; a new item gets the defaults). First the new ids
--- (ON CONFLICT DO NOTHING waits for a session inserting the same id), then merge_items_given, a statement of its
--- own so that it sees such a row. Stored = rows inserted + rows changed.
-WITH nf AS (  -- per id and field, the value of the last line that has one (categories is an array: no array_agg)
-    SELECT DISTINCT ON (s.item_id) s.item_id,
-           first_value(s.categories) OVER (PARTITION BY s.item_id ORDER BY s.categories IS NULL, s.line DESC) AS categories,
-           first_value(s.properties) OVER (PARTITION BY s.item_id ORDER BY s.properties IS NULL, s.line DESC) AS properties,
-           first_value(s.created_at) OVER (PARTITION BY s.item_id ORDER BY s.created_at IS NULL, s.line DESC) AS created_at,
-           first_value(s.available) OVER (PARTITION BY s.item_id ORDER BY s.available IS NULL, s.line DESC) AS available
-      FROM stage_items s
-)
 INSERT INTO pgrec.items (item_id, categories, properties, created_at, available)
 SELECT nf.item_id, coalesce(nf.categories, '{}'), coalesce(nf.properties, '{}'), coalesce(nf.created_at, now()),
        coalesce(nf.available, true)
-  FROM nf ORDER BY nf.item_id
+  FROM stage_items_last nf ORDER BY nf.item_id
 ON CONFLICT (item_id) DO NOTHING
 
 -- name: merge_items_given
-WITH nf AS (  -- per id and field, the value of the last line that has one (categories is an array: no array_agg)
-    SELECT DISTINCT ON (s.item_id) s.item_id,
-           first_value(s.categories) OVER (PARTITION BY s.item_id ORDER BY s.categories IS NULL, s.line DESC) AS categories,
-           first_value(s.properties) OVER (PARTITION BY s.item_id ORDER BY s.properties IS NULL, s.line DESC) AS properties,
-           first_value(s.created_at) OVER (PARTITION BY s.item_id ORDER BY s.created_at IS NULL, s.line DESC) AS created_at,
-           first_value(s.available) OVER (PARTITION BY s.item_id ORDER BY s.available IS NULL, s.line DESC) AS available
-      FROM stage_items s
-)
 UPDATE pgrec.items AS it
    SET categories = coalesce(nf.categories, it.categories),
        properties = coalesce(nf.properties, it.properties),
        created_at = coalesce(nf.created_at, it.created_at),
        available  = coalesce(nf.available, it.available),
        updated_at = now()
-  FROM nf
+  FROM stage_items_last nf
  WHERE it.item_id = nf.item_id
    AND (it.categories, it.properties, it.created_at, it.available)
        IS DISTINCT FROM (coalesce(nf.categories, it.categories), coalesce(nf.properties, it.properties),
@@ -57,27 +52,24 @@ UPDATE pgrec.items AS it
 -- name: create_users_stage
 CREATE TEMP TABLE stage_users (line int NOT NULL, user_id text NOT NULL, properties jsonb) ON COMMIT DROP
 
+-- name: merge_users_last
+-- Users import, as merge_items_*: the file's last non-empty properties of an id (empty keeps the stored ones; a
+-- new user gets {}).
+DROP TABLE IF EXISTS pg_temp.stage_users_last;
+CREATE TEMP TABLE stage_users_last ON COMMIT DROP AS
+SELECT DISTINCT ON (s.user_id) s.user_id,
+       first_value(s.properties) OVER (PARTITION BY s.user_id ORDER BY s.properties IS NULL, s.line DESC) AS properties
+  FROM stage_users s
+
 -- name: merge_users_new
--- Users import, as merge_items_new / merge_items_given: the file's last non-empty properties of an id (empty keeps
--- the stored ones; a new user gets {}).
-WITH nf AS (
-    SELECT s.user_id,
-           (array_agg(s.properties ORDER BY s.line DESC) FILTER (WHERE s.properties IS NOT NULL))[1] AS properties
-      FROM stage_users s GROUP BY s.user_id
-)
 INSERT INTO pgrec.users (user_id, properties)
-SELECT nf.user_id, coalesce(nf.properties, '{}') FROM nf ORDER BY nf.user_id
+SELECT nf.user_id, coalesce(nf.properties, '{}') FROM stage_users_last nf ORDER BY nf.user_id
 ON CONFLICT (user_id) DO NOTHING
 
 -- name: merge_users_given
-WITH nf AS (
-    SELECT s.user_id,
-           (array_agg(s.properties ORDER BY s.line DESC) FILTER (WHERE s.properties IS NOT NULL))[1] AS properties
-      FROM stage_users s GROUP BY s.user_id
-)
 UPDATE pgrec.users AS u
    SET properties = nf.properties, updated_at = now()
-  FROM nf
+  FROM stage_users_last nf
  WHERE u.user_id = nf.user_id AND nf.properties IS NOT NULL AND u.properties IS DISTINCT FROM nf.properties
 
 -- name: create_events_stage
