@@ -199,6 +199,9 @@ def make_pool(settings: Settings, *, name: str = "pgrec") -> ConnectionPool:
         max_size=settings.pool_max_size,
         timeout=settings.pool_timeout_s,
         configure=configure,
+        # a connection is checked (an empty query) when handed out: after a database restart each dead one
+        # failed one request; now it is replaced
+        check=ConnectionPool.check_connection,
         kwargs={"connect_timeout": max(1, int(settings.pool_timeout_s))},
         name=name,
         open=False,

@@ -15,7 +15,7 @@ import pytest
 from conftest import TestDB
 from fastapi.testclient import TestClient
 
-from engine import experiments
+from engine import experiments, policies
 from engine.api import ServiceConfig, create_app
 from engine.api.keys import create_key, hash_token, list_keys, revoke_key
 from engine.api.logs import JsonFormatter
@@ -298,6 +298,15 @@ def test_json_logs_carry_the_request_id(api: Api, caplog: pytest.LogCaptureFixtu
 
 
 def _experiment(api: Api, name: str = "exp1", shares: tuple[float, float] = (0.5, 0.5)) -> None:
+    if api.db.scalar("SELECT count(*) FROM pgrec.policies WHERE policy_set = 'strict'") == 0:
+        # a variant's policy set must hold a policy (a misspelt one made the test an A/A test)
+        bad = api.client.post("/v1/admin/experiments", headers=api.admin, json={
+            "name": name, "surface": "default",
+            "variants": [{"name": "control", "share": shares[0]},
+                         {"name": "treatment", "share": shares[1], "policy_set": "strict"}]})
+        assert bad.status_code == 404 and "no policy belongs to policy set 'strict'" in bad.text, bad.text
+        policies.add(api.db.conn, "strict-boost", "boost",
+                     {"predicate": {"field": "categories", "op": "exists"}, "multiply": 1.0}, policy_set="strict")
     r = api.client.post("/v1/admin/experiments", headers=api.admin, json={
         "name": name, "surface": "default",
         "variants": [{"name": "control", "share": shares[0]},
@@ -430,6 +439,11 @@ def test_online_report_credits_a_click_once_and_never_before_the_impression(api:
     db.conn.execute("SELECT pgrec.track_event('u1', 'a', 'click', %s, NULL, NULL, NULL, %s)",
                     (served - timedelta(days=3), rp))
     assert report() == {"P": 0, "Q": 0}
+    # a purchase citing P, stamped 5 seconds before P by a client whose clock is behind the database's: credited
+    db.conn.execute("SELECT pgrec.track_event('u1', 'a', 'purchase', %s, NULL, NULL, NULL, %s)",
+                    (served - timedelta(seconds=5), rp))
+    rows = api.client.get("/v1/admin/report/online", headers=api.admin).json()
+    assert {x["variant"]: x["conversions"] for x in rows if x["position"] is None} == {"P": 1, "Q": 0}
     # one click without a request id after both lists: credited once, to the later list (Q)
     db.conn.execute("SELECT pgrec.track_event('u1', 'a', 'click', %s)", (served + timedelta(minutes=30),))
     assert report() == {"P": 0, "Q": 1}

@@ -56,6 +56,10 @@ def test_report_online_command(cli: CliRunner, db: TestDB) -> None:
 
 
 def test_experiments_commands(cli: CliRunner, db: TestDB) -> None:
+    from engine import policies
+
+    policies.add(db.conn, "strict-boost", "boost", {"predicate": {"field": "categories", "op": "exists"},
+                                                     "multiply": 1.0}, policy_set="strict")
     r = cli.invoke(app, ["experiments", "create", "exp-cli", "-v", "control=0.5", "-v", "strict=0.5,policy_set=strict",
                          "--description", "from the CLI"])
     assert r.exit_code == 0, r.output

@@ -151,3 +151,35 @@ def test_policy_with_an_unknown_surface_names_it(api: Api) -> None:
     assert r.json()["detail"] == [{"loc": ["body", "surface"], "msg": "unknown surface 'nosurface'",
                                    "type": "value_error"}]
     assert api.db.scalar("SELECT count(*) FROM pgrec.policies WHERE name = 'f1'") == 0
+
+
+def test_a_path_that_is_not_utf8_is_refused_not_rewritten(api: Api) -> None:
+    """Starlette decodes bytes that are not UTF-8 to U+FFFD, so /items/%FF and /items/%FE were one item."""
+    for raw in ("%FF", "%ED%A0%80"):
+        r = api.client.put(f"/v1/items/{raw}", json={}, headers=api.write)
+        assert r.status_code == 422 and "not valid UTF-8" in r.text, r.text
+    assert api.db.scalar("SELECT count(*) FROM pgrec.items") == 0
+    assert api.client.put("/v1/items/%C3%A9t%C3%A9", json={}, headers=api.write).status_code == 200  # été
+    assert api.db.scalar("SELECT item_id FROM pgrec.items") == "été"
+
+
+def test_probes_answer_on_the_event_loop_and_auth_errors_are_counted(api: Api) -> None:
+    """/health, /ready and /metrics must not wait for a request thread (every one can be stuck on a database that
+    is gone: a liveness probe then timed out and an orchestrator would restart every copy)."""
+    import asyncio
+
+    from engine.api.routes import health
+
+    for fn in (health.health, health.ready, health.prometheus):
+        assert asyncio.iscoroutinefunction(fn), fn.__name__
+    assert api.client.get("/ready").status_code == 200
+
+    def auth_errors() -> float:
+        text = api.client.get("/metrics").text
+        line = [x for x in text.splitlines() if x.startswith('pgrec_errors_total{kind="auth"}')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = auth_errors()
+    assert api.client.post("/v1/recommendations", json={"user_id": "u1"}).status_code == 401
+    assert api.client.post("/v1/events", json={}, headers=api.read).status_code == 403
+    assert auth_errors() == before + 2

@@ -337,6 +337,19 @@ def test_cli_batch_file_and_single_user(sdb: TestDB, tmp_path: Any, monkeypatch:
                                              "--output", str(out)])
         assert res.exit_code == 1 and "missing.txt: no such file" in " ".join(res.output.split())
         assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
+        # a replay at --as-of logs nothing unless asked; a repeated id is served once; an unwritable --output
+        # fails before anything is served, and leaves no .part file
+        src.write_text("\n".join([users[0], users[1], users[0]]) + "\n")
+        res = runner.invoke(engine.cli.app, ["recommend", "--users-file", str(src), "--k", "2", "--as-of",
+                                             AS_OF.isoformat(), "--output", str(out)])
+        assert res.exit_code == 0, res.output
+        assert [json.loads(x)["user_id"] for x in out.read_text().splitlines()] == users[:2]
+        assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
+        for bad in (tmp_path, tmp_path / "recs.jsonl" / "nested.jsonl"):
+            res = runner.invoke(engine.cli.app, ["recommend", "--users-file", str(src), "--output", str(bad)])
+            assert res.exit_code == 1 and "--output" in res.output and "Traceback" not in res.output, res.output
+        assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
+        assert not list(tmp_path.glob("*.part"))
     finally:
         get_settings.cache_clear()
 

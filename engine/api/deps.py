@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 
 from engine import experiments
+from engine.api import metrics
 from engine.api.keys import ApiKey, KeyCache
 from engine.config import Settings
 from engine.sql import query, resource_dir
@@ -103,12 +104,15 @@ def require(scope: str) -> Callable[..., ApiKey]:
     def check(services: ServicesDep,
               creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiKey:
         if creds is None or not creds.credentials:
+            metrics.ERRORS.labels("auth").inc()
             raise HTTPException(401, "missing API key (Authorization: Bearer <key>)",
                                 headers={"WWW-Authenticate": "Bearer"})
         key = services.keys.lookup(creds.credentials)
         if key is None:
+            metrics.ERRORS.labels("auth").inc()
             raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         if not key.allows(scope):
+            metrics.ERRORS.labels("auth").inc()
             raise HTTPException(403, f"this key lacks scope {scope!r}")
         return key
 

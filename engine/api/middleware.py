@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import anyio.to_thread
 from fastapi import HTTPException
@@ -59,6 +60,12 @@ class ServiceMiddleware:
             if length is not None and (not length.isdigit() or int(length) > limit):
                 await _send_413(send_wrapper, limit)
                 return
+            try:  # Starlette would decode bytes that are not UTF-8 to U+FFFD: two ids would become one
+                unquote_to_bytes(scope.get("raw_path") or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                await _send_json(send_wrapper, 422, {"detail": "the URL path is not valid UTF-8"})
+                metrics.ERRORS.labels("validation").inc()
+                return
             received = 0
 
             async def receive_limited() -> Message:
@@ -109,9 +116,13 @@ class ServiceMiddleware:
         return self._slots
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = f'{{"detail":"request body larger than {limit} bytes"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _send_json(send: Send, status: int, content: dict[str, Any]) -> None:
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes"})
     metrics.ERRORS.labels("too_large").inc()

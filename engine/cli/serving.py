@@ -39,7 +39,10 @@ def _read_users(path: Path) -> list[str]:
         users.append(line)
     if not users:
         raise fail(f"{path}: no user ids")
-    return users
+    unique = list(dict.fromkeys(users))  # one list per user, in the file's order
+    if len(unique) < len(users):
+        console.print(f"{path}: {len(users) - len(unique)} repeated user ids served once")
+    return unique
 
 
 def _item_json(it: Any) -> dict[str, Any]:
@@ -56,7 +59,8 @@ def recommend_cmd(
     users_file: Annotated[Path | None, typer.Option("--users-file", help="one user id per line")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="with --users-file: write JSONL here")] = None,
     via: Annotated[str, typer.Option("--via", help="python (LightGBM in process) or sql (pgrec.recommend)")] = "python",
-    log: Annotated[bool, typer.Option("--log/--no-log", help="record the lists as impressions")] = True,
+    log: Annotated[bool | None, typer.Option(
+        "--log/--no-log", help="record the lists as impressions (default: yes, but not for a replay at --as-of)")] = None,
     include_seen: Annotated[bool, typer.Option(
         "--include-seen", help="with --users-file: keep items the user already had events with (left out by "
                                "default, whatever the surface's policies)")] = False,
@@ -71,6 +75,10 @@ def recommend_cmd(
     if via not in ("python", "sql"):
         raise fail("--via must be python or sql")
     when = parse_as_of(as_of)
+    if log is None:  # a list replayed at a past time was never shown: it must not count in the online report
+        log = when is None
+    if users_file is not None and output is not None and output.is_dir():
+        raise fail(f"--output {output}: is a directory")
     if via == "sql":
         if user is None:
             raise fail("--via sql serves one USER (the batch mode uses the Python path)")
@@ -137,17 +145,28 @@ def _recommend_file(rec: Any, users: list[str], output: Path, k: int, surface: s
                     log: bool, *, exclude_seen: bool) -> None:
     from engine.pipeline import BATCH
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(output.suffix + ".part")
-    with tmp.open("w") as fh, progress_bar() as bar:
-        task = bar.add_task("recommend", total=len(users))
-        for start in range(0, len(users), BATCH):
-            chunk = users[start:start + BATCH]
-            for r in rec.recommend_many(chunk, k=k, surface=surface, as_of=as_of, log=log, exclude_seen=exclude_seen):
-                fh.write(json.dumps({"user_id": r.user_id, "request_id": str(r.request_id) if r.request_id else None,
-                                     "items": [_item_json(i) for i in r.items]}, default=str) + "\n")
-            bar.advance(task, len(chunk))
-    tmp.replace(output)  # all or nothing: a failed run leaves no half-written file behind
+    try:  # the file is opened before any list is served (and logged): an unwritable --output fails first
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fh = tmp.open("w")
+    except OSError as exc:
+        raise fail(f"--output {output}: {exc.strerror or exc}") from None
+    try:
+        with fh, progress_bar() as bar:
+            task = bar.add_task("recommend", total=len(users))
+            for start in range(0, len(users), BATCH):
+                chunk = users[start:start + BATCH]
+                for r in rec.recommend_many(chunk, k=k, surface=surface, as_of=as_of, log=log,
+                                            exclude_seen=exclude_seen):
+                    fh.write(json.dumps({"user_id": r.user_id,
+                                         "request_id": str(r.request_id) if r.request_id else None,
+                                         "items": [_item_json(i) for i in r.items]}, default=str) + "\n")
+                bar.advance(task, len(chunk))
+        tmp.replace(output)  # all or nothing: a failed run leaves no half-written file behind
+    except OSError as exc:
+        raise fail(f"--output {output}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     console.print(f"{len(users)} users -> {output}")
 
 

@@ -59,6 +59,9 @@ SELECT x.experiment, x.surface, x.active, x.description, x.created_at, x.ended_a
 -- name: assign_variant
 SELECT experiment, variant, model_version, policy_set FROM pgrec.assign_variant(%(user_id)s, %(surface)s)
 
+-- name: policy_set_exists
+SELECT 1 FROM pgrec.policies WHERE policy_set = %(policy_set)s LIMIT 1
+
 -- name: item_exists
 SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 
@@ -67,9 +70,9 @@ SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 -- position NULL. An impression's experiment is the one that ran on its surface when it was served (at most one
 -- runs per surface at a time), so two experiments that reuse variant names stay apart; '' when none ran (or the
 -- impression has no variant).
--- An impression is clicked / converted when the same user had a click / conversion event on the same item,
--- at or after it, that cites the impression's request id, or, without a request id, within the attribution
--- window after it; such an event is credited once, to the latest impression of that user and item before it
+-- An impression is clicked / converted when the same user had a click / conversion event on the same item
+-- that cites the impression's request id (from 5 minutes before it on: client clocks differ from the
+-- database's), or, without a request id, within the attribution window after it; such an event is credited once, to the latest impression of that user and item before it
 -- (ties: the greater request id), so that two lists showing the item do not both count one click.
 WITH cfg AS (
     SELECT coalesce((SELECT array_agg(t.type_id) FROM pgrec.event_types t
@@ -99,9 +102,11 @@ WITH cfg AS (
             FROM pgrec.events e
            WHERE e.user_key = imp.user_key AND e.item_key = imp.item_key
              AND e.type_id = ANY (cfg.click_ids || cfg.conversion_ids)
-             AND e.occurred_at >= imp.served_at
-             AND (e.request_id = imp.request_id
-                  OR (e.request_id IS NULL AND e.occurred_at < imp.served_at + cfg.attribution
+             -- an event citing the request may be up to 5 minutes early: its time comes from the client's clock,
+             -- served_at from the database's (a skew of seconds lost such conversions); days early is an error
+             AND (e.request_id = imp.request_id AND e.occurred_at >= imp.served_at - interval '5 minutes'
+                  OR (e.request_id IS NULL AND e.occurred_at >= imp.served_at
+                      AND e.occurred_at < imp.served_at + cfg.attribution
                       AND NOT EXISTS (
                           SELECT 1 FROM pgrec.impressions later
                            WHERE later.user_key = imp.user_key AND later.item_key = imp.item_key
