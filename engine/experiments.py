@@ -32,6 +32,7 @@ class Variant:
     name: str
     model_version: int | None = None
     policy_set: str | None = None
+    experiment: str | None = None  # logged with the impressions (None: the report derives it from the time)
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,9 @@ def pick(user_id: str, experiment: Experiment) -> Variant | None:
     for v in specs:
         running += v.share
         if running / total > b:
-            return Variant(v.name, v.model_version, v.policy_set)
+            return Variant(v.name, v.model_version, v.policy_set, experiment.name)
     last = specs[-1]  # only reachable through rounding
-    return Variant(last.name, last.model_version, last.policy_set)
+    return Variant(last.name, last.model_version, last.policy_set, experiment.name)
 
 
 def validate(name: str, surface: str, variants: Sequence[VariantSpec]) -> None:
@@ -155,7 +156,7 @@ def list_experiments(conn: psycopg.Connection[Any], *, include_ended: bool = Fal
 def assign_sql(conn: psycopg.Connection[Any], user_id: str, surface: str = "default") -> Variant | None:
     """The variant by ``pgrec.assign_variant`` (for SQL callers; the service uses :class:`Assigner`)."""
     row = conn.execute(query("service.assign_variant"), {"user_id": user_id, "surface": surface}).fetchone()
-    return None if row is None else Variant(row[1], row[2], row[3])
+    return None if row is None else Variant(row[1], row[2], row[3], row[0])
 
 
 class Assigner:

@@ -470,6 +470,29 @@ def test_online_report_keeps_experiments_that_reuse_variant_names_apart(api: Api
     assert totals == {("", ""): 1, ("", "control"): 1, ("first", "control"): 1, ("second", "control"): 1}
 
 
+def test_lists_served_with_an_ended_experiments_arm_are_reported_under_it(api: Api) -> None:
+    """A service copy's cached experiment can outlive its end by a few seconds: the impressions record the
+    experiment of their variant, so the report does not file them under the experiment that started meanwhile."""
+    from engine.pipeline import Recommender
+
+    db: TestDB = api.db
+    for i in ("a1", "a2", "a3"):
+        api.client.put(f"/v1/items/{i}", json={"categories": ["x"]}, headers=api.write)
+    _experiment(api, "first")
+    stale = experiments.pick("u1", next(e for e in experiments.list_experiments(db.conn) if e.name == "first"))
+    assert stale is not None and stale.experiment == "first"
+    assert api.client.post("/v1/admin/experiments/first/end", headers=api.admin).status_code == 204
+    _experiment(api, "second")
+    with Recommender(db.settings) as rec:
+        served = rec.recommend("u1", k=2, variant=stale)  # as a copy whose cache still holds "first"
+    assert db.scalar("SELECT DISTINCT experiment FROM pgrec.impressions WHERE request_id = %s",
+                     (served.request_id,)) == "first"
+    rows = api.client.get("/v1/admin/report/online", headers=api.admin).json()
+    assert {(x["experiment"], x["variant"]) for x in rows if x["position"] is None} == {("first", stale.name)}
+    # the SQL assignment names the experiment too
+    assert experiments.assign_sql(db.conn, "u1").experiment == "second"  # type: ignore[union-attr]
+
+
 def test_more_concurrent_requests_than_threads_and_connections(api: Api) -> None:
     """Requests outnumber both the worker threads and the pooled connections: each still gets its answer (a
     connection held by a request that waits for a thread, and threads waiting for connections, never block each

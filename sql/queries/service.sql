@@ -67,9 +67,9 @@ SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 
 -- name: online_report
 -- One row per (surface, experiment, variant, position) and a total per (surface, experiment, variant) with
--- position NULL. An impression's experiment is the one that ran on its surface when it was served (at most one
--- runs per surface at a time), so two experiments that reuse variant names stay apart; '' when none ran (or the
--- impression has no variant).
+-- position NULL. An impression's experiment is the one logged with it (migration 0022), else the one that ran on its
+-- surface when it was served (at most one runs per surface at a time), so two experiments that reuse variant names
+-- stay apart; '' when none ran (or the impression has no variant).
 -- An impression is clicked / converted when the same user had a click / conversion event on the same item
 -- that cites the impression's request id (from 5 minutes before it on: client clocks differ from the
 -- database's), or, without a request id, within the attribution window after it; such an event is credited once, to the latest impression of that user and item before it
@@ -89,7 +89,7 @@ WITH cfg AS (
        AND (%(surface)s::text IS NULL OR i.surface = %(surface)s::text)
 ), judged AS (
     SELECT imp.surface,
-           coalesce((SELECT x.experiment FROM pgrec.experiments x
+           coalesce(imp.experiment, (SELECT x.experiment FROM pgrec.experiments x
                       WHERE imp.variant IS NOT NULL AND x.surface = imp.surface AND x.created_at <= imp.served_at
                         AND (x.ended_at IS NULL OR imp.served_at < x.ended_at)
                       ORDER BY x.created_at DESC LIMIT 1), '') AS experiment,

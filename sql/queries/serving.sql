@@ -37,7 +37,7 @@ SELECT pgrec.finish_request(%(user_id)s, %(surface)s, %(k)s, %(item_keys)s::bigi
                             ARRAY(SELECT s.v FROM jsonb_array_elements_text(%(sources)s::jsonb) WITH ORDINALITY AS s(v, i)
                                    ORDER BY s.i),
                             %(context)s::jsonb, %(as_of)s::timestamptz, %(policy_set)s,
-                            %(model_version)s::bigint, %(variant)s, %(log)s)
+                            %(model_version)s::bigint, %(variant)s, %(log)s, %(experiment)s)
 
 -- name: recommend_sql
 -- The SQL-only path, for benchmarks and parity checks from Python.
