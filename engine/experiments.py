@@ -104,10 +104,11 @@ def create(conn: psycopg.Connection[Any], name: str, surface: str, variants: Seq
         if conn.execute(query("service.experiment_state"), {"experiment": name}).fetchone() is not None:
             raise InvalidRequest(f"name: experiment {name!r} already exists")
         for i, v in enumerate(variants):
-            if v.policy_set is not None and conn.execute(query("service.policy_set_exists"),
-                                                         {"policy_set": v.policy_set}).fetchone() is None:
+            if v.policy_set is not None and conn.execute(query("service.policy_set_exists"), {
+                    "policy_set": v.policy_set, "surface": surface}).fetchone() is None:
                 # the policies of another set never apply, so a misspelt set made the test an A/A test
-                raise NotFound(f"variants[{i}].policy_set: no policy belongs to policy set {v.policy_set!r}")
+                raise NotFound(f"variants[{i}].policy_set: no enabled policy of policy set {v.policy_set!r} "
+                               f"applies on surface {surface!r}")
             if v.model_version is None:
                 continue
             row = conn.execute(query("service.model_exists"), {"version": v.model_version}).fetchone()

@@ -47,8 +47,7 @@ class Variant(Protocol):
     def model_version(self) -> int | None: ...
     @property
     def policy_set(self) -> str | None: ...
-    @property
-    def experiment(self) -> str | None: ...
+    # optional: ``experiment`` (the experiment the arm belongs to), logged with the impressions when present
 
 
 @dataclass
@@ -237,7 +236,7 @@ class Recommender:
         params = [{"user_id": uid, "surface": surface, "k": k, **_list_params(scored[uid]), "context": context,
                    "as_of": as_of, "policy_set": variant.policy_set if variant else None,
                    "model_version": model.version if model else None, "variant": variant.name if variant else None,
-                   "experiment": variant.experiment if variant else None, "log": log} for uid in user_ids]
+                   "experiment": getattr(variant, "experiment", None), "log": log} for uid in user_ids]
         sql = query("serving.finish_request")
         if len(params) == 1:
             row = conn.execute(sql, params[0]).fetchone()

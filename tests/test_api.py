@@ -304,9 +304,17 @@ def _experiment(api: Api, name: str = "exp1", shares: tuple[float, float] = (0.5
             "name": name, "surface": "default",
             "variants": [{"name": "control", "share": shares[0]},
                          {"name": "treatment", "share": shares[1], "policy_set": "strict"}]})
-        assert bad.status_code == 404 and "no policy belongs to policy set 'strict'" in bad.text, bad.text
+        assert bad.status_code == 404 and "no enabled policy of policy set 'strict'" in bad.text, bad.text
+        # nor one whose only policy is disabled
         policies.add(api.db.conn, "strict-boost", "boost",
-                     {"predicate": {"field": "categories", "op": "exists"}, "multiply": 1.0}, policy_set="strict")
+                     {"predicate": {"field": "categories", "op": "exists"}, "multiply": 1.0}, policy_set="strict",
+                     enabled=False)
+        again = api.client.post("/v1/admin/experiments", headers=api.admin, json={
+            "name": name, "surface": "default", "variants": [{"name": "control", "share": shares[0]},
+                                                             {"name": "treatment", "share": shares[1],
+                                                              "policy_set": "strict"}]})
+        assert again.status_code == 404, again.text
+        policies.set_enabled(api.db.conn, "strict-boost", True)
     r = api.client.post("/v1/admin/experiments", headers=api.admin, json={
         "name": name, "surface": "default",
         "variants": [{"name": "control", "share": shares[0]},

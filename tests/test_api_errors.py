@@ -173,6 +173,32 @@ def test_probes_answer_on_the_event_loop_and_auth_errors_are_counted(api: Api) -
     for fn in (health.health, health.ready, health.prometheus):
         assert asyncio.iscoroutinefunction(fn), fn.__name__
     assert api.client.get("/ready").status_code == 200
+    # a stalled database: the readiness query waits on a lock. Each probe answers 503 within its limit and gives
+    # its connection back, so requests that do not need the locked table still get theirs
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from engine.api import ServiceConfig, create_app
+
+    settings = api.db.settings.model_copy(update={"pool_max_size": 2, "pool_timeout_s": 3.0})
+    other = api.db.connect()
+    with TestClient(create_app(settings, ServiceConfig(key_cache_ttl_s=60.0))) as client:
+        assert client.get("/v1/items/nope", headers=api.read).status_code == 404  # the key is cached
+        try:
+            other.execute("BEGIN")
+            other.execute("LOCK TABLE pgrec.alembic_version IN ACCESS EXCLUSIVE MODE")
+            for _ in range(3):  # more probes than pooled connections
+                t0 = time.monotonic()
+                r = client.get("/ready")
+                assert r.status_code == 503 and time.monotonic() - t0 < health.READY_TIMEOUT_S + 1.5, r.text
+            t0 = time.monotonic()
+            assert client.get("/v1/items/nope", headers=api.read).status_code == 404
+            assert time.monotonic() - t0 < 1.5
+        finally:
+            other.rollback()
+            other.close()
+        assert client.get("/ready").status_code == 200
 
     def auth_errors() -> float:
         text = api.client.get("/metrics").text

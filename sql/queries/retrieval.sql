@@ -32,7 +32,9 @@ SELECT DISTINCT i.user_key, i.item_key
  WHERE (%(as_of)s::timestamptz IS NULL OR i.served_at < %(as_of)s::timestamptz)
    AND NOT EXISTS (SELECT 1 FROM pgrec.events e
                     WHERE e.user_key = i.user_key AND e.item_key = i.item_key AND e.polarity = 1
-                      AND e.occurred_at >= i.served_at
+                      -- an event citing the list may be stamped up to 5 minutes early (client clocks)
+                      AND (e.occurred_at >= i.served_at
+                           OR (e.request_id = i.request_id AND e.occurred_at >= i.served_at - interval '5 minutes'))
                       AND (%(as_of)s::timestamptz IS NULL OR e.occurred_at < %(as_of)s::timestamptz))
 
 -- name: latest_event

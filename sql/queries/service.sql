@@ -60,7 +60,14 @@ SELECT x.experiment, x.surface, x.active, x.description, x.created_at, x.ended_a
 SELECT experiment, variant, model_version, policy_set FROM pgrec.assign_variant(%(user_id)s, %(surface)s)
 
 -- name: policy_set_exists
-SELECT 1 FROM pgrec.policies WHERE policy_set = %(policy_set)s LIMIT 1
+-- an enabled policy of the set that applies on the surface (else the arm is the control)
+SELECT 1 FROM pgrec.policies
+ WHERE policy_set = %(policy_set)s AND enabled AND (surface IS NULL OR surface = %(surface)s)
+ LIMIT 1
+
+-- name: probe_timeout
+-- /ready's query may not wait longer than the probe (in its own transaction)
+SELECT set_config('statement_timeout', %(ms)s::text, true)
 
 -- name: item_exists
 SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s

@@ -11,6 +11,7 @@ from psycopg_pool import PoolTimeout
 from engine.api import metrics
 from engine.api.deps import Services, get_services, schema_revision
 from engine.api.schemas import Health, Readiness
+from engine.sql import query
 
 router = APIRouter(tags=["health"])
 
@@ -46,7 +47,10 @@ async def ready(request: Request) -> JSONResponse:
 
 
 def _revision(services: Services) -> str | None:
-    with services.pool.connection() as conn:
+    # bounded inside the thread too: a probe the event loop gave up on (its thread is abandoned, not stopped)
+    # must not keep waiting for, or holding, a pooled connection that requests need
+    with services.pool.connection(timeout=READY_TIMEOUT_S) as conn, conn.transaction():
+        conn.execute(query("service.probe_timeout"), {"ms": int(READY_TIMEOUT_S * 1000)})
         return schema_revision(conn)
 
 
