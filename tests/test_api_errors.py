@@ -209,3 +209,22 @@ def test_probes_answer_on_the_event_loop_and_auth_errors_are_counted(api: Api) -
     assert api.client.post("/v1/recommendations", json={"user_id": "u1"}).status_code == 401
     assert api.client.post("/v1/events", json={}, headers=api.read).status_code == 403
     assert auth_errors() == before + 2
+
+
+def test_ids_with_a_slash_are_reachable(api: Api) -> None:
+    """Imports take ids holding "/"; the routes did not (404 for PUT/GET /v1/items/a%2Fb)."""
+    from conftest import TEST_DIM
+
+    c = api.client
+    assert c.put("/v1/items/shoes%2Frun-1", json={"categories": ["x"]}, headers=api.write).json()["id"] == "shoes/run-1"
+    assert c.put("/v1/items/shoes/run-2", json={"categories": ["x"]}, headers=api.write).status_code == 200
+    assert c.get("/v1/items/shoes%2Frun-1", headers=api.read).json()["item_id"] == "shoes/run-1"
+    for item in ("shoes/run-1", "shoes/run-2"):
+        r = c.put(f"/v1/items/{item}/embedding", json={"vector": [0.1 * (n + 1) for n in range(TEST_DIM)]},
+                  headers=api.write)
+        assert r.status_code == 204, r.text
+    r = c.get("/v1/items/shoes/run-1/similar", params={"k": 5}, headers=api.read)
+    assert r.status_code == 200 and [x["item_id"] for x in r.json()] == ["shoes/run-2"], r.text
+    assert c.put("/v1/users/team%2Falice", json={"properties": {"country": "de"}}, headers=api.write).status_code == 200
+    assert api.db.scalar("SELECT user_id FROM pgrec.users") == "team/alice"
+    assert c.get("/v1/items/shoes/none", headers=api.read).status_code == 404

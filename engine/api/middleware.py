@@ -96,7 +96,8 @@ class ServiceMiddleware:
         finally:
             elapsed = time.perf_counter() - t0
             route: Any = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            # the route's template (never the caller's values), without its converters: /v1/items/{item_id}
+            endpoint = (getattr(route, "path", None) or "unmatched").replace(":path}", "}")
             method = scope.get("method", "")
             metrics.REQUEST_SECONDS.labels(endpoint, method).observe(elapsed)
             metrics.REQUESTS.labels(endpoint, method, str(status)).inc()

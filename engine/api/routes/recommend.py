@@ -49,7 +49,7 @@ def recommend(body: RecommendRequest, key: ReadKey, services: ServicesDep) -> Re
                                   reasons=dict(i.reasons)) for i in rec.items])
 
 
-@router.get("/items/{item_id}/similar", response_model=list[ScoredItemOut],
+@router.get("/items/{item_id:path}/similar", response_model=list[ScoredItemOut],
             responses={404: {"description": "unknown item"}}, summary="Items nearest to an item's vector")
 def similar(item_id: Annotated[str, Path(min_length=1, max_length=256, pattern=ID_PATTERN)], key: ReadKey,
             services: ServicesDep, k: Annotated[int, Query(ge=1, le=200)] = 20) -> list[ScoredItemOut]:
