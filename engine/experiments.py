@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -23,6 +23,10 @@ from engine.ranking.compile import install_compiled_model
 from engine.sql import query
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# An event that cites a request id may be stamped up to this long before the list was served: its time comes
+# from the client's clock, served_at from the database's. The online report, the ranker's labels from
+# impressions and the retrieval model's ignored impressions all take it from here.
+CITATION_CLOCK_SLACK = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -211,9 +215,11 @@ class ReportRow:
 def online_report(conn: psycopg.Connection[Any], *, since: datetime | None = None,
                   surface: str | None = None) -> list[ReportRow]:
     """Impressions, clicks and conversions per surface, experiment, variant and position, from impressions
-    joined with events: by the request id the event cites (at or after the impression), else the same user and
+    joined with events: by the request id the event cites (from ``CITATION_CLOCK_SLACK`` before the impression
+    on), else the same user and
     item within the attribution window (config ``report_attribution_hours``), credited once, to the latest
     impression before the event; click and conversion types in ``report_click_types`` /
     ``report_conversion_types``."""
-    rows = conn.execute(query("service.online_report"), {"since": since, "surface": surface}).fetchall()
+    rows = conn.execute(query("service.online_report"),
+                        {"since": since, "surface": surface, "slack": CITATION_CLOCK_SLACK}).fetchall()
     return [ReportRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6])) for r in rows]

@@ -698,6 +698,20 @@ def _random_catalogue(conn: psycopg.Connection[Any], rng: random.Random) -> dict
     return keys
 
 
+def _random_history(cat: TestDB, rng: random.Random, keys: dict[str, int], user: str, *, events: int,
+                    impressions: int, shown: int) -> None:
+    """``events`` random events of the user over the 60 days before AS_OF, then ``impressions`` lists (one item
+    each, of the first ``shown`` items) served in the 9 days before it."""
+    for _ in range(events):
+        event(cat, user, f"p{rng.randrange(240)}", rng.choice(["view", "purchase", "dislike", "click", "like"]),
+              rng.uniform(0.01, 60))
+    user_key = cat.scalar("SELECT pgrec.user_key_for(%s)", (user,))
+    for n in range(impressions):
+        cat.conn.execute("INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, served_at) "
+                         "VALUES (%s, %s, 'default', 1, %s, %s)",
+                         (uuid.uuid4(), user_key, keys[f"p{n % shown}"], AS_OF - timedelta(days=rng.uniform(0, 9))))
+
+
 def _parity_requests(cat: TestDB, configs: list[list[tuple[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
     """A random catalogue (240 items, vectors), three users with events and impressions, one policy set per
     configuration, and four requests per set (candidates with duplicates and an unknown key, exclude and
@@ -706,14 +720,7 @@ def _parity_requests(cat: TestDB, configs: list[list[tuple[str, dict[str, Any]]]
     conn = cat.conn
     keys = _random_catalogue(conn, rng)
     for user in ("u1", "u2", "u3"):
-        for _ in range(40):
-            event(cat, user, f"p{rng.randrange(240)}", rng.choice(["view", "purchase", "dislike", "click", "like"]),
-                  rng.uniform(0.01, 60))
-        user_key = cat.scalar("SELECT pgrec.user_key_for(%s)", (user,))
-        for n in range(30):
-            conn.execute("INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, served_at) "
-                         "VALUES (%s, %s, 'default', 1, %s, %s)",
-                         (uuid.uuid4(), user_key, keys[f"p{n % 12}"], AS_OF - timedelta(days=rng.uniform(0, 9))))
+        _random_history(cat, rng, keys, user, events=40, impressions=30, shown=12)
     policies.put_item_set(conn, "parity-blocked", [f"p{rng.randrange(240)}" for _ in range(30)])
     policies.put_item_set(conn, "parity-pins", ["p200", "p201", "nope"])
     for n, config in enumerate(configs):
@@ -894,14 +901,7 @@ def _fuzz_world(cat: TestDB, rng: random.Random) -> dict[str, int]:
     keys = _random_catalogue(conn, rng)
     for user, country in (("u1", "fr"), ("u2", "de"), ("u3", "fr")):
         conn.execute("SELECT pgrec.upsert_user(%s, %s)", (user, psycopg.types.json.Jsonb({"country": country})))
-        for _ in range(60):
-            event(cat, user, f"p{rng.randrange(240)}", rng.choice(["view", "purchase", "dislike", "click", "like"]),
-                  rng.uniform(0.01, 60))
-        user_key = cat.scalar("SELECT pgrec.user_key_for(%s)", (user,))
-        for n in range(40):
-            conn.execute("INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, served_at) "
-                         "VALUES (%s, %s, 'default', 1, %s, %s)",
-                         (uuid.uuid4(), user_key, keys[f"p{n % 15}"], AS_OF - timedelta(days=rng.uniform(0, 9))))
+        _random_history(cat, rng, keys, user, events=60, impressions=40, shown=15)
     # trending needs positive events by many users
     for n in range(30):
         for it in range(0, 40, 3):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from engine.experiments import CITATION_CLOCK_SLACK
 from engine.ranking import features
 from engine.sql import query
 
@@ -139,7 +140,7 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
     requests = conn.execute(query("ranking.impression_requests"), params).fetchall()
     labels: dict[Any, dict[int, int]] = {}
     for rid, item, w, neg in conn.execute(query("ranking.impression_labels"),
-                                          {**params, "window": window}).fetchall():
+                                          {**params, "window": window, "slack": CITATION_CLOCK_SLACK}).fetchall():
         labels.setdefault(rid, {})[int(item)] = grade(w, bool(neg))
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []

@@ -18,6 +18,7 @@ import numpy as np
 import psycopg
 
 from engine.errors import InvalidRequest
+from engine.experiments import CITATION_CLOCK_SLACK
 from engine.sql import query
 
 Ints = Sequence[int] | np.ndarray
@@ -204,7 +205,8 @@ def load(conn: psycopg.Connection[Any], as_of: datetime | None = None, *,
     cur.execute(query("retrieval.events"), params)
     rows = cur.fetchall()
     arr = np.array(rows, dtype=np.float64).reshape(-1, 5)
-    ignored_rows = conn.execute(query("retrieval.ignored_impressions"), params).fetchall()
+    ignored_rows = conn.execute(query("retrieval.ignored_impressions"),
+                                {**params, "slack": CITATION_CLOCK_SLACK}).fetchall()
     ig = np.array(ignored_rows, dtype=np.int64).reshape(-1, 2)
     user_props = {int(k): p for k, p in conn.execute(query("retrieval.user_properties"))}
     return RetrievalData.from_arrays(

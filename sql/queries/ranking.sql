@@ -45,14 +45,14 @@ SELECT i.request_id, i.user_key, i.surface, min(i.served_at) AS served_at,
  ORDER BY served_at, i.request_id
 
 -- name: impression_labels
--- Engagement with what was shown: events of the same user and item tied to the request by request_id (from 5
--- minutes before serving on: client clocks; the same rule as the online report), or (events without a
--- request_id) after serving, within the attribution window.
+-- Engagement with what was shown: events of the same user and item tied to the request by request_id (from
+-- the clock slack before serving on: client clocks, as the online report), or (events without a request_id) after
+-- serving, within the attribution window.
 SELECT i.request_id, i.item_key, max(e.weight) FILTER (WHERE e.polarity = 1) AS w, bool_or(e.polarity = -1) AS neg
   FROM pgrec.impressions i
   JOIN pgrec.events e
     ON e.user_key = i.user_key AND e.item_key = i.item_key
-   AND (e.request_id = i.request_id AND e.occurred_at >= i.served_at - interval '5 minutes'
+   AND (e.request_id = i.request_id AND e.occurred_at >= i.served_at - %(slack)s::interval
         OR (e.request_id IS NULL AND e.occurred_at >= i.served_at
             AND e.occurred_at < i.served_at + %(window)s::interval))
  WHERE i.served_at >= %(since)s AND i.served_at < %(until)s

@@ -32,9 +32,9 @@ SELECT DISTINCT i.user_key, i.item_key
  WHERE (%(as_of)s::timestamptz IS NULL OR i.served_at < %(as_of)s::timestamptz)
    AND NOT EXISTS (SELECT 1 FROM pgrec.events e
                     WHERE e.user_key = i.user_key AND e.item_key = i.item_key AND e.polarity = 1
-                      -- an event citing the list may be stamped up to 5 minutes early (client clocks)
+                      -- an event citing the list may be stamped a little early (client clocks: the slack)
                       AND (e.occurred_at >= i.served_at
-                           OR (e.request_id = i.request_id AND e.occurred_at >= i.served_at - interval '5 minutes'))
+                           OR (e.request_id = i.request_id AND e.occurred_at >= i.served_at - %(slack)s::interval))
                       AND (%(as_of)s::timestamptz IS NULL OR e.occurred_at < %(as_of)s::timestamptz))
 
 -- name: latest_event

@@ -78,7 +78,7 @@ SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 -- surface when it was served (at most one runs per surface at a time), so two experiments that reuse variant names
 -- stay apart; '' when none ran (or the impression has no variant).
 -- An impression is clicked / converted when the same user had a click / conversion event on the same item
--- that cites the impression's request id (from 5 minutes before it on: client clocks differ from the
+-- that cites the impression's request id (from a clock slack before it on: client clocks differ from the
 -- database's), or, without a request id, within the attribution window after it; such an event is credited once, to the latest impression of that user and item before it
 -- (ties: the greater request id), so that two lists showing the item do not both count one click.
 WITH cfg AS (
@@ -109,9 +109,9 @@ WITH cfg AS (
             FROM pgrec.events e
            WHERE e.user_key = imp.user_key AND e.item_key = imp.item_key
              AND e.type_id = ANY (cfg.click_ids || cfg.conversion_ids)
-             -- an event citing the request may be up to 5 minutes early: its time comes from the client's clock,
-             -- served_at from the database's (a skew of seconds lost such conversions); days early is an error
-             AND (e.request_id = imp.request_id AND e.occurred_at >= imp.served_at - interval '5 minutes'
+             -- an event citing the request may be a little early (engine/experiments.py CITATION_CLOCK_SLACK:
+             -- client clocks; a skew of seconds lost such conversions); days early is an error
+             AND (e.request_id = imp.request_id AND e.occurred_at >= imp.served_at - %(slack)s::interval
                   OR (e.request_id IS NULL AND e.occurred_at >= imp.served_at
                       AND e.occurred_at < imp.served_at + cfg.attribution
                       AND NOT EXISTS (
