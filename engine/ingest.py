@@ -818,14 +818,19 @@ def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sq
     """
     newlines = 0
     last = b"\n"  # as if after a line end: whitespace at the start of the data is found like any other
+    tail = b"\n"  # the previous chunk's last byte that is not a quote, and the quotes after it
     padded = False
     padding_in = _padding_finder(delimiter)
+    stray_in = _stray_quote_finder(delimiter)
     with cur.copy(statement) as copy:
         while chunk := fh.read(_CHUNK):
             seam = last + chunk
-            # COPY reads a line holding only \. as the end of the data: let the Python reader handle such a file
-            if b"\\." in seam:
+            # COPY reads a line holding only \. as the end of the data, and a quote anywhere in a field as the
+            # start or end of quoting (`"a"x` is `ax`, `a"b"c` is `abc`), where the Python reader refuses the
+            # first and keeps the quotes of the second: let the Python reader handle such a file
+            if b"\\." in seam or stray_in(tail + chunk):
                 raise _NotCopyable
+            tail = _quote_tail(tail + chunk if not chunk.rstrip(b'"') else chunk)
             padded = padded or padding_in(seam)
             n = chunk.count(b"\n")
             newlines += n
@@ -872,6 +877,23 @@ def _padding_finder(delimiter: bytes) -> Callable[[bytes], bool]:
         return any(t in data for t in triggers) and regex.search(data) is not None
 
     return find
+
+
+def _stray_quote_finder(delimiter: bytes) -> Callable[[bytes], bool]:
+    """Whether a chunk holds an odd run of quotes between two bytes that are neither the delimiter, a line end nor
+    a quote: never in a file the csv module writes (a quote opens a field after a delimiter or line end, closes
+    one before them, and doubles inside it), and read differently by COPY and the Python reader."""
+    if not delimiter:
+        return lambda data: False
+    plain = b'[^"\r\n' + re.escape(delimiter) + b"]"
+    regex = re.compile(plain + b'"(?:"")*' + plain)
+    return lambda data: b'"' in data and regex.search(data) is not None
+
+
+def _quote_tail(data: bytes) -> bytes:
+    """The last byte of data that is not a quote and the quotes after it: what a stray quote run at the seam of
+    two chunks needs from the first."""
+    return data[max(len(data.rstrip(b'"')) - 1, 0):]
 
 
 def _json_line_reject(line: int, doc: str) -> Reject:

@@ -249,6 +249,54 @@ def test_padding_is_seen_wherever_it_is(db: TestDB, tmp_path: Path) -> None:
     assert [(u, i) for u, i, *_ in _events(db)] == [("u1", "a"), ("u1", "b"), ("u2", "c")]
 
 
+def test_stray_quotes_are_read_as_the_python_reader_reads_them(db: TestDB, tmp_path: Path) -> None:
+    """COPY takes a quote anywhere in a field for quoting (`"a"x` is `ax`, `a"b"c` is `abc`); such files go to the
+    Python reader, which refuses the first and keeps the quotes of the second. Files the csv module writes, quotes
+    in values included, stay on the SQL path."""
+    import csv
+    import io
+    import random
+
+    rnd = random.Random(11)
+    for delimiter in (",", "\t"):
+        stray_in = ingest._stray_quote_finder(delimiter.encode())
+        for _ in range(300):
+            rows = [[rnd.choice(["u1", 'q"q', '""', '"', '{"a": "b"}', "x,y", "", 'a""b']) for _ in range(4)]
+                    for _ in range(3)]
+            out = io.StringIO()
+            csv.writer(out, delimiter=delimiter, lineterminator=rnd.choice(["\n", "\r\n"])).writerows(rows)
+            data = out.getvalue().encode()
+            assert not stray_in(b"\n" + data), data
+            # one stray quote run between two plain bytes: right after a closing quote, or inside a bare value
+            at = rnd.choice([i for i in range(1, len(data) - 1) if data[i - 1:i] not in (b'"', b"\r", b"\n")
+                             and data[i - 1:i] != delimiter.encode()])
+            bad = data[:at] + b'"' * rnd.choice([1, 3]) + b"z" + data[at:]
+            assert stray_in(b"\n" + bad), bad
+    # a stray run cut by the seam of two chunks is found with the first chunk's tail
+    stray_in = ingest._stray_quote_finder(b",")
+    for first, second in ((b'u1,"a', b'"x,click\n'), (b'u1,"a"', b'""x,click\n')):  # "a"x and "a"""x
+        assert not stray_in(b"\n" + first) and not stray_in(second)
+        assert stray_in(ingest._quote_tail(b"\n" + first) + second)
+
+    _setup(db, tmp_path)
+    head = "user_id,item_id,event_type,occurred_at\n"
+    with pytest.raises(ingest.ImportFailed) as failed:
+        ingest.import_file(db.conn, "events", _write(tmp_path / "ev.csv", head + 'u1,"a"x,click,2024-02-01T10:00:00Z\n'))
+    first_reject = failed.value.rejects[0]
+    assert (first_reject.line, first_reject.field) == (2, "(line)") and "expected after" in first_reject.reason
+    # a quote inside a bare value is a character of it (here an item the catalog does not have)
+    with pytest.raises(ingest.ImportFailed) as failed:
+        ingest.import_file(db.conn, "events", _write(tmp_path / "ev.csv", head + 'u1,a"b"c,click,2024-02-01T10:00:00Z\n'))
+    first_reject = failed.value.rejects[0]
+    assert (first_reject.line, first_reject.field) == (2, "item_id") and 'a"b"c' in first_reject.reason
+    assert db.scalar("SELECT count(*) FROM pgrec.events") == 0
+    # quotes the csv module writes stay on the SQL path
+    r = ingest.import_file(db.conn, "events", _write(
+        tmp_path / "ev.csv", head + '"u""1",a,click,2024-02-01T10:00:00Z\n"u,2",b,click,2024-02-01T10:00:00Z\n'))
+    assert (r.checked_by, r.stored) == ("sql", 2)
+    assert {u for u, *_ in _events(db)} == {'u"1', "u,2"}
+
+
 def _daily_recount(db: TestDB) -> list[tuple[Any, ...]]:
     """pgrec.item_daily_counts as a recount of pgrec.events (the segment is the users' country)."""
     return db.conn.execute(
