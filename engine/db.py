@@ -160,9 +160,16 @@ def apply_session_settings(conn: psycopg.Connection[Any], settings: Settings, *,
         conn.execute(f"SET statement_timeout = {int(settings.statement_timeout_ms)}")
 
 
+# pgrec's statements name every object with its schema (pgrec.*, public.vector, OPERATOR(public.<=>)); a session
+# path without public keeps a function another role created there (public.array_to_string(text[], text) beats
+# pg_catalog's anyarray one for text[] arguments) from running with this connection's rights.
+SAFE_SEARCH_PATH = "pg_catalog, pg_temp"
+
+
 def _configure(conn: psycopg.Connection[Any], settings: Settings, *, serving: bool = False) -> None:
     with contextlib.suppress(psycopg.ProgrammingError):
-        register_vector(conn)
+        register_vector(conn)  # looks the vector type up by name: before the search path leaves public out
+    conn.execute(f"SET search_path = {SAFE_SEARCH_PATH}")
     apply_session_settings(conn, settings, serving=serving)
     if not conn.autocommit:
         conn.commit()

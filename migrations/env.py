@@ -28,6 +28,9 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
     # the schema is created in the migrations' own transaction (alembic runs inside the one already begun):
     # a failed first upgrade leaves no empty schema pgrec behind
     connection.execute(text("CREATE SCHEMA IF NOT EXISTS pgrec"))
+    # every object is named with its schema; without public in the path no other role's function there runs
+    # with the migrating role's rights (engine.db.SAFE_SEARCH_PATH)
+    connection.execute(text("SET search_path = pg_catalog, pg_temp"))
     context.configure(
         connection=connection,
         version_table="alembic_version",

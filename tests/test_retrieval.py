@@ -374,11 +374,11 @@ def test_bulk_vector_import_builds_the_index_after_the_load(db: TestDB) -> None:
     q = rows[0][2]
     db.conn.execute("SET enable_seqscan = off")
     plan = "\n".join(r[0] for r in db.conn.execute(
-        "EXPLAIN SELECT item_key FROM pgrec.item_embeddings ORDER BY embedding <=> %s::real[]::vector LIMIT 3",
+        "EXPLAIN SELECT item_key FROM pgrec.item_embeddings ORDER BY embedding OPERATOR(public.<=>) %s::real[]::public.vector LIMIT 3",
         (q,)).fetchall())
     assert "item_embeddings_hnsw" in plan
     top = db.scalar("SELECT i.item_id FROM pgrec.item_embeddings e JOIN pgrec.items i USING (item_key) "
-                    "ORDER BY e.embedding <=> %s::real[]::vector LIMIT 1", (q,))
+                    "ORDER BY e.embedding OPERATOR(public.<=>) %s::real[]::public.vector LIMIT 1", (q,))
     assert top == rows[0][1]
     db.conn.execute("RESET enable_seqscan")
     # a smaller import into a filled table keeps the live index (no rebuild)

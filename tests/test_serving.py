@@ -277,6 +277,33 @@ def test_an_app_role_asking_for_past_days_stores_no_snapshots(sdb: TestDB) -> No
         sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
 
 
+def test_a_function_another_role_puts_in_public_never_runs_for_pgrec(sdb: TestDB) -> None:
+    """pgrec's connections leave public out of the search path: where an app role may create in public (databases
+    from before PostgreSQL 15, or granted), its exact-type overload of a built-in (text[] beats pg_catalog's
+    anyarray) would otherwise run with the service's rights inside the Python path's statements."""
+    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+    sdb.conn.execute(psql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(psql.Identifier(role)))
+    user = _users(sdb, 1)[0]
+    try:
+        with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
+            for sig in ("array_to_string(text[], text)", "cardinality(text[])", "unnest(text[])"):
+                returns = "SETOF text" if sig.startswith("unnest") else "text" if "string" in sig else "int"
+                app.execute(f"CREATE FUNCTION public.{sig} RETURNS {returns} LANGUAGE plpgsql "
+                            "AS $$ BEGIN RAISE EXCEPTION 'ran as %', current_user; END $$")
+        with Recommender(sdb.settings) as rec:
+            got = rec.recommend(user, k=5, as_of=AS_OF, log=False)
+        assert len(got.items) == 5
+        with connect(sdb.settings) as conn:
+            assert conn.execute("SELECT count(*) FROM pgrec.candidates(%s, 'default', 20, %s)",
+                                (user, AS_OF)).fetchone()[0] >= 20
+    finally:
+        for sig in ("array_to_string(text[], text)", "cardinality(text[])", "unnest(text[])"):
+            sdb.conn.execute(f"DROP FUNCTION IF EXISTS public.{sig}")
+        sdb.conn.execute(psql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(psql.Identifier(role)))
+        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
+
+
 def test_only_the_named_functions_are_callable_by_other_roles(sdb: TestDB) -> None:
     """No function of schema pgrec is executable by PUBLIC (a NULL ACL means it is); pgrec_app may call exactly
     the functions it is granted by name (migrations 0006 and 0007)."""

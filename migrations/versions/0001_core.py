@@ -49,7 +49,8 @@ def _partition_interval() -> str:
 def upgrade() -> None:
     dim = _dim()
     bind = op.get_bind()
-    bind.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS vector")
+    # in public, where pgrec's SQL names its types and operators (the migrations' search path leaves public out)
+    bind.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS vector SCHEMA public")
     bind.exec_driver_sql(
         """
 CREATE TABLE pgrec.config (
