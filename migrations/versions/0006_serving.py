@@ -34,7 +34,7 @@ BEGIN
             END;
         ELSE
             RAISE NOTICE 'pgrec: role pgrec_app not created (the migrating role may not create roles); '
-                         'create it (CREATE ROLE pgrec_app NOLOGIN) and run the grants in README "SQL-only access"';
+                         'create it (CREATE ROLE pgrec_app NOLOGIN) and run the grants in README "Least-privilege role"';
         END IF;
     END IF;
 END
