@@ -153,8 +153,18 @@ def test_item_counter_snapshot_equals_the_per_request_aggregate(db: TestDB) -> N
     today = now.astimezone(UTC).date()
     user = db.scalar("SELECT user_key FROM pgrec.events GROUP BY user_key ORDER BY count(*) DESC LIMIT 1")
     assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 0
+    # a user without a segment (no segment property; a cold user): the per-request aggregate once joined every
+    # segment's trend to each of their candidates, one copy per segment
+    segless = db.scalar("SELECT user_key FROM pgrec.events WHERE user_key <> %s GROUP BY user_key "
+                        "ORDER BY count(*) DESC LIMIT 1", (user,))
+    db.conn.execute("UPDATE pgrec.users SET properties = properties - 'country' WHERE user_key = %s", (segless,))
+    assert db.scalar("SELECT count(DISTINCT segment) FROM pgrec.item_daily_counts") > 1
     at = datetime.now(UTC)   # one as_of for both reads (ages and recency move with the clock)
     fly = features.for_user_key(db.conn, user, n=60, as_of=at)
+    fly_others = [features.for_user_key(db.conn, u, n=60, as_of=at) for u in (segless, None)]
+    for cf in fly_others:
+        assert len(cf.item_keys) == len(set(cf.item_keys.tolist())) >= 60
+        assert np.nan_to_num(cf.column("f_trend_segment")).tolist() == [0.0] * len(cf.item_keys)
     assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days") == 0   # serving never builds today's itself
     items = db.scalar("SELECT pgrec.refresh_item_stats()")
     assert items == db.scalar("SELECT count(DISTINCT item_key) FROM pgrec.item_daily_counts "
@@ -162,6 +172,8 @@ def test_item_counter_snapshot_equals_the_per_request_aggregate(db: TestDB) -> N
     assert db.scalar("SELECT pgrec.refresh_item_stats(NULL, true)") is None   # already there
     snap = features.for_user_key(db.conn, user, n=60, as_of=at)
     _same(fly, snap)
+    for u, cf in zip((segless, None), fly_others, strict=True):
+        _same(cf, features.for_user_key(db.conn, u, n=60, as_of=at))
     assert np.count_nonzero(snap.column("f_pop_30d")) > 0
     # a past day's snapshot is built on first use; an event of an earlier day drops the later snapshots
     past = now - timedelta(days=10)

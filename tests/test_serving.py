@@ -304,6 +304,31 @@ def test_a_function_another_role_puts_in_public_never_runs_for_pgrec(sdb: TestDB
         sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
 
 
+def test_an_app_role_cannot_fan_out_old_event_partitions(sdb: TestDB) -> None:
+    """pgrec.track_event creates the month's partition on demand; for an app role only within the last 31 days
+    (else one call per month back to 1970 left ~680 partitions that every request scanned). Old months that have a
+    partition take its events; the schema owner (imports, backfills) creates any."""
+    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+    user, item = _users(sdb, 1)[0], sdb.scalar("SELECT item_id FROM pgrec.items ORDER BY item_key LIMIT 1")
+    parts = "SELECT count(*) FROM pg_catalog.pg_inherits WHERE inhparent = 'pgrec.events'::regclass"
+    before = sdb.scalar(parts)
+    track = "SELECT pgrec.track_event(%s, %s, 'view', %s)"
+    try:
+        with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
+            with pytest.raises(psycopg.errors.InvalidParameterValue,
+                               match="only the schema owner's sessions create partitions") as refused:
+                app.execute(track, (user, item, datetime(1990, 5, 1, tzinfo=UTC)))
+            assert "pgrec import events" in (refused.value.diag.message_hint or "")
+            assert sdb.scalar(parts) == before
+            assert app.execute(track, (user, item, NOW - timedelta(days=2))).fetchone() == ("stored",)
+            sdb.conn.execute(track, (user, item, datetime(1990, 5, 1, tzinfo=UTC)))   # the owner backfills
+            assert sdb.scalar(parts) == before + 1
+            assert app.execute(track, (user, item, datetime(1990, 5, 2, tzinfo=UTC))).fetchone() == ("stored",)
+    finally:
+        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
+
+
 def test_only_the_named_functions_are_callable_by_other_roles(sdb: TestDB) -> None:
     """No function of schema pgrec is executable by PUBLIC (a NULL ACL means it is); pgrec_app may call exactly
     the functions it is granted by name (migrations 0006 and 0007)."""
