@@ -29,7 +29,8 @@ blocklist           items, item_sets, categories (at least one): never shown
 freshness           max_age_days: items created longer ago are dropped
 attribute_filter    predicate, mode = "keep" | "drop"
 relevance_floor     min_score, fill = "none" | "trending": drop items under the floor, fill a short list
-boost               predicate, multiply >= 0, add: score * multiply + add for matching items (< 1 buries)
+boost               predicate, multiply >= 0, add: score * multiply + add for matching items (< 1 buries;
+                    a negative score is divided by multiply, so > 1 always raises)
 source_mix          source, min_share, max_share: share of the top k found by a candidate source
 diversity           max_per_value, property = categories, window, top = k, depth = 100: at most M per value in
                     the top, or in any window of w positions
@@ -139,7 +140,7 @@ class BoostParams(_Params):
 
 
 class SourceMixParams(_Params):
-    source: str = Field(min_length=1)
+    source: Literal["ann", "history", "trending", "fresh", "popular"]
     min_share: float | None = Field(default=None, ge=0, le=1)
     max_share: float | None = Field(default=None, ge=0, le=1)
 
@@ -197,6 +198,9 @@ class PinParams(_Params):
     def _something(self) -> PinParams:
         if (self.items is None) == (self.item_set is None):
             raise ValueError('a pin names exactly one of "items" or "item_set"')
+        if self.items is not None and self.positions is not None and len(self.items) > len(self.positions):
+            raise ValueError(f"positions: has {len(self.positions)} positions for {len(self.items)} items "
+                             "(item i goes to position i)")
         return self
 
 

@@ -247,6 +247,29 @@ def test_pin_from_list_and_from_catalogue(cat: TestDB) -> None:
     assert "i11" not in rr(cat, k=5).item_ids
 
 
+def test_v4_boosts_negative_scores_and_pins_into_an_empty_list(cat: TestDB) -> None:
+    """The ranker's raw scores are often negative: a boost of 3 must still raise the matching items (v3 tripled
+    -0.4 to -1.2 and buried them), and < 1 still lower them. A pin into an empty list gets a score (v3: NULL)."""
+    keys = [_item_key(cat, i) for i in ("i1", "i2", "i3", "i4", "i5")]
+    scores = [-0.1, -0.2, -0.3, -0.4, -0.5]   # i5 is brand c
+    policies.add(cat.conn, "brand-c", "boost",
+                 {"predicate": {"property": "brand", "op": "equals", "value": "c"}, "multiply": 3})
+    res = policies.rerank(cat.conn, None, "default", 5, keys, scores, ["ann"] * 5, as_of=AS_OF)
+    assert res.item_ids == ["i1", "i5", "i2", "i3", "i4"] and res.items[1].score == pytest.approx(-0.5 / 3)
+    assert actions(res, "i5") == ["boosted"]
+    cat.conn.execute("UPDATE pgrec.policies SET params = %s WHERE name = 'brand-c'",
+                     (psycopg.types.json.Jsonb({"predicate": {"property": "brand", "op": "equals", "value": "a"},
+                                                "multiply": 0.5}),))
+    res = policies.rerank(cat.conn, None, "default", 5, keys, scores, ["ann"] * 5, as_of=AS_OF)
+    # i1 and i2 are brand a: -0.1 -> -0.2 and -0.2 -> -0.4 (v3: -0.05 and -0.1, "buried" upwards)
+    assert res.item_ids == ["i1", "i3", "i2", "i4", "i5"] and actions(res, "i2") == ["buried"]
+    assert [i.score for i in res.items[:3]] == pytest.approx([-0.2, -0.3, -0.4])
+    policies.set_enabled(cat.conn, "brand-c", False)
+    policies.add(cat.conn, "featured", "pin", {"items": ["i11", "i9"], "positions": [2, 1]})
+    res = policies.rerank(cat.conn, None, "default", 5, [], [], [], as_of=AS_OF)
+    assert [(i.item_id, i.position, i.score) for i in res.items] == [("i9", 1, 0.0), ("i11", 2, 0.0)]
+
+
 def test_promote_share(cat: TestDB) -> None:
     policies.add(cat.conn, "comedy", "promote",
                  {"predicate": {"field": "categories", "op": "contains", "value": "comedy"}, "share": 0.5})
@@ -441,6 +464,8 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("blocklist", {"item_sets": ["missing"]}, "unknown item set 'missing'"),
     ("blocklist", {}, "needs items, item_sets or categories"),
     ("pin", {"items": ["a"], "item_set": "s"}, "exactly one"),
+    ("pin", {"items": ["a", "b"], "positions": [1]}, "params.positions: has 1 positions for 2 items"),
+    ("source_mix", {"source": "nosuch", "max_share": 0.2}, "params.source"),
     ("attribute_filter", {"predicate": {"all": []}}, "params.predicate.all"),
     ("attribute_filter", {"predicate": {"any": [{"field": "price", "op": "range", "min": 1}]}},
      "params.predicate.any[0].field"),
@@ -474,6 +499,10 @@ def test_malformed_rows_refused_by_the_database(cat: TestDB) -> None:
 
 
 def test_malformed_params_refused_by_python_and_update(cat: TestDB) -> None:
+    with pytest.raises(InvalidRequest, match=r"params\.source"):
+        policies.add(cat.conn, "m", "source_mix", {"source": "nosuch", "max_share": 0.2})
+    with pytest.raises(InvalidRequest, match=r"positions: has 1 positions for 2 items"):
+        policies.add(cat.conn, "p", "pin", {"items": ["a", "b"], "positions": [1]})
     with pytest.raises(InvalidRequest, match=r"params\.max_age_days"):
         policies.add(cat.conn, "f", "freshness", {"max_age_days": 0})
     with pytest.raises(InvalidRequest, match=r"params\.max_age_days"):
@@ -782,6 +811,7 @@ def test_v3_engine_answers_as_v2(cat: TestDB) -> None:
     requests += [{**req, "item_keys": keys, "scores": [0.5] * len(keys), "sources": ["ann"] * len(keys)}
                  for req in requests[::8] for keys in ([], [10**9, 10**9 + 1])]
     v2, v3 = ((sqlfiles.sql_root() / "policies" / f"v{n}.sql").read_text() for n in (2, 3))
+    cat.conn.execute(v3)  # v4 (live) changed two answers on purpose: test_v4_boosts_negative_scores_and_pins_empty
     new = _parity_answers(cat.conn, requests)
     cat.conn.execute(v2)
     old = _parity_answers(cat.conn, requests)
@@ -974,6 +1004,7 @@ def test_v3_engine_answers_as_v2_fuzzed(cat: TestDB) -> None:
             out.append(res)
         return out
 
+    conn.execute((sqlfiles.sql_root() / "policies" / "v3.sql").read_text())  # the speed rewrite against v2
     new = answers()
     conn.execute((sqlfiles.sql_root() / "policies" / "v2.sql").read_text())
     old = answers()
