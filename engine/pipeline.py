@@ -71,6 +71,8 @@ class Recommendation:
     dropped: dict[str, int]
     timings_ms: dict[str, float]
     candidates: dict[str, int] = field(default_factory=dict)  # candidates found per source
+    # policies in force that did not run, with why (a request without the parameter a policy needs)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,22 +118,28 @@ class Recommender:
     # ------------------------------------------------------------ public verbs
 
     def recommend(self, user_id: str, k: int = 10, surface: str = "default", context: dict[str, Any] | None = None,
-                  as_of: datetime | None = None, log: bool = True, variant: Variant | None = None,
+                  as_of: datetime | None = None, log: bool | None = None, variant: Variant | None = None,
                   exclude_seen: bool = False) -> Recommendation:
         """The final list for a user: best first, each item with its score, position and reasons; logged as
-        impressions (unless ``log`` is false) in the same round trip as the policies. ``exclude_seen``: also
+        impressions in the same round trip as the policies when ``log`` is true (by default: unless ``as_of`` is
+        given, as a replay of the past is not a list anybody was shown, and its impressions would be training
+        data for clicks that never followed it). ``skipped`` names the policies in force that did not run
+        (a request without the parameter one needs). ``exclude_seen``: also
         leave out every item the user had any event with before ``as_of``, whatever the surface's policies say
         (as a request exclude list: the drops show as ``request_exclude``)."""
         return self.recommend_many([user_id], k, surface, context, as_of, log, variant, exclude_seen)[0]
 
     def recommend_many(self, user_ids: Sequence[str], k: int = 10, surface: str = "default",
-                       context: dict[str, Any] | None = None, as_of: datetime | None = None, log: bool = True,
-                       variant: Variant | None = None, exclude_seen: bool = False) -> list[Recommendation]:
-        """``recommend`` for many users, in batches: one candidates statement and one LightGBM call per batch,
-        the policy calls pipelined. Returns one Recommendation per user id, in order."""
+                       context: dict[str, Any] | None = None, as_of: datetime | None = None,
+                       log: bool | None = None, variant: Variant | None = None,
+                       exclude_seen: bool = False) -> list[Recommendation]:
+        """``recommend`` for many users (a list of ids), in batches: one candidates statement and one LightGBM
+        call per batch, the policy calls pipelined. Returns one Recommendation per user id, in order."""
         # exclude_seen travels as context.exclude_seen: pgrec.finish_request turns it into the user's seen items
         # (the SQL-only path reads the same key)
         ctx = _check(user_ids, k, surface, context, as_of)
+        if log is None:
+            log = as_of is None
         if exclude_seen:
             ctx = json.dumps(json.loads(ctx) | {"exclude_seen": True})
         self._ensure_item_stats()
@@ -147,6 +155,7 @@ class Recommender:
     def similar(self, item_id: str, k: int = 20) -> list[ScoredItem]:
         """Items like ``item_id`` (item-embedding HNSW neighbours plus co-occurrence). Unknown item: NotFound."""
         _check_k(k)
+        _check_id("item_id", item_id)
         with self._connection() as conn:
             rows = conn.execute(query("serving.similar"), {"item_id": item_id, "k": k}).fetchall()
         return [ScoredItem(r[0], float(r[1])) for r in rows]
@@ -154,6 +163,9 @@ class Recommender:
     def trending(self, k: int = 20, segment: str | None = None, as_of: datetime | None = None) -> list[ScoredItem]:
         """Time-decayed popularity, global or in one segment (user property ``segment_property``)."""
         _check_k(k)
+        if segment is not None and (not isinstance(segment, str) or "\x00" in segment):
+            raise InvalidRequest(f"segment must be a string (a value of the segment property), got {segment!r}")
+        _check_as_of(as_of)
         with self._connection() as conn:
             rows = conn.execute(query("serving.trending"), {"segment": segment, "k": k, "as_of": as_of}).fetchall()
         return [ScoredItem(r[0], float(r[1])) for r in rows]
@@ -215,7 +227,7 @@ class Recommender:
             rid = res.get("request_id")
             out.append(Recommendation(UUID(rid) if rid else None, uid, surface, items, res.get("model_version"),
                                       variant.name if variant else None, dict(res.get("dropped") or {}),
-                                      dict(timings), found))
+                                      dict(timings), found, dict(res.get("skipped") or {})))
         return out
 
     def _model(self, conn: psycopg.Connection[Any], variant: Variant | None) -> LoadedModel | None:
@@ -327,20 +339,34 @@ def _check_k(k: int) -> None:
         raise InvalidRequest(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
 
 
+def _check_id(what: str, value: Any) -> None:
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise InvalidRequest(f"{what} ({value!r}) must be a non-empty string of at most 256 characters")
+    if "\x00" in value:
+        raise InvalidRequest(f"{what} ({value!r}) contains a NUL character, which PostgreSQL text cannot hold")
+
+
+def _check_as_of(as_of: Any) -> None:
+    if as_of is None:
+        return
+    if not isinstance(as_of, datetime):
+        raise InvalidRequest(f"as_of must be a datetime (timezone-aware), got {type(as_of).__name__} {as_of!r}")
+    if as_of.tzinfo is None:
+        raise InvalidRequest("as_of must be timezone-aware (for example 2024-01-01T00:00:00+00:00)")
+
+
 def _check(user_ids: Sequence[str], k: int, surface: str, context: dict[str, Any] | None,
            as_of: datetime | None) -> str:
     _check_k(k)
+    if isinstance(user_ids, (str, bytes)) or not isinstance(user_ids, Sequence):
+        raise InvalidRequest(f"user_ids must be a list of user ids, got {type(user_ids).__name__} {user_ids!r}")
     for n, uid in enumerate(user_ids):
-        if not isinstance(uid, str) or not uid or len(uid) > 256:
-            raise InvalidRequest(f"user_id #{n + 1} ({uid!r}) must be a non-empty string of at most 256 characters")
-        if "\x00" in uid:
-            raise InvalidRequest(f"user_id #{n + 1} ({uid!r}) contains a NUL character, which PostgreSQL text cannot hold")
+        _check_id(f"user_id #{n + 1}", uid)
     if not isinstance(surface, str) or not surface or "\x00" in surface:
         raise InvalidRequest(f"surface must be a non-empty string without NUL characters, got {surface!r}")
     if context is not None and not isinstance(context, dict):
         raise InvalidRequest(f"context must be a JSON object (dict), got {type(context).__name__}")
-    if as_of is not None and as_of.tzinfo is None:
-        raise InvalidRequest("as_of must be timezone-aware (for example 2024-01-01T00:00:00+00:00)")
+    _check_as_of(as_of)
     try:
         return json.dumps(context or {})
     except (TypeError, ValueError) as exc:

@@ -90,6 +90,19 @@ def test_eval_candidates_reports_recall_and_leaves_live_neighbours(world: TestDB
     assert json.loads(paths["json"].read_text())["ns"] == [10, 50, 200]
     assert paths["png"].stat().st_size > 1000
     assert "| **union** |" in paths["md"].read_text()
+    # the item vectors are not retrained as of the split: the report says when they may have seen the test window
+    assert len(report["notes"]) == 1 and "not trained by pgrec" in report["notes"][0]
+    assert "Note: the item vectors" in paths["md"].read_text()
+    from engine.ranking import registry
+
+    registry.save(world.conn, kind="retrieval", artifact=b"-", params={}, features=[], metrics={},
+                  data_window={"last_event": NOW.isoformat()}, activate=False)
+    world.conn.execute("UPDATE pgrec.models SET active = true WHERE kind = 'retrieval'")
+    notes = evaluation.run(world.conn, split_fraction=0.9, ns=[10], max_users=2)["notes"]
+    assert len(notes) == 1 and "after the split" in notes[0] and "pgrec train retrieval --as-of" in notes[0]
+    # options of `pgrec eval` itself given before the subcommand would be ignored: refused instead
+    res = CliRunner().invoke(app, ["eval", "--split-fraction", "0.5", "candidates", "--ns", "10"])
+    assert res.exit_code == 1 and "--split-fraction belong to `pgrec eval` itself" in " ".join(res.output.split())
 
 
 def test_bench_candidates_runs_on_a_tiny_catalog(db: TestDB, monkeypatch: pytest.MonkeyPatch) -> None:

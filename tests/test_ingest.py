@@ -245,8 +245,15 @@ def test_cli_import_reports_bad_row_and_exits_nonzero(db: TestDB, tmp_path: Path
         res = runner.invoke(app, ["import", "events", str(bad)])
         assert res.exit_code == 1
         assert "line 2, field occurred_at" in res.output
+        ok = runner.invoke(app, ["import", "events", str(_write(
+            tmp_path / "ev.csv", "user_id,item_id,event_type,occurred_at\nu1,a,click,2024-01-01\n"
+                                 "u1,a,view,2024-01-02\nu2,b,click,2024-01-01\n"))])
+        assert ok.exit_code == 0, ok.output
         res = runner.invoke(app, ["stats", "--json"])
         assert res.exit_code == 0 and '"items": 3' in res.output
+        got = json.loads(res.output)
+        # two of the 2 x 3 (user, item) pairs have events; u1's two events on a count once
+        assert (got["events"], got["user_item_pairs"], got["density"]) == (3, 2, pytest.approx(2 / 6))
     finally:
         get_settings.cache_clear()
 

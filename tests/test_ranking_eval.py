@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import TestDB
@@ -100,6 +101,25 @@ def test_models_and_explain_commands(db: TestDB, monkeypatch: pytest.MonkeyPatch
         assert {c["name"] for c in ex["contributions"]} == set(registry.load(db.conn, v1).features)
         out = runner.invoke(app, ["explain", "u1", "no-such-item"])
         assert out.exit_code == 1 and "no-such-item" in out.output
+        # without --n, explain ranks the serving count of candidates, as the served lists were ranked
+        db.conn.execute("INSERT INTO pgrec.config (key, value) VALUES ('serving_candidates', '20') "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        out = runner.invoke(app, ["explain", "u1", "i3", "--json"])
+        assert out.exit_code == 0, out.output
+
+        def sourced(e: dict[str, Any]) -> dict[str, Any]:  # what the candidate count decides (the rest moves with now)
+            return {c["name"]: c["value"] for c in e["contributions"]
+                    if c["name"].endswith(("_score", "_rank")) or c["name"] == "f_n_sources"} | {"s": e["sources"]}
+
+        assert sourced(json.loads(out.output)) == sourced(ex)
+        out = runner.invoke(app, ["models", "rollback", "--kind", "foo"])
+        assert out.exit_code == 1 and "unknown model kind 'foo'" in out.output
+        for args, why in ((["train", "ranker", "--cutoffs", "2026-01-01"], "--cutoffs needs at least two times"),
+                          (["eval", "--max-users", "0"], "--max-users must be >= 1"),
+                          (["eval", "--test-days", "-1"], "--test-days must be > 0"),
+                          (["eval", "--cutoff-count", "0"], "--cutoff-count must be >= 1")):
+            out = runner.invoke(app, args)
+            assert out.exit_code == 1 and why in " ".join(out.output.split()), (args, out.output)
         # `pgrec policy explain` re-ranks the list as served: scored by the active ranker (it used a rank fusion)
         from engine import policies
         from engine.pipeline import Recommender

@@ -112,13 +112,13 @@ def test_python_and_sql_paths_agree_with_and_without_a_model(sdb: TestDB) -> Non
     assert version is not None
     with Recommender(sdb.settings) as rec:
         for u in users:
-            py = rec.recommend(u, k=10, as_of=AS_OF)
+            py = rec.recommend(u, k=10, as_of=AS_OF, log=True)
             assert py.model_version == version and len(py.items) == 10
             _assert_same(py, _sql_recommend(sdb.conn, u))
         # no active ranker: both fall back to pgrec.fallback_score; the running Recommender notices by itself
         sdb.conn.execute("UPDATE pgrec.models SET active = false")
         for u in users[:2]:
-            py = rec.recommend(u, k=10, as_of=AS_OF)
+            py = rec.recommend(u, k=10, as_of=AS_OF, log=True)
             assert py.model_version is None and len(py.items) == 10
             _assert_same(py, _sql_recommend(sdb.conn, u))
 
@@ -127,7 +127,7 @@ def test_both_paths_log_impressions_in_the_same_call(sdb: TestDB) -> None:
     user = _users(sdb, 1)[0]
     version = registry.active_version(sdb.conn)
     with Recommender(sdb.settings) as rec:
-        py = rec.recommend(user, k=5, as_of=AS_OF)
+        py = rec.recommend(user, k=5, as_of=AS_OF, log=True)
         quiet = rec.recommend(user, k=5, as_of=AS_OF, log=False)
     sql_rows = _sql_recommend(sdb.conn, user, k=5)
     assert quiet.request_id is None
@@ -195,7 +195,7 @@ def test_recommend_many_failing_in_a_later_batch_leaves_nothing(sdb: TestDB, mon
 
     monkeypatch.setattr(Recommender, "_serve", failing)
     with Recommender(sdb.settings) as rec, pytest.raises(psycopg.errors.DivisionByZero):
-        rec.recommend_many(users, k=3, as_of=AS_OF)
+        rec.recommend_many(users, k=3, as_of=AS_OF, log=True)
     assert len(calls) == 2
     assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
     assert sdb.scalar("SELECT count(*) FROM pgrec.users") == before
@@ -219,10 +219,42 @@ def test_bad_requests_are_refused_and_change_nothing(sdb: TestDB) -> None:
         with pytest.raises(NotFound, match="no-such-item"):
             rec.similar("no-such-item")
         assert rec.trending(k=5)
+        # wrong types are refused by name, never a raw AttributeError or psycopg error
+        for bad in ("2024-01-01", 1700000000, datetime(2024, 1, 1).date()):
+            with pytest.raises(InvalidRequest, match="as_of must be a datetime"):
+                rec.recommend(user, as_of=bad)  # type: ignore[arg-type]
+            with pytest.raises(InvalidRequest, match="as_of must be a datetime"):
+                rec.trending(as_of=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest, match="timezone"):
+            rec.trending(as_of=datetime(2024, 1, 1))
+        with pytest.raises(InvalidRequest, match="item_id"):
+            rec.similar(1)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest, match="segment must be a string"):
+            rec.trending(segment=5)  # type: ignore[arg-type]
+        # one string is not a list of users (it would serve one user per character)
+        with pytest.raises(InvalidRequest, match="user_ids must be a list"):
+            rec.recommend_many(user, k=3)
+        # a replay of the past is not a list anybody was shown: not logged unless asked for
+        assert rec.recommend(user, k=3, as_of=AS_OF).request_id is None
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="k must be between"):
         _sql_recommend(sdb.conn, user, k=5000)
     assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
     assert sdb.scalar("SELECT count(*) FROM pgrec.users WHERE user_id = 'no-such-surface'") == 0
+
+
+def test_the_answer_names_policies_that_did_not_run(sdb: TestDB) -> None:
+    """A content filter whose request parameter is missing does not run: the caller is told (Recommendation.skipped,
+    the CLI and the HTTP answer), not left to find out from `pgrec policy explain`."""
+    from engine import policies
+
+    user = _users(sdb, 1)[0]
+    pol = policies.add(sdb.conn, "age", "attribute_filter",
+                       {"predicate": {"property": "age_rating", "op": "range", "max": {"param": "max_age"}}})
+    with Recommender(sdb.settings) as rec:
+        without = rec.recommend(user, k=5, as_of=AS_OF)
+        given = rec.recommend(user, k=5, as_of=AS_OF, context={"params": {"max_age": 99}})
+    assert list(without.skipped) == [pol.label] and "params.max_age" in without.skipped[pol.label]
+    assert given.skipped == {}
 
 
 def test_least_privilege_role_can_recommend_and_cannot_read(sdb: TestDB) -> None:
@@ -402,6 +434,23 @@ def test_cli_batch_file_and_single_user(sdb: TestDB, tmp_path: Any, monkeypatch:
             assert res.exit_code == 1 and "--output" in res.output and "Traceback" not in res.output, res.output
         assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
         assert not list(tmp_path.glob("*.part"))
+        # every id is checked before the first list is served: a bad line far down (here after 20 good ones,
+        # beyond the first batch) fails the command naming its line, with nothing logged
+        for bad_line, why in (('{"user_id": ""}', "user_id is empty"), ('{"user_id": null}', "must be a string"),
+                              ('{"user_id": ["a"]}', "must be a string"), ("\xff", "not UTF-8")):
+            raw = ("\n".join([users[0]] * 20) + "\n").encode() + bad_line.encode("latin-1") + b"\n"
+            src.write_bytes(raw)
+            res = runner.invoke(engine.cli.app, ["recommend", "--users-file", str(src), "--output", str(out)])
+            assert res.exit_code == 1 and f"{src.name}:21" in " ".join(res.output.split()), res.output
+            assert why in " ".join(res.output.split()) and "Traceback" not in res.output, res.output
+        assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == 0
+        # a byte order mark is not part of the first id; --output without --users-file is an error
+        src.write_bytes(b"\xef\xbb\xbf" + users[0].encode() + b"\n")
+        res = runner.invoke(engine.cli.app, ["recommend", "--users-file", str(src), "--k", "2", "--as-of",
+                                             AS_OF.isoformat(), "--output", str(out)])
+        assert res.exit_code == 0 and json.loads(out.read_text())["user_id"] == users[0], res.output
+        res = runner.invoke(engine.cli.app, ["recommend", users[0], "--output", str(out)])
+        assert res.exit_code == 1 and "--output goes with --users-file" in res.output
     finally:
         get_settings.cache_clear()
 

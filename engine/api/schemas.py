@@ -164,6 +164,8 @@ class RecommendationOut(BaseModel):
     model_version: int | None
     variant: str | None
     dropped: dict[str, int]
+    skipped: dict[str, str] = Field(default_factory=dict,
+                                    description="Policies in force that did not run, with why (a missing request parameter)")
     timings_ms: dict[str, float]
 
 

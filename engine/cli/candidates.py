@@ -173,7 +173,9 @@ def eval_candidates(
             raise fail(str(exc)) from None
     paths = evaluation.save(report, out)
     console.print(evaluation.table(report))
-    console.print(f"saved {paths['json']} and {paths['png']}")
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note: {note}[/yellow]")
+    console.print(f"saved {paths['json']}, {paths['md']} and {paths['png']}")
 
 
 @bench_app.command("candidates")

@@ -301,7 +301,8 @@ def stats(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         q = conn.execute(query("core.activity_quantiles")).fetchone()
         out["events_per_user_p50_p90_p99"] = q[0] if q else None
         if out["items"] and out["users"]:
-            out["density"] = out["events"] / (out["items"] * out["users"])
+            # the share of (user, item) pairs with at least one event (repeated events on a pair count once)
+            out["density"] = out["user_item_pairs"] / (out["items"] * out["users"])
     if as_json:
         console.print_json(json.dumps(out, default=str))
         return

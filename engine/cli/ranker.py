@@ -116,6 +116,9 @@ def train_ranker_cmd(
     cuts = None
     if cutoffs:
         cuts = [t for t in (_time(c.strip(), "--cutoffs") for c in cutoffs.split(",") if c.strip()) if t]
+        if len(cuts) < 2:
+            raise fail("--cutoffs needs at least two times: the last window validates (it chooses the number "
+                       "of rounds), the earlier ones train")
     with db_connection() as conn:
         try:
             with _stages() as progress:
@@ -266,6 +269,13 @@ def eval_cmd(
     rolled back at the end: the served models stay as they were. Until it ends, serving waits on the
     co-occurrence lists it rebuilds: evaluate a copy of a busy database."""
     if ctx.invoked_subcommand is not None:
+        # `pgrec eval --split-fraction 0.5 candidates` would evaluate candidates at the subcommand's default split
+        # (by name: typer carries its own copy of click, whose ParameterSource is not click's)
+        given = [p.opts[0] for p in ctx.command.params
+                 if p.name and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
+        if given:
+            raise fail(f"{', '.join(given)} belong to `pgrec eval` itself; give the options of "
+                       f"`pgrec eval {ctx.invoked_subcommand}` after it (see `pgrec eval {ctx.invoked_subcommand} --help`)")
         return
     from engine.evaluation import funnel, report
     from engine.ranking.train import RankerConfig
@@ -274,6 +284,12 @@ def eval_cmd(
         raise fail("give --split-at or --split-fraction, not both")
     if valid_windows < 1:
         raise fail("--valid-windows: out of range")
+    if max_users is not None and max_users < 1:
+        raise fail("--max-users must be >= 1")
+    if horizon_days is not None and horizon_days <= 0:
+        raise fail("--test-days must be > 0")
+    if cutoff_count < 1:
+        raise fail("--cutoff-count must be >= 1 (the last --valid-windows label windows choose the rounds)")
     rc = replace(RankerConfig(), horizon_days=ranker_horizon, window_share=window_share, cutoffs=cutoff_count,
                  n_candidates=n, seed=seed, valid_windows=valid_windows)
     config = funnel.EvalConfig(split_at=_time(split_at, "--split-at"), split_fraction=split_fraction,
@@ -311,7 +327,8 @@ def explain_cmd(
     item: Annotated[str, typer.Argument(help="item id")],
     as_of: Annotated[str | None, typer.Option("--as-of", help="features as of this time (ISO 8601)")] = None,
     version: Annotated[int | None, typer.Option("--version", help="model version (default: the active ranker)")] = None,
-    n: N = 500,
+    n: Annotated[int | None, typer.Option("--n", help="candidates per user (default: the serving count, config "
+                                                      "serving_candidates), as the served lists were ranked")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The ranker's features for USER and ITEM and each one's contribution to the score (pred_contrib)."""
@@ -319,6 +336,8 @@ def explain_cmd(
 
     with db_connection() as conn:
         try:
+            if n is None:
+                n = int(conn.execute("SELECT pgrec.serving_candidates()").fetchone()[0])  # type: ignore[index]
             v = version if version is not None else registry.active_version(conn)
             if v is None:
                 raise fail("no ranker is active: run `pgrec train ranker` or give --version")

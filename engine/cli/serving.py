@@ -23,18 +23,31 @@ def _read_users(path: Path) -> list[str]:
     if not path.is_file():
         raise fail(f"{path}: no such file")
     users: list[str] = []
-    for n, raw in enumerate(path.read_text().splitlines(), start=1):
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not part of the first id
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data[:exc.start].count(b"\n") + 1
+        raise fail(f"{path}:{line_no}: not UTF-8 (byte {data[exc.start]:#04x})") from None
+    # every id is checked here, before the first batch is served and logged
+    for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("{"):
             try:
-                line = str(json.loads(line)["user_id"])
+                value = json.loads(line)["user_id"]
             except (ValueError, KeyError, TypeError):
                 raise fail(f"{path}:{n}: a JSON line needs a \"user_id\" field") from None
+            # ids are strings (integers are read as their decimal text, as the imports do)
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise fail(f"{path}:{n}: user_id must be a string or an integer, got {json.dumps(value)}")
+            line = str(value)
+            if not line.strip():
+                raise fail(f"{path}:{n}: user_id is empty")
         if len(line) > 256:
             raise fail(f"{path}:{n}: user id longer than 256 characters")
-        if "\x00" in line:  # refused here, before the first batch is served and logged
+        if "\x00" in line:
             raise fail(f"{path}:{n}: user id contains a NUL character")
         users.append(line)
     if not users:
@@ -72,6 +85,8 @@ def recommend_cmd(
         raise fail("give either a USER or --users-file FILE")
     if users_file is not None and output is None:
         raise fail("--users-file needs --output FILE (JSONL)")
+    if users_file is None and output is not None:
+        raise fail("--output goes with --users-file (for one USER, --json prints the list)")
     if via not in ("python", "sql"):
         raise fail("--via must be python or sql")
     when = parse_as_of(as_of)
@@ -109,7 +124,7 @@ def recommend_cmd(
         print(json.dumps({"request_id": str(r.request_id) if r.request_id else None, "user_id": r.user_id,
                           "surface": r.surface, "model_version": r.model_version,
                           "items": [_item_json(i) for i in r.items], "dropped": r.dropped,
-                          "timings_ms": r.timings_ms}, default=str))
+                          "skipped": r.skipped, "timings_ms": r.timings_ms}, default=str))
         return
     t = Table(title=f"{r.user_id} on {r.surface}: model {r.model_version or 'none (fallback score)'}, "
                     f"request {r.request_id}")
@@ -118,6 +133,8 @@ def recommend_cmd(
     for it in r.items:
         t.add_row(str(it.position), it.item_id, f"{it.score:.4f}", json.dumps(it.reasons, default=str)[:100])
     console.print(t)
+    for label, why in r.skipped.items():
+        console.print(f"[yellow]policy {label} did not run: {why}[/yellow]")
     console.print("timings ms: " + ", ".join(f"{k_} {v:.1f}" for k_, v in r.timings_ms.items()))
 
 

@@ -23,6 +23,7 @@ from rich.table import Table
 from engine import candidates, cooccurrence
 from engine.evaluation.metrics import full_recall_at_k
 from engine.evaluation.split import resolve_cutoff, temporal_split
+from engine.sql import query
 
 Progress = Callable[[int, int], None]
 
@@ -38,6 +39,7 @@ def run(conn: psycopg.Connection[Any], *, split_at: datetime | None = None, spli
     sizes = sorted(ns or [50, 100, 200, 500, 1000])
     cutoff = resolve_cutoff(conn, split_at, split_fraction)
     report: dict[str, Any] = {}
+    notes = _vector_notes(conn, cutoff)
     try:
         with conn.transaction():
             build = cooccurrence.build(conn, as_of=cutoff)
@@ -76,11 +78,28 @@ def run(conn: psycopg.Connection[Any], *, split_at: datetime | None = None, spli
                 "recall": {s: {str(n): _mean(v) for n, v in by_n.items()} for s, by_n in per_source.items()},
                 "union": {str(n): _mean(v) for n, v in union.items()},
                 "union_mean_unseen_rows": {str(n): _mean([float(x) for x in v]) for n, v in union_rows.items()},
+                "notes": notes,
             }
             raise _Rollback
     except _Rollback:
         pass
     return report
+
+
+def _vector_notes(conn: psycopg.Connection[Any], cutoff: datetime) -> list[str]:
+    """Co-occurrence is rebuilt as of the split here; the item vectors are not (training them is `pgrec train
+    retrieval --as-of`): say when they saw the test window, which makes ann (and the history source's
+    embedding neighbours) look better than they are."""
+    row = conn.execute(query("evaluation.active_retrieval_window")).fetchone()
+    fix = f"`pgrec train retrieval --as-of {cutoff.isoformat()}` first"
+    if row is not None and row[1] is not None and row[1] >= cutoff:
+        return [f"the item vectors come from retrieval model v{row[0]}, trained on events up to "
+                f"{row[1].isoformat()}, after the split: the ann source (and the history source's embedding "
+                f"neighbours) saw the test window, so their recall is optimistic; run {fix}"]
+    if row is None and conn.execute(query("evaluation.any_item_vector")).fetchone() is not None:
+        return ["the item vectors were not trained by pgrec (imported or generated): if they were fit on events "
+                f"after the split, the ann source's recall is optimistic; to be sure, run {fix}"]
+    return []
 
 
 def _mean(values: list[float]) -> float:
@@ -120,7 +139,7 @@ def save(report: dict[str, Any], out: Path) -> dict[str, Path]:
              "png": out / "candidates_recall.png"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["md"].write_text(f"Candidate recall as of {report['cutoff']} ({report['users']} users)\n\n"
-                           + markdown(report) + "\n")
+                           + markdown(report) + "\n" + "".join(f"\nNote: {n}\n" for n in report.get("notes", [])))
     ns = report["ns"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s, by_n in report["recall"].items():

@@ -108,6 +108,8 @@ def activate(conn: psycopg.Connection[Any], version: int) -> ModelInfo:
 def _only_rankers(kind: str, what: str) -> None:
     # a retrieval model's vectors are written (and it is activated) when it is trained; its stored row keeps the
     # weights for the record, not the user-feature vocabulary needed to serve it again
+    if kind not in (RANKER, "retrieval"):
+        raise InvalidRequest(f"unknown model kind {kind!r}: pgrec's models are ranker and retrieval")
     if kind != RANKER:
         raise InvalidRequest(f"{what} cannot be activated or rolled back: only rankers can; the served item vectors "
                              "are those of the latest training (`pgrec train retrieval [--as-of TS]`)")

@@ -22,6 +22,7 @@ SELECT count(*), count(*) FILTER (WHERE s.current) FROM pgrec.embedding_neighbor
 SELECT count(*) AS events,
        count(DISTINCT user_key) AS active_users,
        count(DISTINCT item_key) AS active_items,
+       count(DISTINCT (user_key, item_key)) AS user_item_pairs,
        min(occurred_at) AS first_event,
        max(occurred_at) AS last_event,
        count(*) FILTER (WHERE polarity > 0) AS positive,

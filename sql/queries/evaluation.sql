@@ -25,3 +25,11 @@ SELECT user_key, array_agg(DISTINCT item_key) AS items
 -- name: catalog_before
 -- Items that exist (created) before a time.
 SELECT item_key FROM pgrec.items WHERE created_at < %(t)s
+
+-- name: active_retrieval_window
+-- The active retrieval model (the item vectors) and the newest event it was trained on.
+SELECT m.version, (m.data_window ->> 'last_event')::timestamptz AS last_event
+  FROM pgrec.models m WHERE m.kind = 'retrieval' AND m.active
+
+-- name: any_item_vector
+SELECT 1 FROM pgrec.item_embeddings LIMIT 1

@@ -44,7 +44,7 @@ def recommend(body: RecommendRequest, key: ReadKey, services: ServicesDep) -> Re
     metrics.observe_recommendation(rec.surface, rec.variant, rec.timings_ms, rec.dropped, sources)
     return RecommendationOut(
         request_id=rec.request_id, user_id=rec.user_id, surface=rec.surface, model_version=rec.model_version,
-        variant=rec.variant, dropped=dict(rec.dropped), timings_ms=dict(rec.timings_ms),
+        variant=rec.variant, dropped=dict(rec.dropped), skipped=dict(rec.skipped), timings_ms=dict(rec.timings_ms),
         items=[RecommendedItemOut(item_id=i.item_id, score=float(i.score), position=i.position,
                                   reasons=dict(i.reasons)) for i in rec.items])
 
