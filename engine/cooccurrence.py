@@ -73,8 +73,11 @@ def build(conn: psycopg.Connection[Any], *, as_of: datetime | None = None, incre
           progress: Progress | None = None) -> BuildResult:
     """Build (full) or update (incremental) pgrec.item_neighbors in one transaction; returns what was built.
 
-    An incremental build needs a previous build with the same window and gap and an earlier as_of; when
-    there is none it raises :class:`InvalidRequest` (run a full build).
+    An incremental build needs a previous build with the same window, gap, top_n and min_count and an earlier
+    as_of; when there is none it raises :class:`InvalidRequest` (run a full build). It counts only the new
+    events' pairs, then scores again the lists of every item with new pairs or a new user count and of every
+    item paired with one (their scores divide by its user count), so its lists equal a full rebuild's but for
+    pairs a full build left out for being seen fewer than min_count times (counted from zero after it).
     """
     started = datetime.now(UTC)
     params = _resolve(conn, config or CooccurrenceConfig())
@@ -85,7 +88,8 @@ def build(conn: psycopg.Connection[Any], *, as_of: datetime | None = None, incre
         if last is None:
             raise InvalidRequest("no previous co-occurrence build to update: run a full build first")
         _, since, last_params = last
-        for key in ("window_hours", "max_gap"):
+        # the lists must be scored as the earlier build scored them: the same window, gap, list length and count
+        for key in ("window_hours", "max_gap", "top_n", "min_count"):
             if float(last_params.get(key, -1)) != params[key]:
                 raise InvalidRequest(
                     f"incremental build with {key}={params[key]:g} but the last build used "
@@ -116,6 +120,7 @@ def build(conn: psycopg.Connection[Any], *, as_of: datetime | None = None, incre
                 progress(done, len(chunks))
         if incremental:
             conn.execute(query("candidates.cooc_merge"))
+            conn.execute(query("candidates.cooc_touch_partners"))
         else:
             conn.execute(query("candidates.cooc_merge_full"), {"min_count": params["min_count"]})
         conn.execute(query("candidates.cooc_clear_neighbors"))

@@ -90,11 +90,25 @@ CREATE TEMP TABLE cooc_touched (item_key bigint PRIMARY KEY) ON COMMIT DROP
 SELECT DISTINCT c.user_key FROM cooc_ev c ORDER BY 1
 
 -- name: cooc_items
-INSERT INTO pgrec.cooccurrence_items AS ci (item_key, users)
-SELECT c.item_key, count(*) FROM cooc_ev c
- WHERE %(since)s::timestamptz IS NULL OR c.t >= %(since)s::timestamptz
- GROUP BY c.item_key
-ON CONFLICT (item_key) DO UPDATE SET users = ci.users + excluded.users
+-- Items whose user count changes are touched: their lists' scores divide by it.
+WITH up AS (
+    INSERT INTO pgrec.cooccurrence_items AS ci (item_key, users)
+    SELECT c.item_key, count(*) FROM cooc_ev c
+     WHERE %(since)s::timestamptz IS NULL OR c.t >= %(since)s::timestamptz
+     GROUP BY c.item_key
+    ON CONFLICT (item_key) DO UPDATE SET users = ci.users + excluded.users
+    RETURNING ci.item_key
+)
+INSERT INTO cooc_touched (item_key) SELECT up.item_key FROM up ON CONFLICT DO NOTHING
+
+-- name: cooc_touch_partners
+-- An incremental build: every item paired with one whose user count changed is scored again too (the score of
+-- (a, b) divides by users(b)); without this, lists of untouched items kept old scores and an incremental build
+-- differed from a full rebuild of the same events. Pairs are stored both ways, so b's pairs name them.
+INSERT INTO cooc_touched (item_key)
+SELECT DISTINCT p.item_b FROM pgrec.cooccurrence_pairs p
+ WHERE p.item_a IN (SELECT t.item_key FROM cooc_touched t)
+ON CONFLICT DO NOTHING
 
 -- name: cooc_new
 -- Each batch's pairs are counted here (no index, no WAL) and merged into the pair table once at the end:
@@ -124,7 +138,7 @@ WITH ins AS (
     ON CONFLICT (item_a, item_b) DO UPDATE SET count = p.count + excluded.count
     RETURNING p.item_a
 )
-INSERT INTO cooc_touched (item_key) SELECT DISTINCT ins.item_a FROM ins
+INSERT INTO cooc_touched (item_key) SELECT DISTINCT ins.item_a FROM ins ON CONFLICT DO NOTHING
 
 -- name: cooc_merge_full
 -- cooc_merge into the truncated table of a full build: no conflict can happen, and without the ON CONFLICT
@@ -138,7 +152,7 @@ WITH ins AS (
      ORDER BY n.item_a, n.item_b
     RETURNING item_a
 )
-INSERT INTO cooc_touched (item_key) SELECT DISTINCT ins.item_a FROM ins
+INSERT INTO cooc_touched (item_key) SELECT DISTINCT ins.item_a FROM ins ON CONFLICT DO NOTHING
 
 -- name: cooc_clear_neighbors
 DELETE FROM pgrec.item_neighbors n WHERE n.item_key IN (SELECT t.item_key FROM cooc_touched t)
