@@ -818,7 +818,7 @@ def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sq
     """
     newlines = 0
     last = b"\n"  # as if after a line end: whitespace at the start of the data is found like any other
-    tail = b"\n"  # the previous chunk's last byte that is not a quote, and the quotes after it
+    partial = b""  # the previous chunk's last, unfinished line
     padded = False
     padding_in = _padding_finder(delimiter)
     stray_in = _stray_quote_finder(delimiter)
@@ -826,11 +826,13 @@ def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sq
         while chunk := fh.read(_CHUNK):
             seam = last + chunk
             # COPY reads a line holding only \. as the end of the data, and a quote anywhere in a field as the
-            # start or end of quoting (`"a"x` is `ax`, `a"b"c` is `abc`), where the Python reader refuses the
-            # first and keeps the quotes of the second: let the Python reader handle such a file
-            if b"\\." in seam or stray_in(tail + chunk):
+            # start or end of quoting (`"a"x` is `ax`, `a""b` is `ab`), where the Python reader refuses the first
+            # and keeps the quotes of the second: let the Python reader handle such a file
+            lines = partial + chunk
+            cut = lines.rfind(b"\n") + 1
+            partial = lines[cut:]
+            if b"\\." in seam or stray_in(lines[:cut]):
                 raise _NotCopyable
-            tail = _quote_tail(tail + chunk if not chunk.rstrip(b'"') else chunk)
             padded = padded or padding_in(seam)
             n = chunk.count(b"\n")
             newlines += n
@@ -838,6 +840,8 @@ def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sq
             copy.write(chunk)
             if progress:
                 progress(n)
+    if stray_in(partial):  # the last line, without a line end
+        raise _NotCopyable
     padded = padded or (last != b"\n" and last in _WS_BYTES)
     return newlines, last == b"\n", padded
 
@@ -880,20 +884,17 @@ def _padding_finder(delimiter: bytes) -> Callable[[bytes], bool]:
 
 
 def _stray_quote_finder(delimiter: bytes) -> Callable[[bytes], bool]:
-    """Whether a chunk holds an odd run of quotes between two bytes that are neither the delimiter, a line end nor
-    a quote: never in a file the csv module writes (a quote opens a field after a delimiter or line end, closes
-    one before them, and doubles inside it), and read differently by COPY and the Python reader."""
+    """Whether whole lines of CSV / TSV hold a quote outside a well-formed quoted value: every value of a line
+    must be bare (no quote at all) or quoted from end to end ("..." with "" for a quote inside). The csv module
+    writes nothing else on a line; anything else COPY and the Python reader read differently (`"a"x`, `a""b`,
+    `"a,"x`, `x",y"`). A quoted value spanning lines fails too: those files take the Python reader anyway."""
     if not delimiter:
         return lambda data: False
-    plain = b'[^"\r\n' + re.escape(delimiter) + b"]"
-    regex = re.compile(plain + b'"(?:"")*' + plain)
+    d = re.escape(delimiter)
+    value = b'(?:[^"\r\n' + d + b']*|"(?:[^"\n]|"")*")'
+    # a line (MULTILINE) holding a quote whose values do not all match
+    regex = re.compile(b'^(?!' + value + b'(?:' + d + value + b')*\r?$)[^\n]*"', re.MULTILINE)
     return lambda data: b'"' in data and regex.search(data) is not None
-
-
-def _quote_tail(data: bytes) -> bytes:
-    """The last byte of data that is not a quote and the quotes after it: what a stray quote run at the seam of
-    two chunks needs from the first."""
-    return data[max(len(data.rstrip(b'"')) - 1, 0):]
 
 
 def _json_line_reject(line: int, doc: str) -> Reject:

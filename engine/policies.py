@@ -30,7 +30,7 @@ freshness           max_age_days: items created longer ago are dropped
 attribute_filter    predicate, mode = "keep" | "drop"
 relevance_floor     min_score, fill = "none" | "trending": drop items under the floor, fill a short list
 boost               predicate, multiply >= 0, add: score * multiply + add for matching items (< 1 buries;
-                    a negative score is divided by multiply, so > 1 always raises)
+                    a negative score is divided by multiply, so > 1 always raises; 0 sets it to add)
 source_mix          source, min_share, max_share: share of the top k found by a candidate source
 diversity           max_per_value, property = categories, window, top = k, depth = 100: at most M per value in
                     the top, or in any window of w positions
@@ -140,7 +140,7 @@ class BoostParams(_Params):
 
 
 class SourceMixParams(_Params):
-    source: Literal["ann", "history", "trending", "fresh", "popular"]
+    source: str = Field(min_length=1)   # a label of the list's sources (pgrec's: ann, history, trending, ...)
     min_share: float | None = Field(default=None, ge=0, le=1)
     max_share: float | None = Field(default=None, ge=0, le=1)
 
@@ -412,7 +412,7 @@ def parse(result: dict[str, Any]) -> Reranked:
 
 
 def rerank(conn: psycopg.Connection[Any], user_key: int | None, surface: str, k: int, item_keys: list[int],
-           scores: list[float | None], sources: list[str] | None = None, *, context: dict[str, Any] | None = None,
+           scores: list[float], sources: list[str] | None = None, *, context: dict[str, Any] | None = None,
            as_of: datetime | None = None, policy_set: str | None = None) -> Reranked:
     """Apply the policies in force to a scored list (the SQL function ``pgrec.rerank``, the one engine)."""
     try:
@@ -447,5 +447,5 @@ def explain(conn: psycopg.Connection[Any], user_id: str, surface: str = "default
         seen = [r[0] for r in conn.execute(query("policies.seen_item_ids"), {"user_key": row[0], "as_of": as_of})]
         ctx["exclude"] = [*(excl or []), *seen]
     ctx["debug"] = show or k
-    return rerank(conn, row[0] if row else None, surface, k, keys, list[float | None](scores), sources,
+    return rerank(conn, row[0] if row else None, surface, k, keys, list(scores), sources,
                   context=ctx, as_of=as_of, policy_set=policy_set)

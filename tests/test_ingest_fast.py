@@ -250,46 +250,51 @@ def test_padding_is_seen_wherever_it_is(db: TestDB, tmp_path: Path) -> None:
 
 
 def test_stray_quotes_are_read_as_the_python_reader_reads_them(db: TestDB, tmp_path: Path) -> None:
-    """COPY takes a quote anywhere in a field for quoting (`"a"x` is `ax`, `a"b"c` is `abc`); such files go to the
-    Python reader, which refuses the first and keeps the quotes of the second. Files the csv module writes, quotes
-    in values included, stay on the SQL path."""
+    """COPY takes a quote anywhere in a field for quoting (`"a"x` is `ax`, `a""b` is `ab`, `x",y"` is one value
+    `x,y`); a file with a line whose values are not all bare or quoted end to end goes to the Python reader, which
+    refuses or keeps such quotes as it always did. Files the csv module writes, quotes in values included, stay
+    on the SQL path."""
     import csv
     import io
     import random
 
     rnd = random.Random(11)
     for delimiter in (",", "\t"):
-        stray_in = ingest._stray_quote_finder(delimiter.encode())
+        d = delimiter.encode()
+        stray_in = ingest._stray_quote_finder(d)
         for _ in range(300):
-            rows = [[rnd.choice(["u1", 'q"q', '""', '"', '{"a": "b"}', "x,y", "", 'a""b']) for _ in range(4)]
+            rows = [[rnd.choice(["u1", 'q"q', '""', '"', '{"a": "b"}', "x,y", "x\ty", "", 'a""b']) for _ in range(4)]
                     for _ in range(3)]
             out = io.StringIO()
             csv.writer(out, delimiter=delimiter, lineterminator=rnd.choice(["\n", "\r\n"])).writerows(rows)
             data = out.getvalue().encode()
-            assert not stray_in(b"\n" + data), data
-            # one stray quote run between two plain bytes: right after a closing quote, or inside a bare value
-            at = rnd.choice([i for i in range(1, len(data) - 1) if data[i - 1:i] not in (b'"', b"\r", b"\n")
-                             and data[i - 1:i] != delimiter.encode()])
-            bad = data[:at] + b'"' * rnd.choice([1, 3]) + b"z" + data[at:]
-            assert stray_in(b"\n" + bad), bad
-    # a stray run cut by the seam of two chunks is found with the first chunk's tail
-    stray_in = ingest._stray_quote_finder(b",")
-    for first, second in ((b'u1,"a', b'"x,click\n'), (b'u1,"a"', b'""x,click\n')):  # "a"x and "a"""x
-        assert not stray_in(b"\n" + first) and not stray_in(second)
-        assert stray_in(ingest._quote_tail(b"\n" + first) + second)
+            assert not stray_in(data), data
+            # one bad value in place of a good one: a quote after a closing quote's text, quotes in a bare value,
+            # a quoted value with text after it (also after a delimiter inside it), a quote closing mid-value
+            bad_value = rnd.choice([b'"a"x', b'a"b', b'a""b', b'""ax', b'"a' + d + b'"x', b'x"' + d + b'y"'])
+            lines = data.splitlines(keepends=True)
+            row = rnd.randrange(len(lines))
+            values = lines[row].rstrip(b"\r\n").split(d) if b'"' not in lines[row] else [b"u1"] * 4
+            values[rnd.randrange(len(values))] = bad_value
+            lines[row] = d.join(values) + b"\n"
+            assert stray_in(b"".join(lines)), b"".join(lines)
 
     _setup(db, tmp_path)
     head = "user_id,item_id,event_type,occurred_at\n"
-    with pytest.raises(ingest.ImportFailed) as failed:
-        ingest.import_file(db.conn, "events", _write(tmp_path / "ev.csv", head + 'u1,"a"x,click,2024-02-01T10:00:00Z\n'))
-    first_reject = failed.value.rejects[0]
-    assert (first_reject.line, first_reject.field) == (2, "(line)") and "expected after" in first_reject.reason
-    # a quote inside a bare value is a character of it (here an item the catalog does not have)
-    with pytest.raises(ingest.ImportFailed) as failed:
-        ingest.import_file(db.conn, "events", _write(tmp_path / "ev.csv", head + 'u1,a"b"c,click,2024-02-01T10:00:00Z\n'))
-    first_reject = failed.value.rejects[0]
-    assert (first_reject.line, first_reject.field) == (2, "item_id") and 'a"b"c' in first_reject.reason
+    ok = "u1,a,click,2024-02-01T10:00:00Z\n"
+    for value, field, reason in (('"a"x', "(line)", "expected after"), ('"a,"x', "(line)", "expected after"),
+                                 ('a"b"c', "item_id", 'a"b"c'), ('a""b', "item_id", 'a""b'),
+                                 ('x",y"', "(line)", "more fields")):
+        # the bad line last, after more than a chunk's worth of good ones: the check reads every chunk
+        text = head + ok * 40_000 + f"u1,{value},click,2024-02-01T10:00:00Z\n"
+        with pytest.raises(ingest.ImportFailed) as failed:
+            ingest.import_file(db.conn, "events", _write(tmp_path / "ev.csv", text))
+        first = failed.value.rejects[0]
+        assert (first.line, first.field) == (40_002, field) and reason in first.reason, (value, first)
     assert db.scalar("SELECT count(*) FROM pgrec.events") == 0
+    # the last line without a line end is checked too
+    with pytest.raises(ingest.ImportFailed):
+        ingest.import_file(db.conn, "events", _write(tmp_path / "ev.csv", head + ok + 'u1,"a"x,click,2024-02-01'))
     # quotes the csv module writes stay on the SQL path
     r = ingest.import_file(db.conn, "events", _write(
         tmp_path / "ev.csv", head + '"u""1",a,click,2024-02-01T10:00:00Z\n"u,2",b,click,2024-02-01T10:00:00Z\n'))

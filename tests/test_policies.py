@@ -268,6 +268,15 @@ def test_v4_boosts_negative_scores_and_pins_into_an_empty_list(cat: TestDB) -> N
     policies.add(cat.conn, "featured", "pin", {"items": ["i11", "i9"], "positions": [2, 1]})
     res = policies.rerank(cat.conn, None, "default", 5, [], [], [], as_of=AS_OF)
     assert [(i.item_id, i.position, i.score) for i in res.items] == [("i9", 1, 0.0), ("i11", 2, 0.0)]
+    policies.set_enabled(cat.conn, "featured", False)
+    # multiply 0 sets a matching score to add, negative or not (as v3 did)
+    policies.add(cat.conn, "flat", "boost", {"predicate": {"property": "brand", "op": "equals", "value": "a"},
+                                              "multiply": 0, "add": 1})
+    res = policies.rerank(cat.conn, None, "default", 5, keys, scores, ["ann"] * 5, as_of=AS_OF)
+    assert [(i.item_id, i.score) for i in res.items[:2]] == [("i1", 1.0), ("i2", 1.0)]
+    # a NULL score is refused like NaN, naming its position
+    with pytest.raises(InvalidRequest, match=r"scores\[2\] is NULL"):
+        policies.rerank(cat.conn, None, "default", 5, keys[:2], [0.5, None], ["ann"] * 2, as_of=AS_OF)
 
 
 def test_promote_share(cat: TestDB) -> None:
@@ -465,7 +474,6 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("blocklist", {}, "needs items, item_sets or categories"),
     ("pin", {"items": ["a"], "item_set": "s"}, "exactly one"),
     ("pin", {"items": ["a", "b"], "positions": [1]}, "params.positions: has 1 positions for 2 items"),
-    ("source_mix", {"source": "nosuch", "max_share": 0.2}, "params.source"),
     ("attribute_filter", {"predicate": {"all": []}}, "params.predicate.all"),
     ("attribute_filter", {"predicate": {"any": [{"field": "price", "op": "range", "min": 1}]}},
      "params.predicate.any[0].field"),
@@ -499,8 +507,6 @@ def test_malformed_rows_refused_by_the_database(cat: TestDB) -> None:
 
 
 def test_malformed_params_refused_by_python_and_update(cat: TestDB) -> None:
-    with pytest.raises(InvalidRequest, match=r"params\.source"):
-        policies.add(cat.conn, "m", "source_mix", {"source": "nosuch", "max_share": 0.2})
     with pytest.raises(InvalidRequest, match=r"positions: has 1 positions for 2 items"):
         policies.add(cat.conn, "p", "pin", {"items": ["a", "b"], "positions": [1]})
     with pytest.raises(InvalidRequest, match=r"params\.max_age_days"):

@@ -349,7 +349,7 @@ def test_an_app_role_cannot_fan_out_old_event_partitions(sdb: TestDB) -> None:
     try:
         with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
             with pytest.raises(psycopg.errors.InvalidParameterValue,
-                               match="only the schema owner's sessions create partitions") as refused:
+                               match=r"only the sessions of the owner of pgrec\.events create partitions") as refused:
                 app.execute(track, (user, item, datetime(1990, 5, 1, tzinfo=UTC)))
             assert "pgrec import events" in (refused.value.diag.message_hint or "")
             assert sdb.scalar(parts) == before

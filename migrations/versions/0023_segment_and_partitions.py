@@ -3,7 +3,7 @@
 - ``pgrec.candidate_features_by_key`` without today's item-counter snapshot joined every segment's trend to a
   user without a segment (no segment property, a cold user): each candidate came back once per segment.
 - ``pgrec.ensure_event_partitions`` creates a partition that ended more than 31 days ago only for sessions of the
-  schema owner's role: an app role calling ``pgrec.track_event`` could leave one partition per month back to 1970,
+  role that owns pgrec.events: an app role calling ``pgrec.track_event`` could leave one partition per month back to 1970,
   which every request then scanned.
 
 Revision ID: 0023

@@ -1,11 +1,11 @@
 """policies v4 + serving v4: boosts keep their direction on negative scores; pins into an empty list get a score;
-two checks; the served answer names the skipped policies
+a check; the served answer names the skipped policies
 
 - boost ``multiply`` divides a negative score instead of multiplying it (the ranker's raw scores are often
   negative: a boost of 2 buried the matching items).
 - a pin from outside the candidates placed into an empty list got a NULL score (the Python path then failed after
   the impressions were logged); it gets 0.
-- ``source_mix`` refuses an unknown source; ``pin`` refuses inline items without a position each.
+- ``pin`` refuses inline items without a position each; ``pgrec.rerank`` refuses a NULL score like NaN.
 - ``pgrec.finish_request`` returns rerank's ``skipped`` (the Python facade's ``Recommendation.skipped``).
 
 Revision ID: 0024

@@ -1,5 +1,5 @@
 -- Ingest v3 (reverting restores v1's pgrec.ensure_event_partitions):
--- - a partition that ended more than 31 days ago is created only for sessions of the schema owner's role. A
+-- - a partition that ended more than 31 days ago is created only for sessions of the role owning pgrec.events. A
 --   least-privilege app role could call pgrec.track_event once per month back to 1970 and leave ~680 partitions,
 --   which every request then scanned (pgrec.recommend went from ~20 to ~65 ms; found by a security review).
 --   Events of an older month for which a partition exists are still accepted from anyone.
@@ -29,14 +29,15 @@ BEGIN
         part := 'events_' || to_char(m AT TIME ZONE 'UTC', fmt);
         IF to_regclass('pgrec.' || part) IS NULL THEN
             -- an app role (pgrec_app calling pgrec.track_event) could otherwise make one partition per month back
-            -- to 1970 in one statement, and every request would then scan them all; only the schema owner's
-            -- sessions (imports, the service, backfills) create partitions that ended more than 31 days ago
+            -- to 1970 in one statement, and every request would then scan them all; only sessions of the role
+            -- that owns pgrec.events (the migrating role: imports, the service, backfills) create partitions that
+            -- ended more than 31 days ago (the schema itself may belong to another role: CREATE SCHEMA IF NOT EXISTS)
             IF nxt < now() - interval '31 days' AND NOT pg_has_role(
-                   session_user, (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = 'pgrec'), 'MEMBER') THEN
-                RAISE EXCEPTION 'pgrec: no partition of pgrec.events holds % yet, and only the schema owner''s '
-                                'sessions create partitions that ended more than 31 days ago', p_from
+                   session_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = 'pgrec.events'::regclass), 'MEMBER') THEN
+                RAISE EXCEPTION 'pgrec: no partition of pgrec.events holds % yet, and only the sessions of the '
+                                'owner of pgrec.events create partitions that ended more than 31 days ago', p_from
                     USING ERRCODE = '22023',
-                          HINT = 'import old events with pgrec import events (or record them as the schema owner)';
+                          HINT = 'import old events with pgrec import events as the role that ran pgrec db upgrade';
             END IF;
             -- two sessions may want the same partition: serialise creation, then look again
             PERFORM pg_advisory_xact_lock(hashtext('pgrec.events.partitions'));
@@ -53,5 +54,5 @@ END
 $$;
 COMMENT ON FUNCTION pgrec.ensure_event_partitions(timestamptz, timestamptz) IS
     'Create the partitions of pgrec.events (monthly, or yearly per config event_partition_interval) covering '
-    '[p_from, p_to]; returns how many were made. Sessions of other roles than the schema owner''s (app roles) may '
-    'not create a partition that ended more than 31 days ago.';
+    '[p_from, p_to]; returns how many were made. Sessions of roles other than the owner of pgrec.events (app '
+    'roles) may not create a partition that ended more than 31 days ago.';

@@ -4,13 +4,15 @@
 -- pgrec.rerank (v3's, two changes, found by a review):
 -- - boost: score * multiply assumed scores >= 0, but the LightGBM ranker's raw scores are often negative, and
 --   doubling -0.4 buries the item (a "boost" of 2 moved matching items from position 86 to 138). A negative
---   score is now divided by multiply, so multiply > 1 always raises and < 1 always lowers (0: divided by 1e-6).
+--   score is now divided by multiply, so multiply > 1 always raises and < 1 always lowers (multiply 0 still sets
+--   the score to add).
+-- - scores: a NULL score is refused like NaN (it came out as a NULL score in the answer).
 -- - pin: an item from outside the candidates takes the score of the slot it fills; in an empty list (every
 --   candidate filtered, a replay before any event) that was NULL, and the Python path failed on it after the
 --   impressions were logged. It is 0 there now.
 --
--- pgrec.policy_validate (v3's, two checks more): source_mix names one of the five candidate sources (an unknown
--- one was accepted and never matched), and a pin with inline items has a position for each of them.
+-- pgrec.policy_validate (v3's, one check more): a pin with inline items has a position for each of them (item
+-- i goes to position i: the others were never pinned).
 
 CREATE OR REPLACE FUNCTION pgrec.policy_validate(p_kind text, p jsonb, p_segment jsonb, p_where text)
 RETURNS void
@@ -102,10 +104,7 @@ BEGIN
         PERFORM pgrec.policy_check_keys(p, ARRAY['source', 'min_share', 'max_share'], w);
         IF jsonb_typeof(p -> 'source') IS DISTINCT FROM 'string' OR p ->> 'source' = '' THEN
             PERFORM pgrec.policy_fail(w || '.source', 'is required (a candidate source name such as ann or trending)');
-        END IF;
-        IF NOT (p ->> 'source' = ANY (ARRAY['ann', 'history', 'trending', 'fresh', 'popular'])) THEN
-            PERFORM pgrec.policy_fail(w || '.source', format('unknown candidate source %L (ann, history, trending, '
-                                                             'fresh or popular)', p ->> 'source'));
+
         END IF;
         lo := pgrec.policy_num(p, 'min_share', w, false, 0, 1);
         hi := pgrec.policy_num(p, 'max_share', w, false, 0, 1);
@@ -300,9 +299,9 @@ BEGIN
         RAISE EXCEPTION 'pgrec.rerank: item_keys (%), scores (%) and sources (%) must have the same length',
             n_in, coalesce(cardinality(scores), 0), coalesce(cardinality(sources)::text, 'NULL') USING ERRCODE = '22023';
     END IF;
-    IF 'NaN'::float8 = ANY (scores) THEN
-        SELECT min(o) INTO bad FROM unnest(scores) WITH ORDINALITY x(s, o) WHERE x.s = 'NaN'::float8;
-        RAISE EXCEPTION 'pgrec.rerank: scores[%] is NaN', bad USING ERRCODE = '22023';
+    IF 'NaN'::float8 = ANY (scores) OR array_position(scores, NULL) IS NOT NULL THEN
+        SELECT min(o) INTO bad FROM unnest(scores) WITH ORDINALITY x(s, o) WHERE x.s = 'NaN'::float8 OR x.s IS NULL;
+        RAISE EXCEPTION 'pgrec.rerank: scores[%] is %', bad, coalesce(scores[bad]::text, 'NULL') USING ERRCODE = '22023';
     END IF;
     IF jsonb_typeof(ctx) <> 'object' THEN
         RAISE EXCEPTION 'pgrec.rerank: context must be a JSON object' USING ERRCODE = '22023';
@@ -633,7 +632,7 @@ BEGIN
         ELSIF pol.kind = 'boost' THEN
             -- score * multiply + add for the matching items of the list, then re-sort; a negative score (the
             -- ranker's raw scores can be) is divided by multiply instead, so multiply > 1 always raises an item
-            -- and < 1 always lowers it (0: divided by 1e-6)
+            -- and < 1 always lowers it; multiply 0 sets every matching score to add, as before
             mask := pgrec.policy_match(pol.params -> 'predicate', rws, sc, list, ctx, t);
             mul := coalesce((pol.params ->> 'multiply')::float8, 1);
             addv := coalesce((pol.params ->> 'add')::float8, 0);
@@ -644,7 +643,7 @@ BEGIN
                    coalesce(array_agg(b.ns), '{}')
               INTO hit_i, hit, acts, new_sc
               FROM (SELECT list[q.o] AS x,
-                           CASE WHEN sc[list[q.o]] < 0 THEN sc[list[q.o]] / greatest(mul, 1e-6)
+                           CASE WHEN sc[list[q.o]] < 0 AND mul > 0 THEN sc[list[q.o]] / mul
                                 ELSE sc[list[q.o]] * mul END + addv AS ns
                       FROM unnest(array_positions(mask, true)) q(o) OFFSET 0) b
              WHERE b.ns IS DISTINCT FROM sc[b.x];
