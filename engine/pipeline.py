@@ -71,7 +71,7 @@ class Recommendation:
     dropped: dict[str, int]
     timings_ms: dict[str, float]
     candidates: dict[str, int] = field(default_factory=dict)  # candidates found per source
-    # policies in force that did not run, with why (a request without the parameter a policy needs)
+    # policies in force that did not run, with why (a request without the parameter a policy needs; a holdout)
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -122,9 +122,10 @@ class Recommender:
                   exclude_seen: bool = False) -> Recommendation:
         """The final list for a user: best first, each item with its score, position and reasons; logged as
         impressions in the same round trip as the policies when ``log`` is true (by default: unless ``as_of`` is
-        given, as a replay of the past is not a list anybody was shown, and its impressions would be training
-        data for clicks that never followed it). ``skipped`` names the policies in force that did not run
-        (a request without the parameter one needs). ``exclude_seen``: also
+        given, as a replay is not a list anybody was shown, and its impressions would be training data for
+        clicks that never followed it; ``pgrec.recommend`` in SQL logs unless ``log => false``). ``skipped``
+        names the policies in force that did not run (a request without the parameter one needs, or the
+        policies a holdout user skips). ``exclude_seen``: also
         leave out every item the user had any event with before ``as_of``, whatever the surface's policies say
         (as a request exclude list: the drops show as ``request_exclude``)."""
         return self.recommend_many([user_id], k, surface, context, as_of, log, variant, exclude_seen)[0]
@@ -138,6 +139,7 @@ class Recommender:
         # exclude_seen travels as context.exclude_seen: pgrec.finish_request turns it into the user's seen items
         # (the SQL-only path reads the same key)
         ctx = _check(user_ids, k, surface, context, as_of)
+        user_ids = list(user_ids)  # any sequence of ids (a numpy array, a pandas Series) is sliced in batches
         if log is None:
             log = as_of is None
         if exclude_seen:
@@ -358,8 +360,8 @@ def _check_as_of(as_of: Any) -> None:
 def _check(user_ids: Sequence[str], k: int, surface: str, context: dict[str, Any] | None,
            as_of: datetime | None) -> str:
     _check_k(k)
-    if isinstance(user_ids, (str, bytes)) or not isinstance(user_ids, Sequence):
-        raise InvalidRequest(f"user_ids must be a list of user ids, got {type(user_ids).__name__} {user_ids!r}")
+    if isinstance(user_ids, (str, bytes)):
+        raise InvalidRequest(f"user_ids must be a list of user ids, not one {type(user_ids).__name__} ({user_ids!r})")
     for n, uid in enumerate(user_ids):
         _check_id(f"user_id #{n + 1}", uid)
     if not isinstance(surface, str) or not surface or "\x00" in surface:

@@ -165,7 +165,8 @@ class RecommendationOut(BaseModel):
     variant: str | None
     dropped: dict[str, int]
     skipped: dict[str, str] = Field(default_factory=dict,
-                                    description="Policies in force that did not run, with why (a missing request parameter)")
+                                    description="Policies in force that did not run, with why (a missing request parameter, "
+                                                "a holdout)")
     timings_ms: dict[str, float]
 
 

@@ -27,7 +27,7 @@ def _read_users(path: Path) -> list[str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line_no = data[:exc.start].count(b"\n") + 1
+        line_no = len((data[:exc.start].decode("utf-8") + "x").splitlines())  # lines as the loop below counts them
         raise fail(f"{path}:{line_no}: not UTF-8 (byte {data[exc.start]:#04x})") from None
     # every id is checked here, before the first batch is served and logged
     for n, raw in enumerate(text.splitlines(), start=1):
