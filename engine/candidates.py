@@ -1,12 +1,15 @@
 """Stage 1, candidate generation: from the whole catalog to a few hundred items per request, in SQL.
 
-The work happens in ``sql/candidates/v2.sql``; this module calls it by name. Five sources, each one SQL
+The work happens in ``sql/candidates/`` (each function's live definition is in the highest ``vN.sql`` that has
+it); this module calls it by name. Five sources, each one SQL
 function ``pgrec.source_<name>(user_key, k, as_of, categories, params)`` returning rows
 ``(item_key, source, score, rank)``:
 
 - ``ann``: the user vector (``pgrec.user_vector``: the latest positive events' item vectors, weighted by event
   weight and recency, so the next request follows a new event, plus the retrieval model's vectors of the
-  user's properties, so a user with no events has one too) against the HNSW index of item embeddings,
+  user's properties, so a user with no events has one too; a stored vector from the retrieval model serves
+  until a positive event dated at or after its ``based_on`` arrives: one recorded later but dated before it
+  does not move it until the next training) against the HNSW index of item embeddings,
   available items only. ``hnsw.ef_search`` (raised to the LIMIT, at most 1000), ``iterative_scan`` and
   ``max_scan_tuples`` come from the source's params. With a category filter the function counts the matching
   items first (GIN index, capped): at most ``exact_max_rows`` -> an exact distance sort of those rows; more ->
@@ -16,8 +19,10 @@ function ``pgrec.source_<name>(user_key, k, as_of, categories, params)`` returni
   user's recent positive items plus item-embedding neighbours of the newest few, recency weighted.
 - ``trending``: time-decayed popularity in the user's segment (user property named by config
   ``segment_property``) plus a share of the global one. A statement-level trigger on ``pgrec.events`` keeps
-  running decayed sums (new events count at once; ranking is one index scan) and hourly buckets (for
-  ``as_of`` in the past).
+  running decayed sums (new events count at once; ranking is one index scan); for ``as_of`` in the past the
+  positive events of the last 10 half-lives before it are recounted. The two agree but for events older than
+  10 half-lives (left out of the recount) and events dated after now (accepted up to a day ahead for clock
+  skew: the running sums count them at their stated time, above their weight until then).
 - ``fresh``: items created in the last ``fresh_days``, ranked by early engagement.
 - ``popular``: long half-life popularity; the fallback for cold users.
 
@@ -30,11 +35,17 @@ their types, ranges and defaults are ``pgrec.source_param_specs()``, listed in d
 
 Over-fetch: ``n`` counts items the user has *not* interacted with before ``as_of``. Let ``s`` = the number of
 distinct items the user has seen, capped by config ``candidates_overfetch_max`` (100). Each source fetches
-``ceil(quota * n) + s`` rows (a fallback source ``n + s``), so its quota is met with unseen items even if every
-seen item ranks at its top (for users with more seen items than the cap, a quota can fall short and the fill
-makes up the difference). The union takes each source's quota of unseen items, then fills up to n unseen
-items from the fallback sources in order (then any other rows found). Seen items a source ranked within its
-share are returned too; excluding them (the "exclude seen" policy of stage 3) leaves n candidates.
+``ceil(quota * n) + s`` rows, so its quota is met with unseen items even if every seen item ranks at its top
+(for users with more seen items than the cap, a quota can fall short and the fill makes up the difference); a
+fallback source fetches ``n`` plus every seen item (at most 100,000 rows in all), so the fill reaches n unseen
+items while the catalog has them. The union takes each source's quota of unseen items, then fills up to n
+unseen items from the fallback sources in order (then any other rows found). Seen items a source ranked within
+its share are returned too; excluding them (the "exclude seen" policy of stage 3) leaves n candidates.
+
+n is the least number of unseen rows, not an exact count: each source's quota is rounded up (``ceil(quota *
+n)``), so a small n returns a few more (n = 1 with five sources: up to five), and a surface whose quotas sum
+above 1 returns up to that many times n (nothing checks the sum). A surface whose sources are all disabled
+(or whose fallbacks are) returns what the others find, possibly nothing.
 """
 
 from __future__ import annotations

@@ -533,6 +533,22 @@ def test_cold_user_gets_a_full_list_from_fallbacks(db: TestDB) -> None:
     assert [r.item_key for r in same] == [r.item_key for r in rows]
 
 
+def test_a_user_with_more_seen_items_than_the_over_fetch_still_gets_n(db: TestDB) -> None:
+    """The fallback fetches n plus every seen item: with only n plus the over-fetch cap, a heavy user whose seen
+    items fill the top of the popular list got fewer than n unseen candidates although the catalog had them."""
+    for k in range(100):
+        _item(db, f"p{k}")
+        for u in range(100 - k):  # p0 is the most popular, then p1, ...
+            _event(db, f"w{u}", f"p{k}", "view", at=NOW - timedelta(days=2, minutes=k))
+    for k in range(60):  # the heavy user had the 60 most popular
+        _event(db, "heavy", f"p{k}", "view", at=NOW - timedelta(days=1, minutes=k))
+    db.conn.execute("INSERT INTO pgrec.config (key, value) VALUES ('candidates_overfetch_max', '10') "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+    seen = {f"p{k}" for k in range(60)}
+    rows = candidates.candidates(db.conn, "heavy", n=30)
+    assert len([r for r in rows if r.item_id not in seen]) == 30
+
+
 def test_fallback_fills_from_the_catalog_when_few_items_were_engaged_with(db: TestDB) -> None:
     """A new app: 30 items, only 6 of them with events. The popular fallback lists those 6, then the other
     available items created before as_of, newest first, with score 0, so a cold user and a user with history
