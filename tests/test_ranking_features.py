@@ -41,6 +41,19 @@ def test_feature_list_read_from_sql(db: TestDB) -> None:
     assert cf.values.shape == (len(cf), len(cf.names))
     # the number of sources is the length of the sources column
     assert cf.column("f_n_sources").tolist() == [float(len(s)) for s in cf.sources]
+    # the feature rows are exactly stage 1's candidates, with their source columns
+    from engine import candidates
+
+    for user in ("u1", "u2", "u7"):
+        uk = candidates.user_key(db.conn, user)
+        at = NOW - timedelta(days=10)
+        own = candidates.candidates_by_key(db.conn, uk, n=30, as_of=at)
+        via = features.for_user_key(db.conn, uk, n=30, as_of=at)
+        assert sorted(r.item_key for r in own) == sorted(via.item_keys.tolist()) and len(own) >= 30
+        ann = dict(zip(via.item_keys.tolist(), via.column("f_ann_score").tolist(), strict=True))
+        assert all(ann[r.item_key] == r.ann_score if r.ann_score is not None else np.isnan(ann[r.item_key])
+                   for r in own)
+        assert any(r.ann_score is not None for r in own)
 
 
 def test_a_planted_future_event_never_changes_earlier_features(db: TestDB) -> None:
