@@ -22,7 +22,9 @@ function ``pgrec.source_<name>(user_key, k, as_of, categories, params)`` returni
   running decayed sums (new events count at once; ranking is one index scan); for ``as_of`` in the past the
   positive events of the last 10 half-lives before it are recounted. The two agree but for events older than
   10 half-lives (left out of the recount) and events dated after now (accepted up to a day ahead for clock
-  skew: the running sums count them at their stated time, above their weight until then).
+  skew: the running sums count them at their stated time, above their weight until then). The shared lists
+  (trending, popular) are cached for ``source_cache_seconds`` (30), at a past as_of too: an event backfilled
+  before that as_of shows in them once the entry expires.
 - ``fresh``: items created in the last ``fresh_days``, ranked by early engagement.
 - ``popular``: long half-life popularity; the fallback for cold users.
 

@@ -157,6 +157,49 @@ def test_impressions_make_the_same_table_as_replay(db: TestDB) -> None:
     assert booster.num_trees() == 5
 
 
+def test_impression_labels_are_credited_once_and_end_at_label_until(db: TestDB) -> None:
+    """An event without a request id counts for the latest list that showed its item before it (as the online
+    report credits it), not for every list; and no label comes from an event at or after label_until."""
+    import uuid
+
+    _load(db)
+    served = NOW - timedelta(days=10)
+    uk = db.scalar("SELECT user_key FROM pgrec.events WHERE occurred_at < %s GROUP BY user_key "
+                   "ORDER BY count(*) DESC LIMIT 1", (served,))
+    shown = features.for_user_key(db.conn, uk, n=12, as_of=served)
+    item = int(shown.item_keys[2])
+    rids = [uuid.uuid4(), uuid.uuid4()]
+    for n, rid in enumerate(rids):   # two lists, an hour apart, both showing the item
+        for pos, k in enumerate(shown.item_keys[:5].tolist(), start=1):
+            db.conn.execute("INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, "
+                            "served_at) VALUES (%s, %s, 'default', %s, %s, %s)",
+                            (rid, uk, pos, k, served + timedelta(hours=n)))
+    uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (uk,))
+    iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item,))
+    db.conn.execute("SELECT pgrec.track_event(%s, %s, 'purchase', %s)", (uid, iid, served + timedelta(hours=2)))
+    ts = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=3), n=12,
+                                  window=timedelta(hours=6))
+    assert ts.group == [5]   # only the later list has a positive label
+    assert ts.y[2] > 0 and ts.y.tolist().count(0) == 4   # the purchased item, third on the list
+    assert ts.queries == [(int(uk), served + timedelta(hours=1))]
+    none = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=3), n=12,
+                                    window=timedelta(hours=6), label_until=served + timedelta(hours=2))
+    assert none.group == []   # the purchase is at label_until: not a label
+
+
+def test_ranker_trains_on_the_serving_count_of_candidates(db: TestDB) -> None:
+    """Without an explicit n the ranker replays the serving count (config serving_candidates), so the source
+    ranks and fills it learns from are those of the lists it ranks."""
+    from engine.ranking.train import RankerConfig, train_ranker
+
+    _load(db)
+    db.conn.execute("INSERT INTO pgrec.config (key, value) VALUES ('serving_candidates', '25') "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+    trained = train_ranker(db.conn, RankerConfig(horizon_days=7, cutoffs=1, max_users_per_cutoff=10,
+                                                 num_boost_round=5, min_data_in_leaf=5, num_threads=1))
+    assert trained.params["config"]["n_candidates"] == 25
+
+
 def test_item_counter_snapshot_equals_the_per_request_aggregate(db: TestDB) -> None:
     # data up to now: today's features first aggregate the daily counters per request (no snapshot yet),
     # then read the snapshot pgrec.refresh_item_stats builds; both must give the same numbers

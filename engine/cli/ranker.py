@@ -47,7 +47,7 @@ def _stages() -> Iterator[Any]:
         yield progress
 
 
-def _ranker_config(horizon_days: float | None, cutoff_count: int, n: int, max_users: int, rounds: int, seed: int,
+def _ranker_config(horizon_days: float | None, cutoff_count: int, n: int | None, max_users: int, rounds: int, seed: int,
                    source: str, window_share: float = 0.025, valid_windows: int = 3) -> Any:
     from engine.ranking.train import RankerConfig
 
@@ -57,7 +57,7 @@ def _ranker_config(horizon_days: float | None, cutoff_count: int, n: int, max_us
               "--cutoff-count": (cutoff_count >= 1, "must be >= 1"),
               "--window-share": (0 < window_share * (cutoff_count + 1) < 1,
                                  f"must be > 0 and below 1 / (--cutoff-count + 1) = {1 / (cutoff_count + 1):.4g}"),
-              "--n": (n >= 1, "must be >= 1"), "--max-users": (max_users >= 1, "must be >= 1"),
+              "--n": (n is None or n >= 1, "must be >= 1"), "--max-users": (max_users >= 1, "must be >= 1"),
               "--rounds": (rounds >= 1, "must be >= 1"), "--valid-windows": (valid_windows >= 1, "must be >= 1")}
     for name, (ok, rule) in checks.items():
         if not ok:
@@ -75,6 +75,8 @@ CutoffCount = Annotated[int, typer.Option("--cutoff-count", help="cutoffs (plus 
 ValidWindows = Annotated[int, typer.Option("--valid-windows", help="latest label windows that choose the number of "
                                                                "rounds (early stopping); then every window trains")]
 N = Annotated[int, typer.Option("--n", help="candidates per user")]
+TrainN = Annotated[int | None, typer.Option("--n", help="candidates per user (default: the serving count, config "
+                                                       "serving_candidates, so the model learns from the lists it ranks)")]
 MaxUsers = Annotated[int, typer.Option("--max-users", help="users sampled per cutoff")]
 Rounds = Annotated[int, typer.Option("--rounds", help="boosting rounds at most (early stopping)")]
 Seed = Annotated[int, typer.Option("--seed")]
@@ -102,7 +104,7 @@ def train_ranker_cmd(
     window_share: WindowShare = 0.025,
     cutoff_count: CutoffCount = 19,
     valid_windows: ValidWindows = 3,
-    n: N = 300,
+    n: TrainN = None,
     max_users: MaxUsers = 2000,
     rounds: Rounds = 400,
     seed: Seed = 42,
@@ -160,7 +162,7 @@ def train_all_cmd(
     window_share: WindowShare = 0.025,
     cutoff_count: CutoffCount = 19,
     valid_windows: ValidWindows = 3,
-    n: N = 300,
+    n: TrainN = None,
     max_users: MaxUsers = 2000,
     rounds: Rounds = 400,
     seed: Seed = 42,
@@ -336,8 +338,6 @@ def explain_cmd(
 
     with db_connection() as conn:
         try:
-            if n is None:
-                n = int(conn.execute("SELECT pgrec.serving_candidates()").fetchone()[0])  # type: ignore[index]
             v = version if version is not None else registry.active_version(conn)
             if v is None:
                 raise fail("no ranker is active: run `pgrec train ranker` or give --version")

@@ -131,16 +131,19 @@ def replay(conn: psycopg.Connection[Any], cutoff: datetime, horizon: timedelta |
 
 
 def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: datetime, *,
-                     window: timedelta = timedelta(days=1), n: int = 200,
+                     window: timedelta = timedelta(days=1), n: int = 200, label_until: datetime | None = None,
                      progress: Progress | None = None) -> TrainingSet:
     """Groups from the lists served in ``[since, until)``: shown items, features as of the serving time,
-    labels from the engagement that followed. ``position`` is kept beside the rows (not as a feature) for
-    LightGBM's position-bias correction, so it cannot leak into serving."""
+    labels from the engagement that followed (before ``label_until``, default ``until`` plus the attribution
+    window; an event without a request id counts for the latest list that showed its item). ``n`` should be
+    the serving count, so the features are those the lists were ranked with. ``position`` is kept beside the rows
+    (not as a feature) for LightGBM's position-bias correction, so it cannot leak into serving."""
     params = {"since": since, "until": until}
     requests = conn.execute(query("ranking.impression_requests"), params).fetchall()
     labels: dict[Any, dict[int, int]] = {}
-    for rid, item, w, neg in conn.execute(query("ranking.impression_labels"),
-                                          {**params, "window": window, "slack": CITATION_CLOCK_SLACK}).fetchall():
+    for rid, item, w, neg in conn.execute(query("ranking.impression_labels"), {
+            **params, "window": window, "slack": CITATION_CLOCK_SLACK,
+            "label_until": label_until if label_until is not None else until + window}).fetchall():
         labels.setdefault(rid, {})[int(item)] = grade(w, bool(neg))
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []

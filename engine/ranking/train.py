@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,7 +41,9 @@ class RankerConfig:
                                         # MovieLens 200-350 training groups, too few: see docs/ranking.md)
     valid_windows: int = 3              # the latest windows validate early stopping (at most all but one)
     refit: bool = True                  # then train on every window for the early-stopped number of rounds
-    n_candidates: int = 300             # candidates per group (the serving n should match)
+    # candidates per group; None: the serving count (config serving_candidates, 200), so that the source ranks and
+    # fills the model learns from are those it is served (an evaluation sets its own n for both sides)
+    n_candidates: int | None = None
     max_users_per_cutoff: int = 2000    # sampled (seeded) when more users are active after a cutoff
     surface: str = "default"
     num_leaves: int = 15
@@ -196,11 +198,13 @@ def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, windows: Seq
 
     ``prepare(cutoff)`` runs before each replay (an evaluation rebuilds the stage-1 models as of the cutoff
     there, so the candidate sources never saw the label window)."""
+    n = with_serving_n(conn, config).n_candidates
+    assert n is not None
     sets = []
     for c, end in windows:
         if prepare is not None:
             prepare(c)
-        sets.append(dataset.replay(conn, c, end=end, n=config.n_candidates, surface=config.surface,
+        sets.append(dataset.replay(conn, c, end=end, n=n, surface=config.surface,
                                    max_users=config.max_users_per_cutoff, seed=config.seed, progress=progress))
     if len(sets) == 1:
         return sets[0], TrainingSet.empty(sets[0].names)
@@ -214,6 +218,14 @@ def build_sets(conn: psycopg.Connection[Any], config: RankerConfig, windows: Seq
     return train, valid
 
 
+def with_serving_n(conn: psycopg.Connection[Any], config: RankerConfig) -> RankerConfig:
+    """The config with ``n_candidates`` set: the serving count (``pgrec.serving_candidates()``) when it is None."""
+    if config.n_candidates is not None:
+        return config
+    row = conn.execute(query("serving.serving_count")).fetchone()
+    return replace(config, n_candidates=int(row[0]) if row else 200)
+
+
 def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = None, *,
                  until: datetime | None = None, cutoffs: Sequence[datetime] | None = None,
                  since: datetime | None = None, progress: Progress | None = None,
@@ -223,7 +235,7 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
     ``until``: no label may come from events at or after it (the split, in an evaluation); default the
     newest event. Impressions: the last fifth of the period (by time) validates.
     """
-    config = config or RankerConfig()
+    config = with_serving_n(conn, config or RankerConfig())
     t0 = time.perf_counter()
     row = conn.execute(query("ranking.event_range")).fetchone()
     if row is None or not row[2]:
@@ -244,8 +256,11 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
         start = since or first
         split = start + (end - start) * 0.8
         att = timedelta(hours=config.attribution_hours)
-        train = dataset.from_impressions(conn, start, split, window=att, n=config.n_candidates, progress=progress)
-        valid = dataset.from_impressions(conn, split, end, window=att, n=config.n_candidates, progress=progress)
+        # no training label from the validation period, none at all from at or after `until`
+        n = config.n_candidates
+        assert n is not None  # with_serving_n
+        train = dataset.from_impressions(conn, start, split, window=att, n=n, label_until=split, progress=progress)
+        valid = dataset.from_impressions(conn, split, end, window=att, n=n, label_until=end, progress=progress)
         window = {"source": "impressions", "since": start.isoformat(), "validation_from": split.isoformat(),
                   "until": end.isoformat(), "attribution_hours": config.attribution_hours}
     else:
@@ -282,7 +297,7 @@ def train_all(conn: psycopg.Connection[Any], config: RankerConfig | None = None,
     ranker is not saved."""
     from engine import cooccurrence, itemsim
 
-    config = config or RankerConfig()
+    config = with_serving_n(conn, config or RankerConfig())
     ease_config = ease_config or EaseConfig()
     row = conn.execute(query("ranking.event_range")).fetchone()
     if row is None or not row[2]:

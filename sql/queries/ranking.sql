@@ -47,14 +47,22 @@ SELECT i.request_id, i.user_key, i.surface, min(i.served_at) AS served_at,
 -- name: impression_labels
 -- Engagement with what was shown: events of the same user and item tied to the request by request_id (from
 -- the clock slack before serving on: client clocks, as the online report), or (events without a request_id) after
--- serving, within the attribution window.
+-- serving, within the attribution window, credited once: to the latest list of that user that showed the item
+-- before the event (ties: the greater request id), as the online report does. No label comes from an event at or
+-- after label_until (the end of the training data: `pgrec train ranker --until`).
 SELECT i.request_id, i.item_key, max(e.weight) FILTER (WHERE e.polarity = 1) AS w, bool_or(e.polarity = -1) AS neg
   FROM pgrec.impressions i
   JOIN pgrec.events e
     ON e.user_key = i.user_key AND e.item_key = i.item_key
+   AND e.occurred_at < %(label_until)s
    AND (e.request_id = i.request_id AND e.occurred_at >= i.served_at - %(slack)s::interval
         OR (e.request_id IS NULL AND e.occurred_at >= i.served_at
-            AND e.occurred_at < i.served_at + %(window)s::interval))
+            AND e.occurred_at < i.served_at + %(window)s::interval
+            AND NOT EXISTS (
+                SELECT 1 FROM pgrec.impressions later
+                 WHERE later.user_key = i.user_key AND later.item_key = i.item_key
+                   AND later.served_at <= e.occurred_at
+                   AND (later.served_at, later.request_id) > (i.served_at, i.request_id))))
  WHERE i.served_at >= %(since)s AND i.served_at < %(until)s
  GROUP BY i.request_id, i.item_key
 

@@ -91,3 +91,7 @@ SELECT DISTINCT ON (u.user_id) u.user_id, c.category
  WHERE e.polarity = 1 AND u.user_id = ANY(%(users)s::text[])
  GROUP BY u.user_id, c.category
  ORDER BY u.user_id, count(*) DESC, c.category
+
+-- name: serving_count
+-- How many candidates a served list ranks (config serving_candidates): training and explanations use it too.
+SELECT pgrec.serving_candidates()
