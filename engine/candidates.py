@@ -39,8 +39,9 @@ Over-fetch: ``n`` counts items the user has *not* interacted with before ``as_of
 distinct items the user has seen, capped by config ``candidates_overfetch_max`` (100). Each source fetches
 ``ceil(quota * n) + s`` rows, so its quota is met with unseen items even if every seen item ranks at its top
 (for users with more seen items than the cap, a quota can fall short and the fill makes up the difference); a
-fallback source fetches ``n`` plus every seen item (at most 100,000 rows in all), so the fill reaches n unseen
-items while the catalog has them. The union takes each source's quota of unseen items, then fills up to n
+fallback source fetches ``n`` plus as many rows as the user has seen items, up to ``4n`` (or the cap, if larger),
+so the fill reaches n unseen items while the catalog has them, unless more than that many seen items rank at the
+top of the fallback (a very heavy user: fewer than n then). The union takes each source's quota of unseen items, then fills up to n
 unseen items from the fallback sources in order (then any other rows found). Seen items a source ranked within
 its share are returned too; excluding them (the "exclude seen" policy of stage 3) leaves n candidates.
 

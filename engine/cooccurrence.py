@@ -77,7 +77,9 @@ def build(conn: psycopg.Connection[Any], *, as_of: datetime | None = None, incre
     as_of; when there is none it raises :class:`InvalidRequest` (run a full build). It counts only the new
     events' pairs, then scores again the lists of every item with new pairs or a new user count and of every
     item paired with one (their scores divide by its user count), so its lists equal a full rebuild's but for
-    pairs a full build left out for being seen fewer than min_count times (counted from zero after it).
+    pairs a full build left out for being seen fewer than min_count times (counted from zero after it). What it
+    saves is the pair count over the old events: on a busy catalog the rescored lists are most of them (6 hours
+    of events on 20k items touched 93% in a review's measurement).
     """
     started = datetime.now(UTC)
     params = _resolve(conn, config or CooccurrenceConfig())

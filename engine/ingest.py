@@ -831,7 +831,9 @@ def _copy_chunks(cur: psycopg.Cursor[Any], fh: Any, statement: sql.Composed | sq
             lines = partial + chunk
             cut = lines.rfind(b"\n") + 1
             partial = lines[cut:]
-            if b"\\." in seam or stray_in(lines[:cut]):
+            # a line longer than a chunk (no newline in sight: CR line ends, one huge line) is no events file COPY
+            # should take; carrying it on would re-scan it with every chunk
+            if b"\\." in seam or stray_in(lines[:cut]) or len(partial) > _CHUNK:
                 raise _NotCopyable
             padded = padded or padding_in(seam)
             n = chunk.count(b"\n")

@@ -14,7 +14,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -138,8 +139,8 @@ class Recommender:
         call per batch, the policy calls pipelined. Returns one Recommendation per user id, in order."""
         # exclude_seen travels as context.exclude_seen: pgrec.finish_request turns it into the user's seen items
         # (the SQL-only path reads the same key)
+        user_ids = _id_list(user_ids)
         ctx = _check(user_ids, k, surface, context, as_of)
-        user_ids = list(user_ids)  # any sequence of ids (a numpy array, a pandas Series) is sliced in batches
         if log is None:
             log = as_of is None
         if exclude_seen:
@@ -348,6 +349,17 @@ def _check_id(what: str, value: Any) -> None:
         raise InvalidRequest(f"{what} ({value!r}) contains a NUL character, which PostgreSQL text cannot hold")
 
 
+def _id_list(user_ids: Any) -> list[Any]:
+    """The ids of ``recommend_many`` as a list, in order: any ordered collection (a list, a tuple, a numpy array, a
+    pandas Series, a generator), never one string or an unordered set."""
+    if isinstance(user_ids, (str, bytes)):
+        raise InvalidRequest(f"user_ids must be a list of user ids, not one {type(user_ids).__name__} ({user_ids!r})")
+    if isinstance(user_ids, (AbstractSet, Mapping)) or not isinstance(user_ids, Iterable):
+        raise InvalidRequest(f"user_ids must be an ordered collection of user ids (a list), got "
+                             f"{type(user_ids).__name__}")
+    return list(user_ids)
+
+
 def _check_as_of(as_of: Any) -> None:
     if as_of is None:
         return
@@ -360,8 +372,6 @@ def _check_as_of(as_of: Any) -> None:
 def _check(user_ids: Sequence[str], k: int, surface: str, context: dict[str, Any] | None,
            as_of: datetime | None) -> str:
     _check_k(k)
-    if isinstance(user_ids, (str, bytes)):
-        raise InvalidRequest(f"user_ids must be a list of user ids, not one {type(user_ids).__name__} ({user_ids!r})")
     for n, uid in enumerate(user_ids):
         _check_id(f"user_id #{n + 1}", uid)
     if not isinstance(surface, str) or not surface or "\x00" in surface:

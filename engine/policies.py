@@ -30,7 +30,8 @@ freshness           max_age_days: items created longer ago are dropped
 attribute_filter    predicate, mode = "keep" | "drop"
 relevance_floor     min_score, fill = "none" | "trending": drop items under the floor, fill a short list
 boost               predicate, multiply >= 0, add: score * multiply + add for matching items (< 1 buries;
-                    a negative score is divided by multiply, so > 1 always raises; 0 sets it to add)
+                    a negative score is divided by multiply, so > 1 always raises; 0 sets it to add,
+                    which raises a negative score: bury with a negative add)
 source_mix          source, min_share, max_share: share of the top k found by a candidate source
 diversity           max_per_value, property = categories, window, top = k, depth = 100: at most M per value in
                     the top, or in any window of w positions

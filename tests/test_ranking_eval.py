@@ -42,11 +42,13 @@ def _record_ease_builds(monkeypatch: pytest.MonkeyPatch) -> list[datetime | None
 def test_eval_reports_every_method(db: TestDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _world(db)
     ease_as_of = _record_ease_builds(monkeypatch)
-    rc = RankerConfig(horizon_days=7, cutoffs=1, n_candidates=30, max_users_per_cutoff=20, num_boost_round=30,
+    # no n of its own: the ranker trains on the count it is tested with (its own default is the serving count)
+    rc = RankerConfig(horizon_days=7, cutoffs=1, max_users_per_cutoff=20, num_boost_round=30,
                       min_data_in_leaf=5, num_threads=1)
     config = funnel.EvalConfig(split_at=NOW - timedelta(days=7), n_candidates=30, max_users=15, retrieval=False,
                                candidate_counts=(10, 30), recall_users=8, ranker=rc)
     result, trained = funnel.run(db.conn, config)
+    assert result.ranker["config"]["n_candidates"] == 30
     assert set(result.methods) == {"funnel", "popularity", "ease", *(f"source:{s}" for s in funnel.SOURCES)}
     for vals in result.methods.values():
         assert all(0.0 <= v <= 1.0 for v in vals.values())

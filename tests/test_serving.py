@@ -234,7 +234,10 @@ def test_bad_requests_are_refused_and_change_nothing(sdb: TestDB) -> None:
         # one string is not a list of users (it would serve one user per character)
         with pytest.raises(InvalidRequest, match="user_ids must be a list"):
             rec.recommend_many(user, k=3)
-        assert len(rec.recommend_many(np.array([user]), k=3, log=False)) == 1  # any sequence of ids
+        assert len(rec.recommend_many(np.array([user]), k=3, log=False)) == 1  # any ordered collection of ids
+        assert len(rec.recommend_many((u for u in [user, user]), k=3, log=False)) == 2  # a generator too
+        with pytest.raises(InvalidRequest, match="ordered collection"):
+            rec.recommend_many({user}, k=3)
         # a replay of the past is not a list anybody was shown: not logged unless asked for
         assert rec.recommend(user, k=3, as_of=AS_OF).request_id is None
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="k must be between"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -215,7 +215,9 @@ def run(conn: psycopg.Connection[Any], config: EvalConfig | None = None, *,
         raise InvalidRequest(f"no user has a new positive item after the split {cutoff.isoformat()}")
 
     # 1. the ranker, on cutoffs before the split; co-occurrence / retrieval rebuilt as of each cutoff
-    rc = config.ranker
+    # the ranker trains on the candidate count it is tested with (RankerConfig's own default is the serving count)
+    rc = config.ranker if config.ranker.n_candidates is not None else replace(config.ranker,
+                                                                              n_candidates=config.n_candidates)
     cutoffs = [c for c, _ in plan_windows(conn, cutoff, rc)]
     # co-occurrence at every cutoff (cheap), the retrieval model at the first and every k-th cutoff (stale for
     # the ones in between but blind to every label window)

@@ -1,8 +1,8 @@
 """candidates v8: the fallback fills n unseen candidates for users with many seen items
 
 A fallback source fetched n plus ``candidates_overfetch_max`` (100) rows; a user with more seen items than that
-among them got fewer than n unseen candidates although the catalog had more. It now fetches n plus every seen
-item (at most 100,000 rows in all).
+among them got fewer than n unseen candidates although the catalog had more. It now fetches n plus as many rows
+as the user has seen items, up to 4n (or the cap, if larger).
 
 Revision ID: 0025
 Revises: 0024

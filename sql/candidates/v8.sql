@@ -1,7 +1,8 @@
 -- Stage 1, candidates v8: only pgrec.candidates_by_key changes (v6's, one change); reverting restores v6's.
--- A fallback source fetches n plus every item the user has seen (at most 100,000 rows), not n plus
--- candidates_overfetch_max: a user with more seen items than that cap among the fallback's rows got fewer than n
--- unseen candidates although the catalog had them (592 of 600 for a user with 257 seen items; found by a review).
+-- A fallback source fetches n plus as many rows as the user has seen items, up to 4n (or candidates_overfetch_max
+-- if larger), not n plus that cap alone: a user with more seen items than the cap among the fallback's rows got
+-- fewer than n unseen candidates although the catalog had them (592 of 600 for a user with 257 seen items; found
+-- by a review). Beyond 4n seen items among the fallback's top rows the list can still fall short.
 
 CREATE OR REPLACE FUNCTION pgrec.candidates_by_key(
     user_key bigint, surface text DEFAULT 'default', n int DEFAULT 500, as_of timestamptz DEFAULT NULL,
@@ -47,8 +48,10 @@ BEGIN
     -- Over-fetch: n counts unseen items. Each source fetches its share plus as many extra rows as the user
     -- has seen items (capped by config candidates_overfetch_max), so excluding seen items later leaves n. The
     -- ann source reads its extra rows only as far as seen items use them up (its index scan stops there). A
-    -- fallback source, which must be able to fill the whole list, fetches n plus every seen item (up to 100,000
-    -- rows in all): with the cap, a user with more seen items than it got fewer than n unseen candidates.
+    -- fallback source, which must be able to fill the whole list, fetches n plus as many rows as the user has
+    -- seen items, up to 4n (or the cap, if larger): with only the cap, a user with more seen items than it got
+    -- fewer than n unseen candidates; every seen item (20,000 for one user) made such a request 2.7x dearer and
+    -- grew the shared popular list in pgrec.source_cache that every request reads.
     IF uk IS NOT NULL THEN
         SELECT coalesce(array_agg(DISTINCT e.item_key), '{}') INTO seen
           FROM pgrec.events e WHERE e.user_key = uk AND e.occurred_at < t;
@@ -62,7 +65,7 @@ BEGIN
         fill_w[si] := coalesce(r.fallback_order, 1000000)::bigint * 1000000;
         -- a fallback source may have to fill the whole list
         fetch_k := fetch_k || jsonb_build_object(r.source,
-            CASE WHEN r.fallback_order IS NOT NULL THEN want + least(cardinality(seen), 100000 - want)
+            CASE WHEN r.fallback_order IS NOT NULL THEN want + greatest(extra, least(cardinality(seen), 4 * want))
                  ELSE ceil(r.quota::numeric * want)::int + extra END);
         params := params || jsonb_build_object(r.source, r.params);
     END LOOP;

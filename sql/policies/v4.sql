@@ -632,7 +632,8 @@ BEGIN
         ELSIF pol.kind = 'boost' THEN
             -- score * multiply + add for the matching items of the list, then re-sort; a negative score (the
             -- ranker's raw scores can be) is divided by multiply instead, so multiply > 1 always raises an item
-            -- and < 1 always lowers it; multiply 0 sets every matching score to add, as before
+            -- and < 1 always lowers it (a multiplier below 1e-6 divides as 1e-6: finite); multiply 0 sets every
+            -- matching score to add, as before (which raises a negative score when add >= 0)
             mask := pgrec.policy_match(pol.params -> 'predicate', rws, sc, list, ctx, t);
             mul := coalesce((pol.params ->> 'multiply')::float8, 1);
             addv := coalesce((pol.params ->> 'add')::float8, 0);
@@ -643,7 +644,7 @@ BEGIN
                    coalesce(array_agg(b.ns), '{}')
               INTO hit_i, hit, acts, new_sc
               FROM (SELECT list[q.o] AS x,
-                           CASE WHEN sc[list[q.o]] < 0 AND mul > 0 THEN sc[list[q.o]] / mul
+                           CASE WHEN sc[list[q.o]] < 0 AND mul > 0 THEN sc[list[q.o]] / greatest(mul, 1e-6)
                                 ELSE sc[list[q.o]] * mul END + addv AS ns
                       FROM unnest(array_positions(mask, true)) q(o) OFFSET 0) b
              WHERE b.ns IS DISTINCT FROM sc[b.x];
