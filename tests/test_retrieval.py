@@ -235,13 +235,22 @@ def test_property_tokens_same_in_sql_and_python(db: TestDB) -> None:
 def test_retraining_switches_in_one_transaction(db: TestDB) -> None:
     _load(db, users=120, items=80, events=3000)
     cfg = RetrievalConfig(dim=TEST_DIM, epochs=2, batch_size=64, validation_fraction=0.0)
-    first = train_and_store(db.conn, cfg)
     as_of = datetime.fromisoformat(str(db.scalar("SELECT max(occurred_at) - interval '10 days' FROM pgrec.events")))
+    item = db.scalar("SELECT item_id FROM pgrec.items ORDER BY item_key LIMIT 1")
+    db.conn.execute("SELECT pgrec.track_event('late-user', %s, 'purchase', %s)", (item, as_of + timedelta(days=1)))
+    late = "SELECT count(*) FROM pgrec.user_embeddings e JOIN pgrec.users u USING (user_key) WHERE u.user_id = 'late-user'"
+    first = train_and_store(db.conn, cfg)
+    assert db.scalar(late) == 1
     second = train_and_store(db.conn, cfg, as_of=as_of)
     assert second.version > first.version
     assert db.scalar("SELECT array_agg(version) FROM pgrec.models WHERE kind = 'retrieval' AND active") == [
         second.version]
     assert db.scalar("SELECT count(DISTINCT model_version) FROM pgrec.item_embeddings") == 1
+    # users the second model has no vector for (events only after its as_of) keep none from the first: that one
+    # lived in the replaced item space
+    assert db.conn.execute("SELECT DISTINCT model_version FROM pgrec.user_embeddings").fetchall() == [
+        (str(second.version),)]
+    assert db.scalar(late) == 0
     assert second.based_on == as_of
     window = db.scalar("SELECT data_window FROM pgrec.models WHERE version = %s", (second.version,))
     assert datetime.fromisoformat(window["last_event"]) < as_of

@@ -128,6 +128,7 @@ def store(conn: psycopg.Connection[Any], data: RetrievalData, result: TrainResul
             for key, u in zip(user_keys.tolist(), U, strict=True):
                 copy.write_row((key, _vec(u.astype(np.float32)), tag, based_on))
         cur.execute(query("retrieval.merge_user_vectors"))
+        cur.execute(query("retrieval.drop_other_user_vectors"), {"version": tag})
         # the user tower's property-token vectors: replaced as a whole, in the same transaction
         cur.execute(query("retrieval.clear_user_features"))
         with cur.copy("COPY pgrec.user_feature_embeddings (token, embedding, model_version) FROM STDIN") as copy:

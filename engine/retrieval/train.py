@@ -274,8 +274,7 @@ def train(data: RetrievalData, config: RetrievalConfig | None = None, *, on_batc
     result.seconds_total = time.perf_counter() - t0
     result.pairs = len(pairs)
     touched = np.zeros(data.n_items, dtype=bool)
-    touched[pos.item[pairs]] = True
-    touched[pos.item] = True
+    touched[pos.item[pairs]] = True   # items with a training pair (not every item with a positive event)
     result.trained_items = int(touched.sum())
     return result
 

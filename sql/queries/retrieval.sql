@@ -70,6 +70,12 @@ SELECT s.user_key, s.embedding, s.model_version, s.based_on, now()
 ON CONFLICT (user_key) DO UPDATE SET embedding = excluded.embedding, model_version = excluded.model_version,
     based_on = excluded.based_on, updated_at = now()
 
+-- name: drop_other_user_vectors
+-- A user the new model has no vector for (no events before its as_of, nothing that sums) keeps none: the old
+-- row was in the previous model's space, which the new item vectors replaced (pgrec.user_vector then computes
+-- one from the user's events in the new space).
+DELETE FROM pgrec.user_embeddings e WHERE e.model_version IS DISTINCT FROM %(version)s::text
+
 -- name: clear_user_features
 DELETE FROM pgrec.user_feature_embeddings
 
