@@ -129,7 +129,10 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
             conn.execute("ANALYZE")
 
         with step("evaluation on a temporal split: the funnel against the baselines"):
+            # the evaluated ranker is the one served next: it ranks the serving count of candidates
+            serving_n = int(conn.execute(query("serving.serving_count")).fetchone()[0])  # type: ignore[index]
             ecfg = funnel.EvalConfig(max_users=cfg.eval_users, seed=cfg.seed, candidate_counts=(50, 100, 200),
+                                     n_candidates=serving_n,
                                      ranker=RankerConfig(num_boost_round=cfg.ranker_trees, cutoffs=cfg.ranker_cutoffs,
                                                          max_users_per_cutoff=cfg.ranker_users))
             with _progress(console) as progress:

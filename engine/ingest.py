@@ -799,9 +799,13 @@ def _raw_columns(header_line: bytes, delimiter: str) -> list[str]:
         text = header_line.removeprefix(b"\xef\xbb\xbf").decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
         raise _NotCopyable from None
-    if not text or text.count('"') % 2:
+    # a header holding a carriage return: the file's line ends are CRs, which COPY would not take either
+    if not text or text.count('"') % 2 or "\r" in text:
         raise _NotCopyable
-    header = next(csv.reader([text], delimiter=delimiter))
+    try:
+        header = next(csv.reader([text], delimiter=delimiter))
+    except csv.Error:
+        raise _NotCopyable from None
     last = {name: i for i, name in enumerate(header)}
     extras = iter(_EXTRA_COLUMNS)
     try:

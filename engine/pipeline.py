@@ -131,7 +131,7 @@ class Recommender:
         (as a request exclude list: the drops show as ``request_exclude``)."""
         return self.recommend_many([user_id], k, surface, context, as_of, log, variant, exclude_seen)[0]
 
-    def recommend_many(self, user_ids: Sequence[str], k: int = 10, surface: str = "default",
+    def recommend_many(self, user_ids: Iterable[str], k: int = 10, surface: str = "default",
                        context: dict[str, Any] | None = None, as_of: datetime | None = None,
                        log: bool | None = None, variant: Variant | None = None,
                        exclude_seen: bool = False) -> list[Recommendation]:

@@ -31,7 +31,7 @@ attribute_filter    predicate, mode = "keep" | "drop"
 relevance_floor     min_score, fill = "none" | "trending": drop items under the floor, fill a short list
 boost               predicate, multiply >= 0, add: score * multiply + add for matching items (< 1 buries;
                     a negative score is divided by multiply, so > 1 always raises; 0 sets it to add,
-                    which raises a negative score: bury with a negative add)
+                    which raises any score below add; multiply is 0 or at least 1e-6)
 source_mix          source, min_share, max_share: share of the top k found by a candidate source
 diversity           max_per_value, property = categories, window, top = k, depth = 100: at most M per value in
                     the top, or in any window of w positions
@@ -55,7 +55,7 @@ from typing import Annotated, Any, Literal
 
 import psycopg
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import InvalidRequest, NotFound
 from engine.sql import query
@@ -131,6 +131,13 @@ class RelevanceFloorParams(_Params):
 class BoostParams(_Params):
     predicate: Predicate
     multiply: float | None = Field(default=None, ge=0, le=1e6)
+
+    @field_validator("multiply")
+    @classmethod
+    def _zero_or_not_tiny(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < 1e-6:
+            raise ValueError(f"must be 0 or at least 1e-6, got {v}")
+        return v
     add: float | None = Field(default=None, ge=-MAX_SCORE, le=MAX_SCORE)
 
     @model_validator(mode="after")

@@ -534,7 +534,7 @@ def test_cold_user_gets_a_full_list_from_fallbacks(db: TestDB) -> None:
 
 
 def test_a_user_with_more_seen_items_than_the_over_fetch_still_gets_n(db: TestDB) -> None:
-    """The fallback fetches n plus every seen item: with only n plus the over-fetch cap, a heavy user whose seen
+    """The fallback fetches n plus the user's seen items (up to 4n): with only n plus the over-fetch cap, a heavy user whose seen
     items fill the top of the popular list got fewer than n unseen candidates although the catalog had them."""
     for k in range(100):
         _item(db, f"p{k}")

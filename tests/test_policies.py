@@ -474,6 +474,7 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("blocklist", {}, "needs items, item_sets or categories"),
     ("pin", {"items": ["a"], "item_set": "s"}, "exactly one"),
     ("pin", {"items": ["a", "b"], "positions": [1]}, "params.positions: has 1 positions for 2 items"),
+    ("boost", {"predicate": {"property": "x", "op": "exists"}, "multiply": 1e-300}, "must be 0 or at least 1e-6"),
     ("attribute_filter", {"predicate": {"all": []}}, "params.predicate.all"),
     ("attribute_filter", {"predicate": {"any": [{"field": "price", "op": "range", "min": 1}]}},
      "params.predicate.any[0].field"),
@@ -509,6 +510,8 @@ def test_malformed_rows_refused_by_the_database(cat: TestDB) -> None:
 def test_malformed_params_refused_by_python_and_update(cat: TestDB) -> None:
     with pytest.raises(InvalidRequest, match=r"positions: has 1 positions for 2 items"):
         policies.add(cat.conn, "p", "pin", {"items": ["a", "b"], "positions": [1]})
+    with pytest.raises(InvalidRequest, match=r"params\.multiply"):
+        policies.add(cat.conn, "b", "boost", {"predicate": {"property": "x", "op": "exists"}, "multiply": 1e-9})
     with pytest.raises(InvalidRequest, match=r"params\.max_age_days"):
         policies.add(cat.conn, "f", "freshness", {"max_age_days": 0})
     with pytest.raises(InvalidRequest, match=r"params\.max_age_days"):

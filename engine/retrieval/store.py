@@ -94,7 +94,8 @@ def train_and_store(conn: psycopg.Connection[Any], config: RetrievalConfig | Non
 
 
 def store(conn: psycopg.Connection[Any], data: RetrievalData, result: TrainResult) -> StoredModel:
-    """Write one trained model and its vectors in a single transaction and make it the active one."""
+    """Write one trained model and its vectors in a single transaction and make it the active one; stored user
+    vectors of users the model has none for are deleted (they were in the replaced model's space)."""
     check_dimension(conn, result.model.dim)
     V = result.model.item_vectors().astype(np.float32)
     C = result.model.context_vectors().astype(np.float32)

@@ -78,7 +78,7 @@ class TrainResult:
     seconds_to_best: float = 0.0
     seconds_total: float = 0.0
     pairs: int = 0
-    trained_items: int = 0   # items with at least one training pair (the rest are embedded by features only)
+    trained_items: int = 0   # items with at least one training pair (the rest mostly by their features)
     user_vocabulary: FeatureVocabulary = field(default_factory=lambda: FeatureVocabulary([]))
 
     def metrics(self) -> dict[str, Any]:

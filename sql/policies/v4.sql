@@ -11,8 +11,9 @@
 --   candidate filtered, a replay before any event) that was NULL, and the Python path failed on it after the
 --   impressions were logged. It is 0 there now.
 --
--- pgrec.policy_validate (v3's, one check more): a pin with inline items has a position for each of them (item
--- i goes to position i: the others were never pinned).
+-- pgrec.policy_validate (v3's, two checks more): a pin with inline items has a position for each of them (item
+-- i goes to position i: the others were never pinned); a boost's multiply is 0 or at least 1e-6 (dividing a
+-- negative score by 1e-300 overflowed and failed every request of its surface).
 
 CREATE OR REPLACE FUNCTION pgrec.policy_validate(p_kind text, p jsonb, p_segment jsonb, p_where text)
 RETURNS void
@@ -96,6 +97,9 @@ BEGIN
         PERFORM pgrec.policy_check_keys(p, ARRAY['predicate', 'multiply', 'add'], w);
         PERFORM pgrec.policy_check_predicate(p -> 'predicate', w || '.predicate', false);
         PERFORM pgrec.policy_num(p, 'multiply', w, false, 0, 1e6);
+        IF (p ->> 'multiply')::numeric > 0 AND (p ->> 'multiply')::numeric < 1e-6 THEN
+            PERFORM pgrec.policy_fail(w || '.multiply', format('must be 0 or at least 1e-6, got %s', p -> 'multiply'));
+        END IF;
         PERFORM pgrec.policy_num(p, 'add', w, false, -1e12, 1e12);
         IF NOT (p ? 'multiply' OR p ? 'add') THEN
             PERFORM pgrec.policy_fail(w, 'a boost needs "multiply", "add" or both');
@@ -632,8 +636,8 @@ BEGIN
         ELSIF pol.kind = 'boost' THEN
             -- score * multiply + add for the matching items of the list, then re-sort; a negative score (the
             -- ranker's raw scores can be) is divided by multiply instead, so multiply > 1 always raises an item
-            -- and < 1 always lowers it (a multiplier below 1e-6 divides as 1e-6: finite); multiply 0 sets every
-            -- matching score to add, as before (which raises a negative score when add >= 0)
+            -- and < 1 always lowers it (multiply is 0 or at least 1e-6: policy_validate); multiply 0 sets every
+            -- matching score to add, as before (which raises any score below add)
             mask := pgrec.policy_match(pol.params -> 'predicate', rws, sc, list, ctx, t);
             mul := coalesce((pol.params ->> 'multiply')::float8, 1);
             addv := coalesce((pol.params ->> 'add')::float8, 0);
@@ -644,7 +648,7 @@ BEGIN
                    coalesce(array_agg(b.ns), '{}')
               INTO hit_i, hit, acts, new_sc
               FROM (SELECT list[q.o] AS x,
-                           CASE WHEN sc[list[q.o]] < 0 AND mul > 0 THEN sc[list[q.o]] / greatest(mul, 1e-6)
+                           CASE WHEN sc[list[q.o]] < 0 AND mul > 0 THEN sc[list[q.o]] / mul
                                 ELSE sc[list[q.o]] * mul END + addv AS ns
                       FROM unnest(array_positions(mask, true)) q(o) OFFSET 0) b
              WHERE b.ns IS DISTINCT FROM sc[b.x];
