@@ -799,7 +799,8 @@ def _raw_columns(header_line: bytes, delimiter: str) -> list[str]:
         text = header_line.removeprefix(b"\xef\xbb\xbf").decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
         raise _NotCopyable from None
-    # a header holding a carriage return: the file's line ends are CRs, which COPY would not take either
+    # a header holding a carriage return: the file's line ends are CRs, and the record count checks below count
+    # newlines: the Python reader takes such a file
     if not text or text.count('"') % 2 or "\r" in text:
         raise _NotCopyable
     try:

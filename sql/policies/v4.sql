@@ -12,8 +12,8 @@
 --   impressions were logged. It is 0 there now.
 --
 -- pgrec.policy_validate (v3's, two checks more): a pin with inline items has a position for each of them (item
--- i goes to position i: the others were never pinned); a boost's multiply is 0 or at least 1e-6 (dividing a
--- negative score by 1e-300 overflowed and failed every request of its surface).
+-- i goes to position i: the others were never pinned); a boost's multiply is 0 or at least 1e-6 (a negative
+-- score divided by 1e-300 is absurd, and large or stacked ones overflowed; rows stored before divide as 1e-6).
 
 CREATE OR REPLACE FUNCTION pgrec.policy_validate(p_kind text, p jsonb, p_segment jsonb, p_where text)
 RETURNS void
@@ -636,7 +636,8 @@ BEGIN
         ELSIF pol.kind = 'boost' THEN
             -- score * multiply + add for the matching items of the list, then re-sort; a negative score (the
             -- ranker's raw scores can be) is divided by multiply instead, so multiply > 1 always raises an item
-            -- and < 1 always lowers it (multiply is 0 or at least 1e-6: policy_validate); multiply 0 sets every
+            -- and < 1 always lowers it (multiply is 0 or at least 1e-6: policy_validate; a row stored under v3's
+            -- rules may hold less, which divides as 1e-6); multiply 0 sets every
             -- matching score to add, as before (which raises any score below add)
             mask := pgrec.policy_match(pol.params -> 'predicate', rws, sc, list, ctx, t);
             mul := coalesce((pol.params ->> 'multiply')::float8, 1);
@@ -648,7 +649,7 @@ BEGIN
                    coalesce(array_agg(b.ns), '{}')
               INTO hit_i, hit, acts, new_sc
               FROM (SELECT list[q.o] AS x,
-                           CASE WHEN sc[list[q.o]] < 0 AND mul > 0 THEN sc[list[q.o]] / mul
+                           CASE WHEN sc[list[q.o]] < 0 AND mul > 0 THEN sc[list[q.o]] / greatest(mul, 1e-6)
                                 ELSE sc[list[q.o]] * mul END + addv AS ns
                       FROM unnest(array_positions(mask, true)) q(o) OFFSET 0) b
              WHERE b.ns IS DISTINCT FROM sc[b.x];
