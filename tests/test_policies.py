@@ -274,6 +274,15 @@ def test_v4_boosts_negative_scores_and_pins_into_an_empty_list(cat: TestDB) -> N
                                               "multiply": 0, "add": 1})
     res = policies.rerank(cat.conn, None, "default", 5, keys, scores, ["ann"] * 5, as_of=AS_OF)
     assert [(i.item_id, i.score) for i in res.items[:2]] == [("i1", 1.0), ("i2", 1.0)]
+    # a row stored under v3's rules with a tiny multiplier (the check came with v4) divides as 1e-6: finite
+    policies.set_enabled(cat.conn, "flat", False)
+    cat.conn.execute("ALTER TABLE pgrec.policies DISABLE TRIGGER policies_before_write")
+    cat.conn.execute("INSERT INTO pgrec.policies (name, kind, params) VALUES ('old-tiny', 'boost', %s)",
+                     (psycopg.types.json.Jsonb({"predicate": {"property": "brand", "op": "equals", "value": "a"},
+                                                "multiply": 1e-310}),))
+    cat.conn.execute("ALTER TABLE pgrec.policies ENABLE TRIGGER policies_before_write")
+    res = policies.rerank(cat.conn, None, "default", 5, keys, [-1e10, *scores[1:]], ["ann"] * 5, as_of=AS_OF)
+    assert min(i.score for i in res.items) == pytest.approx(-1e16)
     # a NULL score is refused like NaN, naming its position
     with pytest.raises(InvalidRequest, match=r"scores\[2\] is NULL"):
         policies.rerank(cat.conn, None, "default", 5, keys[:2], [0.5, None], ["ann"] * 2, as_of=AS_OF)
