@@ -104,7 +104,7 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
     from engine.ranking.train import RankerConfig
 
     retrieval = _optional("engine.retrieval.store")
-    step = _Step(0, 7, console, {})
+    step = _Step(0, 6, console, {})
     out: dict[str, Any] = {"seconds": step.seconds}
     t_start = time.perf_counter()
 

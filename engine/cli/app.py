@@ -15,7 +15,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Schema versions (alembic) and the embedded server.", no_args_is_help=True)
 import_app = typer.Typer(help="Bulk imports (all-or-nothing per file).", no_args_is_help=True)
-train_app = typer.Typer(help="Train models: cooccurrence, retrieval, ranker, all.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: cooccurrence, neighbours, ease, retrieval, ranker, all.",
+                        no_args_is_help=True)
 eval_app = typer.Typer(help="Offline evaluation on a temporal split.", invoke_without_command=True)
 bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)

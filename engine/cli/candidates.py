@@ -147,7 +147,8 @@ def eval_candidates(
     split_fraction: Annotated[float | None, typer.Option("--split-fraction", help="split by time at this share of events")] = None,
     ns: Annotated[str, typer.Option("--ns", help="list sizes")] = "50,100,200,500,1000",
     max_users: Annotated[int | None, typer.Option("--max-users", help="evaluate a sample of users")] = None,
-    out: Annotated[Path, typer.Option("--out", help="folder for the JSON and PNG")] = Path("reports/candidates"),
+    out: Annotated[Path, typer.Option("--output", "--out", help="folder for the JSON, markdown and PNG")] = Path(
+        "reports/candidates"),
 ) -> None:
     """Recall of each candidate source and of the union at several n, on a temporal split."""
     import engine.evaluation.candidates as evaluation

@@ -222,7 +222,8 @@ def generate_cmd(
     directory: Path,
     users: Annotated[int, typer.Option(min=1)] = 2_000,
     items: Annotated[int, typer.Option(min=1)] = 1_000,
-    events: Annotated[int, typer.Option(min=1)] = 60_000,
+    events: Annotated[int, typer.Option(min=1, help="events to draw (a few percent fewer are written: an event "
+                                                   "whose item found none created before its time is dropped)")] = 60_000,
     seed: int = 7,
     days: Annotated[int, typer.Option(min=1)] = 120,
 ) -> None:
