@@ -28,6 +28,7 @@ from engine import datasets, migrate
 from engine.config import Settings
 from engine.db import connect, database_url, is_embedded
 from engine.errors import InvalidRequest
+from engine.ranking.features import serving_count
 from engine.sql import query
 
 METRIC_COLUMNS = ("ndcg@10", "recall@10", "recall@50", "map@10", "coverage@10", "diversity@10")
@@ -130,7 +131,7 @@ def run(settings: Settings, cfg: DemoConfig, console: Console) -> dict[str, Any]
 
         with step("evaluation on a temporal split: the funnel against the baselines"):
             # the evaluated ranker is the one served next: it ranks the serving count of candidates
-            serving_n = int(conn.execute(query("serving.serving_count")).fetchone()[0])  # type: ignore[index]
+            serving_n = serving_count(conn)
             ecfg = funnel.EvalConfig(max_users=cfg.eval_users, seed=cfg.seed, candidate_counts=(50, 100, 200),
                                      n_candidates=serving_n,
                                      ranker=RankerConfig(num_boost_round=cfg.ranker_trees, cutoffs=cfg.ranker_cutoffs,

@@ -261,64 +261,55 @@ def test_the_answer_names_policies_that_did_not_run(sdb: TestDB) -> None:
     assert given.skipped == {}
 
 
-def test_least_privilege_role_can_recommend_and_cannot_read(sdb: TestDB) -> None:
-    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+def test_least_privilege_role_can_recommend_and_cannot_read(sdb: TestDB, app_role: str) -> None:
+    role = app_role
     user = _users(sdb, 1)[0]
-    try:
-        with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
-            rows = app.execute("SELECT request_id, position, item_id, score, reasons "
-                               "FROM pgrec.recommend(%s, 5, as_of => %s)", (user, AS_OF)).fetchall()
-            assert len(rows) == 5 and rows[0][0] is not None
-            assert app.execute("SELECT count(*) FROM pgrec.similar_items(%s, 3)", (rows[0][2],)).fetchone()
-            assert app.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, NULL, NULL, NULL, %s)",
-                               (user, rows[0][2], AS_OF, rows[0][0])).fetchone() == ("stored",)
-            for forbidden in ("SELECT count(*) FROM pgrec.items", "SELECT count(*) FROM pgrec.impressions",
-                              "SELECT count(*) FROM pgrec.events",
-                              "SELECT pgrec.finish_request('u', 'default', 1, '{}', '{}', '{}')",
-                              "SELECT pgrec.upsert_item('x')",
-                              "SELECT count(*) FROM pgrec.candidate_features('u', 'default', 10, NULL)",
-                              # internal functions that write (the review found them callable: migration 0017)
-                              "SELECT pgrec.item_stats_invalidate('1970-01-01')",
-                              "SELECT pgrec.refresh_embedding_neighbors('{}'::bigint[], 1)",
-                              "SELECT count(*) FROM pgrec.unengaged_items(10, NULL, NULL, NULL)"):
-                with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                    app.execute(forbidden)
-        # what the role did is logged like any other request
-        assert sdb.scalar("SELECT count(*) FROM pgrec.impressions WHERE request_id = %s", (rows[0][0],)) == 5
-    finally:
-        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
+    with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
+        rows = app.execute("SELECT request_id, position, item_id, score, reasons "
+                           "FROM pgrec.recommend(%s, 5, as_of => %s)", (user, AS_OF)).fetchall()
+        assert len(rows) == 5 and rows[0][0] is not None
+        assert app.execute("SELECT count(*) FROM pgrec.similar_items(%s, 3)", (rows[0][2],)).fetchone()
+        assert app.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, NULL, NULL, NULL, %s)",
+                           (user, rows[0][2], AS_OF, rows[0][0])).fetchone() == ("stored",)
+        for forbidden in ("SELECT count(*) FROM pgrec.items", "SELECT count(*) FROM pgrec.impressions",
+                          "SELECT count(*) FROM pgrec.events",
+                          "SELECT pgrec.finish_request('u', 'default', 1, '{}', '{}', '{}')",
+                          "SELECT pgrec.upsert_item('x')",
+                          "SELECT count(*) FROM pgrec.candidate_features('u', 'default', 10, NULL)",
+                          # internal functions that write (the review found them callable: migration 0017)
+                          "SELECT pgrec.item_stats_invalidate('1970-01-01')",
+                          "SELECT pgrec.refresh_embedding_neighbors('{}'::bigint[], 1)",
+                          "SELECT count(*) FROM pgrec.unengaged_items(10, NULL, NULL, NULL)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute(forbidden)
+    # what the role did is logged like any other request
+    assert sdb.scalar("SELECT count(*) FROM pgrec.impressions WHERE request_id = %s", (rows[0][0],)) == 5
 
 
-def test_an_app_role_asking_for_past_days_stores_no_snapshots(sdb: TestDB) -> None:
+def test_an_app_role_asking_for_past_days_stores_no_snapshots(sdb: TestDB, app_role: str) -> None:
     """pgrec.recommend at a past as_of builds that day's item-counter snapshot for the schema owner (training asks
     for the same days again and again), not for an app role, which gets the same list from the per-request
     aggregate (before, an app could make the database store one snapshot per past day it named)."""
-    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+    role = app_role
     user = _users(sdb, 1)[0]
     days = "SELECT count(*) FROM pgrec.item_stats_days"
-    try:
-        with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
-            for back in (3, 4):
-                before = sdb.scalar(days)
-                as_app = [r[2:4] for r in _sql_recommend(app, user, k=5, as_of=AS_OF - timedelta(days=back), log=False)]
-                assert sdb.scalar(days) == before
-                as_owner = [r[2:4] for r in _sql_recommend(sdb.conn, user, k=5, as_of=AS_OF - timedelta(days=back),
-                                                          log=False)]
-                assert sdb.scalar(days) == before + 1
-                assert [i for i, _ in as_app] == [i for i, _ in as_owner] and len(as_app) == 5
-                assert [sc for _, sc in as_app] == pytest.approx([sc for _, sc in as_owner], abs=1e-9)
-    finally:
-        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
+    with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
+        for back in (3, 4):
+            before = sdb.scalar(days)
+            as_app = [r[2:4] for r in _sql_recommend(app, user, k=5, as_of=AS_OF - timedelta(days=back), log=False)]
+            assert sdb.scalar(days) == before
+            as_owner = [r[2:4] for r in _sql_recommend(sdb.conn, user, k=5, as_of=AS_OF - timedelta(days=back),
+                                                      log=False)]
+            assert sdb.scalar(days) == before + 1
+            assert [i for i, _ in as_app] == [i for i, _ in as_owner] and len(as_app) == 5
+            assert [sc for _, sc in as_app] == pytest.approx([sc for _, sc in as_owner], abs=1e-9)
 
 
-def test_a_function_another_role_puts_in_public_never_runs_for_pgrec(sdb: TestDB) -> None:
+def test_a_function_another_role_puts_in_public_never_runs_for_pgrec(sdb: TestDB, app_role: str) -> None:
     """pgrec's connections leave public out of the search path: where an app role may create in public (databases
     from before PostgreSQL 15, or granted), its exact-type overload of a built-in (text[] beats pg_catalog's
     anyarray) would otherwise run with the service's rights inside the Python path's statements."""
-    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+    role = app_role
     sdb.conn.execute(psql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(psql.Identifier(role)))
     user = _users(sdb, 1)[0]
     try:
@@ -337,32 +328,27 @@ def test_a_function_another_role_puts_in_public_never_runs_for_pgrec(sdb: TestDB
         for sig in ("array_to_string(text[], text)", "cardinality(text[])", "unnest(text[])"):
             sdb.conn.execute(f"DROP FUNCTION IF EXISTS public.{sig}")
         sdb.conn.execute(psql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(psql.Identifier(role)))
-        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
 
 
-def test_an_app_role_cannot_fan_out_old_event_partitions(sdb: TestDB) -> None:
+def test_an_app_role_cannot_fan_out_old_event_partitions(sdb: TestDB, app_role: str) -> None:
     """pgrec.track_event creates the month's partition on demand; for an app role only within the last 31 days
     (else one call per month back to 1970 left ~680 partitions that every request scanned). Old months that have a
     partition take its events; the schema owner (imports, backfills) creates any."""
-    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+    role = app_role
     user, item = _users(sdb, 1)[0], sdb.scalar("SELECT item_id FROM pgrec.items ORDER BY item_key LIMIT 1")
     parts = "SELECT count(*) FROM pg_catalog.pg_inherits WHERE inhparent = 'pgrec.events'::regclass"
     before = sdb.scalar(parts)
     track = "SELECT pgrec.track_event(%s, %s, 'view', %s)"
-    try:
-        with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
-            with pytest.raises(psycopg.errors.InvalidParameterValue,
-                               match=r"only the sessions of the owner of pgrec\.events create partitions") as refused:
-                app.execute(track, (user, item, datetime(1990, 5, 1, tzinfo=UTC)))
-            assert "pgrec import events" in (refused.value.diag.message_hint or "")
-            assert sdb.scalar(parts) == before
-            assert app.execute(track, (user, item, NOW - timedelta(days=2))).fetchone() == ("stored",)
-            sdb.conn.execute(track, (user, item, datetime(1990, 5, 1, tzinfo=UTC)))   # the owner backfills
-            assert sdb.scalar(parts) == before + 1
-            assert app.execute(track, (user, item, datetime(1990, 5, 2, tzinfo=UTC))).fetchone() == ("stored",)
-    finally:
-        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
+    with psycopg.connect(_with_user(sdb.url, role), autocommit=True) as app:
+        with pytest.raises(psycopg.errors.InvalidParameterValue,
+                           match=r"only the sessions of the owner of pgrec\.events create partitions") as refused:
+            app.execute(track, (user, item, datetime(1990, 5, 1, tzinfo=UTC)))
+        assert "pgrec import events" in (refused.value.diag.message_hint or "")
+        assert sdb.scalar(parts) == before
+        assert app.execute(track, (user, item, NOW - timedelta(days=2))).fetchone() == ("stored",)
+        sdb.conn.execute(track, (user, item, datetime(1990, 5, 1, tzinfo=UTC)))   # the owner backfills
+        assert sdb.scalar(parts) == before + 1
+        assert app.execute(track, (user, item, datetime(1990, 5, 2, tzinfo=UTC))).fetchone() == ("stored",)
 
 
 def test_only_the_named_functions_are_callable_by_other_roles(sdb: TestDB) -> None:
@@ -381,6 +367,17 @@ def test_only_the_named_functions_are_callable_by_other_roles(sdb: TestDB) -> No
     assert {g.split("(")[0] for g in granted} == {
         "pgrec.recommend", "pgrec.similar_items", "pgrec.trending_items", "pgrec.track_event",
         "pgrec.assign_variant", "pgrec.variant_bucket"}
+
+
+@pytest.fixture
+def app_role(sdb: TestDB) -> Iterator[str]:
+    """A login in the least-privilege role pgrec_app (roles belong to the server: dropped after the test)."""
+    role = f"pgrec_app_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    sdb.conn.execute(psql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x' IN ROLE pgrec_app").format(psql.Identifier(role)))
+    try:
+        yield role
+    finally:
+        sdb.conn.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
 
 
 def _with_user(url: str, role: str) -> str:

@@ -25,6 +25,7 @@ from engine import datasets, migrate
 from engine.bench.ingest import backend_cpu
 from engine.config import Settings
 from engine.db import connect
+from engine.ranking.features import serving_count
 from engine.sql import query
 
 
@@ -152,11 +153,6 @@ def _fit_ranker(conn: psycopg.Connection[Any], cfg: BenchConfig) -> int:
                          activate=True)
 
 
-def _serving_n(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT pgrec.serving_candidates()").fetchone()
-    return int(row[0]) if row else 200
-
-
 def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         say: Callable[[str], None] = print) -> Iterator[str]:
     from engine.pipeline import Recommender
@@ -171,7 +167,7 @@ def run(settings: Settings, cfg: BenchConfig, *, write: Path | None = None,
         users = [r[0] for r in conn.execute(query("serving.sample_users"), {"n": 5000}).fetchall()]
         vecs = [r[0] for r in conn.execute("SELECT embedding FROM pgrec.item_embeddings ORDER BY item_key "
                                            "LIMIT 2000").fetchall()]
-        n_cand = _serving_n(conn)
+        n_cand = serving_count(conn)
         compiled = conn.execute(query("serving.compiled"), {"version": version}).fetchone()
         counts: tuple[Any, ...] = conn.execute(query("core.row_counts")).fetchone() or (0, 0, 0)
         picks = [rng.choice(users) for _ in range(cfg.requests)]

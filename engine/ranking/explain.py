@@ -39,8 +39,7 @@ def explain(conn: psycopg.Connection[Any], model: LoadedModel, user_id: str, ite
     """Features of ``item_id`` for ``user_id`` (as of ``as_of``) and their SHAP contributions (pred_contrib).
     ``n``: the candidates ranked beside it, by default the serving count, as served lists are ranked."""
     if n is None:
-        row = conn.execute(query("serving.serving_count")).fetchone()
-        n = int(row[0]) if row else 200
+        n = features.serving_count(conn)
     item = conn.execute(query("ranking.item_key"), {"item_id": item_id}).fetchone()
     if item is None:
         raise NotFound(f"unknown item {item_id!r}")

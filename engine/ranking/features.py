@@ -50,6 +50,13 @@ class CandidateFeatures:
         return self.values[:, idx]
 
 
+def serving_count(conn: psycopg.Connection[Any]) -> int:
+    """How many candidates a served list ranks (config ``serving_candidates``): what training, explanations and
+    the demo rank too, so their features are the served ones."""
+    row = conn.execute(query("serving.serving_count")).fetchone()
+    return int(row[0]) if row else 200
+
+
 def feature_names(description: Sequence[Any]) -> list[str]:
     """The feature columns of a result (``cursor.description``), in order."""
     return [c.name for c in description if c.name.startswith(FEATURE_PREFIX)]

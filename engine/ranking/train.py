@@ -25,7 +25,7 @@ import psycopg
 
 from engine.errors import InvalidRequest
 from engine.itemsim import EaseConfig
-from engine.ranking import dataset, registry
+from engine.ranking import dataset, features, registry
 from engine.ranking.dataset import Progress, TrainingSet
 from engine.sql import query
 
@@ -222,8 +222,7 @@ def with_serving_n(conn: psycopg.Connection[Any], config: RankerConfig) -> Ranke
     """The config with ``n_candidates`` set: the serving count (``pgrec.serving_candidates()``) when it is None."""
     if config.n_candidates is not None:
         return config
-    row = conn.execute(query("serving.serving_count")).fetchone()
-    return replace(config, n_candidates=int(row[0]) if row else 200)
+    return replace(config, n_candidates=features.serving_count(conn))
 
 
 def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = None, *,
