@@ -43,6 +43,13 @@ class Settings(BaseSettings):
                     "a process serves at once never exceed it, later ones wait their turn on the event loop.",
     )
     statement_timeout_ms: int = Field(default=10_000, ge=0, description="Per statement, on pooled connections.")
+    impressions_sync_commit: bool = Field(
+        default=False,
+        description="Python path: wait for the WAL flush when a served list's impressions commit. Off: they commit "
+                    "asynchronously (a database crash can lose the last fraction of a second of impressions, never "
+                    "events, which always commit synchronously), so a request does not queue behind other writers' "
+                    "flushes.",
+    )
     hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
     hnsw_iterative_scan: str = Field(default="relaxed_order", pattern="^(off|strict_order|relaxed_order)$")
     hnsw_max_scan_tuples: int = Field(default=20_000, ge=1)

@@ -251,7 +251,8 @@ class Recommender:
         params = [{"user_id": uid, "surface": surface, "k": k, **_list_params(scored[uid]), "context": context,
                    "as_of": as_of, "policy_set": variant.policy_set if variant else None,
                    "model_version": model.version if model else None, "variant": variant.name if variant else None,
-                   "experiment": getattr(variant, "experiment", None), "log": log} for uid in user_ids]
+                   "experiment": getattr(variant, "experiment", None), "log": log,
+                   "async_commit": log and not self.settings.impressions_sync_commit} for uid in user_ids]
         sql = query("serving.finish_request")
         if len(params) == 1:
             row = conn.execute(sql, params[0]).fetchone()

@@ -146,6 +146,24 @@ def test_both_paths_log_impressions_in_the_same_call(sdb: TestDB) -> None:
     assert sdb.scalar("SELECT request_id FROM pgrec.events WHERE request_id IS NOT NULL") == py.request_id
 
 
+def test_impressions_commit_without_waiting_for_the_flush_unless_asked(sdb: TestDB) -> None:
+    # the finish statement turns synchronous_commit off for its own transaction only (async_commit), and leaves
+    # it alone otherwise; the impressions are written either way
+    user = _users(sdb, 1)[0]
+    args = {"user_id": user, "surface": "default", "k": 3, "item_keys": "{}", "scores": "{}", "sources": "[]",
+            "context": "{}", "as_of": AS_OF, "policy_set": None, "model_version": None, "variant": None,
+            "log": True, "experiment": None}
+    keys = [r[0] for r in sdb.conn.execute("SELECT item_key FROM pgrec.items ORDER BY item_key LIMIT 3").fetchall()]
+    args |= {"item_keys": "{" + ",".join(map(str, keys)) + "}", "scores": "{3,2,1}", "sources": '["a","a","a"]'}
+    for async_commit, during in ((True, "off"), (False, "on")):
+        with sdb.conn.transaction():
+            sdb.conn.execute(query("serving.finish_request"), args | {"async_commit": async_commit})
+            assert sdb.scalar("SELECT current_setting('synchronous_commit')") == during
+        assert sdb.scalar("SELECT current_setting('synchronous_commit')") == "on"
+    assert sdb.scalar("SELECT count(*) FROM pgrec.impressions WHERE user_key = "
+                      "(SELECT user_key FROM pgrec.users WHERE user_id = %s)", (user,)) == 6
+
+
 def test_an_event_changes_the_next_answer(sdb: TestDB) -> None:
     user = _users(sdb, 3)[2]
     with Recommender(sdb.settings) as rec:
