@@ -959,10 +959,12 @@ def _fuzz_world(cat: TestDB, rng: random.Random) -> dict[str, int]:
     return keys
 
 
-def test_v3_engine_answers_as_v2_fuzzed(cat: TestDB) -> None:
-    """v3 against v2 on random mixes of every kind (1-6 policies, segments, priorities, policy sets), with real
-    users in debug mode, duplicate / unknown / NULL keys, NULL scores and sources, k beyond the list and
-    positions beyond k (the review harness of session 8: 0 differences in ~6,000 requests over 13 seeds)."""
+@pytest.mark.parametrize(("new_v", "old_v"), [(3, 2), (5, 4)])
+def test_engine_rewrite_answers_as_before_fuzzed(cat: TestDB, new_v: int, old_v: int) -> None:
+    """v3 against v2 (the speed rewrite) and v5 against v4 (request lists by hash) on random mixes of every kind
+    (1-6 policies, segments, priorities, policy sets), with real users in debug mode, duplicate / unknown / NULL
+    keys, NULL scores and sources, request exclude / include-only lists, k beyond the list and positions beyond k
+    (the review harness of session 8: 0 differences in ~6,000 requests over 13 seeds)."""
     from migrations import sqlfiles
 
     rng = random.Random(1)
@@ -1022,9 +1024,9 @@ def test_v3_engine_answers_as_v2_fuzzed(cat: TestDB) -> None:
             out.append(res)
         return out
 
-    conn.execute((sqlfiles.sql_root() / "policies" / "v3.sql").read_text())  # the speed rewrite against v2
+    conn.execute((sqlfiles.sql_root() / "policies" / f"v{new_v}.sql").read_text())
     new = answers()
-    conn.execute((sqlfiles.sql_root() / "policies" / "v2.sql").read_text())
+    conn.execute((sqlfiles.sql_root() / "policies" / f"v{old_v}.sql").read_text())
     old = answers()
     differ = [(i, req["policy_set"], req["k"], len(req["item_keys"]), a, b)
               for i, (req, a, b) in enumerate(zip(requests, new, old, strict=True)) if a != b]
