@@ -964,7 +964,8 @@ def test_engine_rewrite_answers_as_before_fuzzed(cat: TestDB, new_v: int, old_v:
     """v3 against v2 (the speed rewrite) and v5 against v4 (request lists by hash) on random mixes of every kind
     (1-6 policies, segments, priorities, policy sets), with real users in debug mode, duplicate / unknown / NULL
     keys, NULL scores and sources, request exclude / include-only lists, k beyond the list and positions beyond k
-    (the review harness of session 8: 0 differences in ~6,000 requests over 13 seeds)."""
+    (150 requests; for v3 against v2 the review harness of session 8 found 0 differences in ~6,000 requests over
+    13 seeds). Long lists: test_v5_long_request_lists_answer_as_v4."""
     from migrations import sqlfiles
 
     rng = random.Random(1)
@@ -1032,3 +1033,35 @@ def test_engine_rewrite_answers_as_before_fuzzed(cat: TestDB, new_v: int, old_v:
               for i, (req, a, b) in enumerate(zip(requests, new, old, strict=True)) if a != b]
     assert not differ, differ[:2]
     assert sum(1 for a in new if a.get("items")) > 50 and sum(1 for a in new if a.get("steps")) > 20
+
+
+def test_v5_long_request_lists_answer_as_v4(cat: TestDB) -> None:
+    """Exclude / include-only lists of 20,000 ids (context.exclude_seen for a heavy user), seven calls in a row
+    so that rerank's statements run both with their values (calls 1-5) and generic (6-7): v5 tests them by hash
+    and answers as v4, with the pins' reserve and the trending fill reading the same lists."""
+    from migrations import sqlfiles
+
+    conn = cat.conn
+    ids = [c[0] for c in CATALOGUE]
+    keys = [_item_key(cat, i) for i in ids]
+    policies.add(conn, "long-pin", "pin", {"items": ["i3", "i8"], "positions": [1, 2]}, policy_set="long")
+    policies.add(conn, "long-floor", "relevance_floor", {"min_score": 0.5, "fill": "trending"}, policy_set="long")
+    filler = [f"nobody-{i}" for i in range(20000)]
+    contexts = [{"exclude": [*filler, "i1", "i3"]},
+                {"include_only": [*filler, "i1", "i2", "i4", "i6", "i8"]},
+                {"exclude": [*filler, "i2"], "include_only": [*filler, *ids[:6]]}]
+    requests = [{"user_key": None, "surface": "default", "k": 5, "item_keys": keys,
+                 "scores": [round(1 - i / 12, 4) for i in range(len(keys))], "sources": ["ann"] * len(keys),
+                 "context": psycopg.types.json.Jsonb(c), "as_of": AS_OF, "policy_set": ps}
+                for c in contexts for ps in ("long", None)]
+
+    def answers(version: int) -> list[list[Any]]:
+        conn.execute((sqlfiles.sql_root() / "policies" / f"v{version}.sql").read_text())  # a new plan cache
+        return [[conn.execute(query("policies.rerank"), req).fetchone()[0] for _ in range(7)] for req in requests]
+
+    new, old = answers(5), answers(4)
+    assert all(len({json.dumps(a, sort_keys=True) for a in calls}) == 1 for calls in new)  # every call alike
+    assert new == old
+    assert all(a["items"] for calls in new for a in calls)
+    assert any(a["dropped"].get("request_exclude") for calls in new for a in calls)
+    assert any(a["dropped"].get("request_include_only") for calls in new for a in calls)

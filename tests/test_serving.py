@@ -164,6 +164,36 @@ def test_impressions_commit_without_waiting_for_the_flush_unless_asked(sdb: Test
                       "(SELECT user_key FROM pgrec.users WHERE user_id = %s)", (user,)) == 6
 
 
+def test_the_python_path_commits_impressions_asynchronously_unless_asked(sdb: TestDB) -> None:
+    # a deferred trigger on the impressions runs at commit and records the commit mode then in force
+    sdb.conn.execute("""
+        CREATE TABLE public.commit_modes (mode text);
+        CREATE FUNCTION public.note_commit_mode() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.commit_modes VALUES (current_setting('synchronous_commit')); RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER note_commit_mode AFTER INSERT ON pgrec.impressions
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.note_commit_mode()""")
+    users = _users(sdb, 2)
+
+    def modes(settings: Settings, **kw: Any) -> list[str]:
+        sdb.conn.execute("TRUNCATE public.commit_modes")
+        many = kw.pop("many", False)
+        with Recommender(settings) as rec:
+            if many:
+                rec.recommend_many(users, k=2, as_of=AS_OF, **kw)
+            else:
+                rec.recommend(users[0], k=2, as_of=AS_OF, **kw)
+            with rec.pool.connection() as conn:  # the pooled connection is back to the session's mode
+                assert conn.execute("SELECT current_setting('synchronous_commit')").fetchone() == ("on",)
+        return sorted({r[0] for r in sdb.conn.execute("SELECT mode FROM public.commit_modes").fetchall()})
+
+    assert modes(sdb.settings, log=True) == ["off"]                    # one user: its own statement's commit
+    assert modes(sdb.settings, log=True, many=True) == ["off"]         # several: one transaction
+    assert modes(sdb.settings, log=False) == []                        # nothing written
+    durable = sdb.settings.model_copy(update={"impressions_sync_commit": True})
+    assert modes(durable, log=True) == ["on"]
+    assert modes(durable, log=True, many=True) == ["on"]
+
+
 def test_an_event_changes_the_next_answer(sdb: TestDB) -> None:
     user = _users(sdb, 3)[2]
     with Recommender(sdb.settings) as rec:

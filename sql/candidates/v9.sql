@@ -1,11 +1,15 @@
 -- Stage 1, candidates v9: pgrec.ann_search (v5's) and pgrec.candidates_by_key (v8's) change, one change each, both
 -- for users with many seen items; reverting restores v5's and v8's. Same answers.
--- ann_search: the early read (stop at the quota of unseen items) tested each row against the user's seen items with
--- `<> ALL (p_seen)`, a scan of the whole array per row: for a user with 34,778 events (the heaviest of the
--- 100k-item benchmark's users) the ann source took 35 ms against 3.4 ms without the test. Each row now probes a
--- hash of p_seen built once per scan (a hashed subplan), whatever the array's length.
--- candidates_by_key: the merge flagged seen rows by a LEFT JOIN with unnest(seen), which the generic plan ran as
--- a nested loop over the whole array for every source row: 40 of that user's 55 ms. It probes a hash too.
+-- ann_search: the early read (stop at the quota of unseen items) tested each row against the user's seen items
+-- in plpgsql with `<> ALL (p_seen)`, a scan of the whole array per row. The same test now runs in the statement,
+-- over the index read's rows, where PostgreSQL hashes the (constant, custom-planned) array once.
+-- candidates_by_key: the merge flagged seen rows by a LEFT JOIN with unnest(seen); it probes a hashed subplan
+-- instead (the function's generic plan estimates the array at 10 rows, so the hash is always chosen, and a
+-- hashed subplan does not depend on the join order the planner picks for the whole merge).
+-- Measured on the 100k-item benchmark's heaviest user (34,778 events, 10,688 distinct seen items): ann with its
+-- seen list 18.5-20.4 -> 11.3-11.6 ms, candidates 27-30 -> 21-21.5 ms (and 56-57 -> 23-24 ms earlier the same
+-- day, while v8's merge was planned as a nested loop over the array: the plan follows the statistics); typical
+-- users unchanged.
 
 CREATE OR REPLACE FUNCTION pgrec.ann_search(
     p_vector public.vector, p_k int, p_as_of timestamptz DEFAULT NULL, p_categories text[] DEFAULT NULL,
@@ -86,20 +90,23 @@ BEGIN
         keys := '{}';
         dists := '{}';
         got := 0;
-        -- (seen: a hashed subplan over p_seen, built once per scan; v5 compared every row with the whole array,
-        -- which made a user with 35,000 seen items' ann read 10x dearer than the index scan itself)
+        -- seen: v5's test, `<> ALL (p_seen)`, now in the statement, outside the index read (a subquery, so it
+        -- cannot change the scan's plan): the function plans each call with its values (force_custom_plan), and
+        -- PostgreSQL hashes a constant array for `<> ALL` once per statement whatever its length, where v5
+        -- compared every row in plpgsql with the whole array (a user with 10,688 seen items: the ann read 3x
+        -- dearer than without them). Seen = not provably unseen, as in v5 (a NULL element makes every row seen).
         FOR r_key, r_d, r_seen IN
-            SELECT e.item_key, e.embedding OPERATOR(public.<=>) p_vector,
-                   early AND e.item_key IN (SELECT s.k FROM unnest(p_seen) AS s(k))
-              FROM pgrec.item_embeddings e JOIN pgrec.items i ON i.item_key = e.item_key
-             WHERE i.available AND i.created_at < t
-               AND (p_categories IS NULL OR i.categories && p_categories)
-             ORDER BY e.embedding OPERATOR(public.<=>) p_vector
-             LIMIT lim
+            SELECT q.item_key, q.d, early AND p_seen IS NOT NULL AND (q.item_key <> ALL (p_seen)) IS NOT TRUE
+              FROM (SELECT e.item_key, e.embedding OPERATOR(public.<=>) p_vector AS d
+                      FROM pgrec.item_embeddings e JOIN pgrec.items i ON i.item_key = e.item_key
+                     WHERE i.available AND i.created_at < t
+                       AND (p_categories IS NULL OR i.categories && p_categories)
+                     ORDER BY e.embedding OPERATOR(public.<=>) p_vector
+                     LIMIT lim) q
         LOOP
             keys := keys || r_key;
             dists := dists || r_d;
-            IF r_seen IS NOT TRUE THEN
+            IF NOT r_seen THEN
                 got := got + 1;
                 EXIT WHEN got >= want;
             END IF;
@@ -224,9 +231,7 @@ BEGIN
                 SELECT fl.item_key, fl.s, fl.score, fl.rank, fl.seen,
                        row_number() OVER (PARTITION BY fl.s, fl.seen ORDER BY fl.rank) AS urank
                   FROM (
-                  -- seen: a hash of the seen items built once (a hashed subplan); v8's LEFT JOIN of unnest(seen)
-                  -- ran as a nested loop over the whole array per row under the generic plan: 40 ms of merge for
-                  -- a user with 10,688 seen items
+                  -- seen: a hash of the seen items built once (a hashed subplan; header)
                   SELECT raw.item_key, raw.s, raw.score, raw.rank,
                          coalesce(raw.item_key IN (SELECT sn.k FROM unnest(seen) AS sn(k)), false) AS seen
                   FROM (

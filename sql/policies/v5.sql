@@ -1,9 +1,26 @@
--- Stage 3, v5: only pgrec.rerank changes (v4's, one change); reverting restores v4's.
+-- Stage 3, v5: pgrec.rerank changes (v4's, one change) and pgrec.list_rows is new; reverting restores v4's
+-- rerank and drops list_rows. Same answers.
 -- The request's exclude and include_only lists were tested with `= ANY (list)` for every candidate and reserve
--- row, a scan of the whole list per row; context.exclude_seen (the batch file's default, an HTTP option) turns
--- the exclude list into every item the user ever touched: 10,688 ids for the 100k benchmark's heaviest user, and
--- its re-ranking took 100-113 ms against 11 ms without. Each row now probes a hash of the list, built once per
--- statement (same answers).
+-- row: hashed by PostgreSQL while a call is planned with its values, but a scan of the whole list per row once
+-- the function's statement switches to its generic plan (plan_cache_mode auto: from the sixth call of a
+-- connection on). context.exclude_seen (the batch file's default, an HTTP option) makes the exclude list every
+-- item the user ever touched: 10,688 ids for the 100k benchmark's heaviest user. Each row now probes a hashed
+-- subplan over pgrec.list_rows(list), whose fixed row estimate (100) keeps the hash in every plan, also for a
+-- list too long for the planner to hash had it seen its length.
+
+CREATE OR REPLACE FUNCTION pgrec.list_rows(p_list text[])
+RETURNS SETOF text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+ROWS 100
+AS $$
+BEGIN
+    RETURN QUERY SELECT x FROM unnest(p_list) AS x;
+END
+$$;
+COMMENT ON FUNCTION pgrec.list_rows(text[]) IS
+    'The elements of a list as rows, with a fixed row estimate (100): pgrec.rerank tests request lists with '
+    '`IN (SELECT pgrec.list_rows(list))`, which the planner then always runs as a hash built once per statement.';
 
 CREATE OR REPLACE FUNCTION pgrec.rerank(
     user_key   bigint,
@@ -200,18 +217,17 @@ BEGIN
     j AS (
         SELECT u.k, u.s, u.src, i.item_key IS NOT NULL AS known, coalesce(i.available, false) AS avail,
                i.item_id, i.categories, i.properties, i.created_at,
-               -- (request lists as hashed subplans, built once: `= ANY (excl)` scanned the whole list per row,
-               -- and context.exclude_seen makes it every item the user ever touched)
-               coalesce(i.item_id IN (SELECT x FROM unnest(excl) x), false) AS ex,
-               incl IS NOT NULL AND NOT coalesce(i.item_id IN (SELECT x FROM unnest(incl) x), false) AS notin,
+               -- (request lists as hashed subplans, built once per statement: header)
+               coalesce(i.item_id IN (SELECT pgrec.list_rows(excl)), false) AS ex,
+               incl IS NOT NULL AND NOT coalesce(i.item_id IN (SELECT pgrec.list_rows(incl)), false) AS notin,
                false AS res
           FROM u LEFT JOIN pgrec.items i ON i.item_key = u.k
         UNION ALL
         SELECT i.item_key, NULL, '', true, true, i.item_id, i.categories, i.properties, i.created_at, false, false, true
           FROM pgrec.items i
          WHERE pin_only AND i.item_id = ANY (pin_ids) AND i.available
-           AND NOT coalesce(i.item_id IN (SELECT x FROM unnest(excl) x), false)
-           AND (incl IS NULL OR i.item_id IN (SELECT x FROM unnest(incl) x))
+           AND NOT coalesce(i.item_id IN (SELECT pgrec.list_rows(excl)), false)
+           AND (incl IS NULL OR i.item_id IN (SELECT pgrec.list_rows(incl)))
          ORDER BY res, s DESC NULLS LAST, k)  -- the aggregates below take the rows in this order (a plain Agg)
     SELECT coalesce(array_agg(ROW(j.k, j.item_id, j.s, coalesce(j.src, ''), j.categories, j.properties,
                                   j.created_at)::pgrec.rerank_row) FILTER (WHERE j.known AND j.avail AND NOT j.ex AND NOT j.notin), '{}'),
@@ -258,8 +274,8 @@ BEGIN
           FROM (SELECT DISTINCT ON (o.item_key) o.item_key, i.item_id, o.score, o.src, i.categories, i.properties, i.created_at
                   FROM outside o JOIN pgrec.items i ON i.item_key = o.item_key
                  WHERE i.available AND NOT (i.item_key = ANY (gone))
-                   AND NOT coalesce(i.item_id IN (SELECT x FROM unnest(excl) x), false)
-                   AND (incl IS NULL OR i.item_id IN (SELECT x FROM unnest(incl) x))
+                   AND NOT coalesce(i.item_id IN (SELECT pgrec.list_rows(excl)), false)
+                   AND (incl IS NULL OR i.item_id IN (SELECT pgrec.list_rows(incl)))
                  ORDER BY o.item_key, o.pref) x;
     END IF;
     IF cardinality(extra) > 0 THEN
