@@ -1,8 +1,9 @@
 """policies v5 + serving v5: request exclude / include-only lists tested through a hash
 
-``pgrec.rerank`` tested every candidate and reserve row with ``= ANY (list)``, and ``context.exclude_seen``
-makes the exclude list every item the user ever touched; ``pgrec.finish_request`` built that list with one item
-lookup per event. Same answers; a user with 10,000 seen items re-ranks in a fraction of the time.
+``pgrec.rerank`` tested every candidate and reserve row with ``= ANY (list)`` (a scan of the list per row once
+its statements run generic plans), and ``context.exclude_seen`` makes the exclude list every item the user ever
+touched; ``pgrec.finish_request`` built that list with one item lookup per event. rerank now reads the lists
+through the new ``pgrec.list_rows`` as hashed subplans. Same answers.
 
 Revision ID: 0027
 Revises: 0026
