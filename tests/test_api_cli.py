@@ -53,6 +53,10 @@ def test_report_online_command(cli: CliRunner, db: TestDB) -> None:
     r = cli.invoke(app, ["report", "online", "--json", "--surface", "default"])
     assert r.exit_code == 0, r.output
     assert '"clicks": 1' in r.output and '"variant": "control"' in r.output
+    # a fractional attribution window, as config accepts it (the report cast it to an integer and failed)
+    assert cli.invoke(app, ["config", "set", "report_attribution_hours", "1.5"]).exit_code == 0
+    r = cli.invoke(app, ["report", "online", "--json"])
+    assert r.exit_code == 0 and '"clicks": 1' in r.output, r.output
 
 
 def test_experiments_commands(cli: CliRunner, db: TestDB) -> None:
@@ -80,8 +84,32 @@ def test_experiments_commands(cli: CliRunner, db: TestDB) -> None:
     assert db.scalar("SELECT count(*) FROM pgrec.experiments WHERE experiment = 'exp-bad'") == 0
     busy = cli.invoke(app, ["experiments", "create", "exp-two", "-v", "a=1"])
     assert busy.exit_code == 1 and "already has an active experiment" in busy.output
+    # an error quoting a pattern prints it whole (rich markup ate "[a-z0-9]")
+    named = cli.invoke(app, ["experiments", "create", "t1", "-v", "A=1"])
+    assert named.exit_code == 1 and "[a-z0-9" in named.output, named.output
     assert cli.invoke(app, ["experiments", "end", "exp-cli"]).exit_code == 0
     again = cli.invoke(app, ["experiments", "end", "exp-cli"])
     assert again.exit_code == 1 and "already ended" in again.output
     assert "no active experiments" in cli.invoke(app, ["experiments", "list"]).output
     assert "exp-cli" in cli.invoke(app, ["experiments", "list", "--all"]).output
+
+
+def test_a_model_serving_an_active_experiment_cannot_be_deleted(cli: CliRunner, db: TestDB) -> None:
+    import lightgbm as lgb
+    import numpy as np
+    import psycopg
+
+    from engine.ranking import registry
+
+    booster = lgb.train({"objective": "regression", "verbose": -1, "num_leaves": 2, "min_data_in_leaf": 1},
+                        lgb.Dataset(np.array([[0.0], [1.0]]), np.array([0.0, 1.0])), num_boost_round=1)
+    version = registry.save(db.conn, kind=registry.RANKER, artifact=booster.model_to_string().encode(), params={},
+                            features=["f_pop_7d"], metrics={}, data_window={})
+    r = cli.invoke(app, ["experiments", "create", "exp-model", "-v", "control=0.5", "-v", f"new=0.5,model={version}"])
+    assert r.exit_code == 0, r.output
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match='variant "new" of the active experiment "exp-model"'):
+        db.conn.execute("DELETE FROM pgrec.models WHERE version = %s", (version,))
+    assert db.scalar("SELECT count(*) FROM pgrec.models WHERE version = %s", (version,)) == 1
+    assert cli.invoke(app, ["experiments", "end", "exp-model"]).exit_code == 0
+    db.conn.execute("DELETE FROM pgrec.models WHERE version = %s", (version,))   # an ended experiment: allowed
+    assert db.scalar("SELECT count(*) FROM pgrec.models WHERE version = %s", (version,)) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -185,6 +186,67 @@ def test_impression_labels_are_credited_once_and_end_at_label_until(db: TestDB) 
     none = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=3), n=12,
                                     window=timedelta(hours=6), label_until=served + timedelta(hours=2))
     assert none.group == []   # the purchase is at label_until: not a label
+
+
+def _serve_lists(db: TestDB, served: datetime, count: int, step: timedelta) -> list[tuple[uuid.UUID, int, int]]:
+    """``count`` lists of 5 items shown to the busiest user, ``step`` apart; returns (request id, user key,
+    third item's key) per list."""
+    uk = db.scalar("SELECT user_key FROM pgrec.events WHERE occurred_at < %s GROUP BY user_key "
+                   "ORDER BY count(*) DESC LIMIT 1", (served,))
+    shown = features.for_user_key(db.conn, uk, n=12, as_of=served)
+    out = []
+    for n in range(count):
+        rid = uuid.uuid4()
+        for pos, k in enumerate(shown.item_keys[:5].tolist(), start=1):
+            db.conn.execute("INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, "
+                            "served_at) VALUES (%s, %s, 'default', %s, %s, %s)", (rid, uk, pos, k, served + n * step))
+        out.append((rid, int(uk), int(shown.item_keys[2])))
+    return out
+
+
+def test_a_click_stamped_before_its_list_is_a_label_never_a_feature(db: TestDB) -> None:
+    """Client clocks: a click citing its list may be stamped up to the clock slack before the list was served.
+    It is a label, and the list's features are computed as of the click, so it is not among them."""
+    _load(db)
+    served = NOW - timedelta(days=10)
+    ((rid, uk, item),) = _serve_lists(db, served, 1, timedelta(hours=1))
+    clicked_at = served - timedelta(minutes=2)
+    uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (uk,))
+    iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item,))
+    db.conn.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, request_id => %s)", (uid, iid, clicked_at, rid))
+    ts = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=1), n=12,
+                                  window=timedelta(minutes=1))
+    assert ts.group == [5] and ts.y[2] > 0                     # the click labels the third item
+    assert ts.queries == [(uk, clicked_at)]                    # features as of the click ...
+    before = features.for_user_key(db.conn, uk, n=12, as_of=clicked_at, item_keys=ts.item_keys.tolist())
+    after = features.for_user_key(db.conn, uk, n=12, as_of=served, item_keys=ts.item_keys.tolist())
+    assert np.array_equal(ts.x, before.values, equal_nan=True)   # ... which do not hold it
+    assert not np.array_equal(ts.x, after.values, equal_nan=True)
+
+
+def test_training_from_served_lists_starts_at_the_first_list(db: TestDB) -> None:
+    """Without --since the period starts at the first served list, not at the first event (which put every list
+    in the validation fifth); no lists at all is a clear error."""
+    from engine.ranking.train import RankerConfig, train_ranker
+
+    _load(db)
+    config = RankerConfig(source="impressions", num_boost_round=3, min_data_in_leaf=1, num_threads=1, n_candidates=12)
+    with pytest.raises(InvalidRequest, match="no served lists"):
+        train_ranker(db.conn, config)
+    served = NOW - timedelta(days=10)
+    lists = _serve_lists(db, served, 10, timedelta(hours=1))
+    for n, (rid, uk, item) in enumerate(lists):
+        uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (uk,))
+        iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item,))
+        db.conn.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, request_id => %s)",
+                        (uid, iid, served + n * timedelta(hours=1) + timedelta(minutes=5), rid))
+    db.conn.execute("INSERT INTO pgrec.config (key, value) VALUES ('report_attribution_hours', '1.5') "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+    trained = train_ranker(db.conn, config, until=served + timedelta(hours=10))
+    assert trained.data_window["since"] == served.isoformat()
+    assert trained.data_window["validation_from"] == (served + timedelta(hours=8)).isoformat()
+    assert trained.data_window["attribution_hours"] == 1.5   # the online report's window, by default
+    assert trained.metrics["train_groups"] == 8 and trained.metrics["valid_groups"] == 2
 
 
 def test_ranker_trains_on_the_serving_count_of_candidates(db: TestDB) -> None:

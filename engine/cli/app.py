@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="pgrec", help="pgrec: recommendations inside PostgreSQL.", no_args_is_help=True, add_completion=False
@@ -47,7 +48,7 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a clear error (no traceback) and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}")  # a message is text, not markup: "[a-z]" stays
     return typer.Exit(code)
 
 

@@ -100,6 +100,10 @@ def train_ranker_cmd(
     source: Annotated[str, typer.Option("--from", help="replay (the event log) or impressions")] = "replay",
     until: Annotated[str | None, typer.Option("--until", help="no label from events at or after this time")] = None,
     since: Annotated[str | None, typer.Option("--since", help="impressions: served from this time")] = None,
+    attribution_hours: Annotated[float | None, typer.Option(
+        "--attribution-hours", help="impressions: an event without a request id counts for a list shown this many "
+                                    "hours before it (default: config report_attribution_hours, as the online "
+                                    "report)")] = None,
     horizon_days: HorizonDays = None,
     window_share: WindowShare = 0.025,
     cutoff_count: CutoffCount = 19,
@@ -115,6 +119,10 @@ def train_ranker_cmd(
 
     config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, source, window_share,
                             valid_windows)
+    if attribution_hours is not None:
+        if not 0 < attribution_hours <= 87600:
+            raise fail("--attribution-hours must be > 0 and at most 87600 (ten years)")
+        config = replace(config, attribution_hours=attribution_hours)
     cuts = None
     if cutoffs:
         cuts = [t for t in (_time(c.strip(), "--cutoffs") for c in cutoffs.split(",") if c.strip()) if t]

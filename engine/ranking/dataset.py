@@ -133,11 +133,14 @@ def replay(conn: psycopg.Connection[Any], cutoff: datetime, horizon: timedelta |
 def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: datetime, *,
                      window: timedelta = timedelta(days=1), n: int = 200, label_until: datetime | None = None,
                      progress: Progress | None = None) -> TrainingSet:
-    """Groups from the lists served in ``[since, until)``: shown items, features as of the serving time,
-    labels from the engagement that followed (before ``label_until``, default ``until`` plus the attribution
-    window; an event without a request id counts for the latest list that showed its item). ``n`` should be
-    the serving count, so the features are those the lists were ranked with. ``position`` is kept beside the rows
-    (not as a feature) for LightGBM's position-bias correction, so it cannot leak into serving."""
+    """Groups from the lists served in ``[since, until)``: shown items, features as of the serving time (or of
+    an earlier-stamped event that cites the request: no label event among the features), labels from the
+    engagement that followed (before ``label_until``, default ``until`` plus the attribution window; an event
+    without a request id counts for the latest list that showed its item). ``n`` should be the serving count.
+    The features are recomputed from the event log with the stage-1 models stored now (item vectors,
+    co-occurrence, EASE): a model rebuilt after the clicks has seen them, so they are not exactly the features
+    the list was ranked with (docs/ranking.md). ``position`` is kept beside the rows (not as a feature) for
+    LightGBM's position-bias correction, so it cannot leak into serving."""
     params = {"since": since, "until": until}
     requests = conn.execute(query("ranking.impression_requests"), params).fetchall()
     labels: dict[Any, dict[int, int]] = {}
@@ -152,8 +155,8 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
     group: list[int] = []
     queries: list[tuple[int, datetime]] = []
     names: list[str] = []
-    for done, (rid, user_key, surface, served_at, item_keys, positions) in enumerate(requests, start=1):
-        cf = features.for_user_key(conn, user_key, surface=surface, n=n, as_of=served_at, item_keys=item_keys)
+    for done, (rid, user_key, surface, features_at, item_keys, positions) in enumerate(requests, start=1):
+        cf = features.for_user_key(conn, user_key, surface=surface, n=n, as_of=features_at, item_keys=item_keys)
         names = cf.names
         pos_of = {int(k): int(p) for k, p in zip(item_keys, positions, strict=True)}
         y = np.array([labels.get(rid, {}).get(int(k), 0) for k in cf.item_keys], dtype=np.int32)
@@ -163,7 +166,7 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
             ps.append(np.array([pos_of[int(k)] for k in cf.item_keys], dtype=np.int32))
             keys.append(cf.item_keys)
             group.append(len(cf))
-            queries.append((int(user_key), served_at))
+            queries.append((int(user_key), features_at))
         if progress and (done % 50 == 0 or done == len(requests)):
             progress("impressions", done, len(requests))
     if not group:

@@ -60,7 +60,8 @@ class RankerConfig:
     num_threads: int = 2
     seed: int = 42
     source: str = "replay"              # replay | impressions
-    attribution_hours: float = 24.0     # impressions: events without request_id count within this window
+    attribution_hours: float | None = None  # impressions: events without request_id count within this window
+    #                                         (None: config report_attribution_hours, as the online report)
 
 
 @dataclass
@@ -239,7 +240,6 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
     row = conn.execute(query("ranking.event_range")).fetchone()
     if row is None or not row[2]:
         raise InvalidRequest("there are no events to train on")
-    first: datetime = row[0]
     last: datetime = row[1]
     end: datetime = until or (last + timedelta(microseconds=1))
     if config.source == "replay":
@@ -252,16 +252,23 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
                   "validation_cutoff": windows[-v][0].isoformat() if len(windows) > 1 else None,
                   "until": end.isoformat()}
     elif config.source == "impressions":
-        start = since or first
+        # from the first served list (not the first event: the validation fifth must fall among the lists)
+        found = conn.execute(query("ranking.impression_start"), {"since": since}).fetchone()
+        if found is None or found[0] is None or found[0] >= end:
+            raise InvalidRequest("there are no served lists (impressions) to train on"
+                                 + (f" from {since.isoformat()}" if since else "")
+                                 + f" before {end.isoformat()}")
+        start = found[0]
+        hours = config.attribution_hours if config.attribution_hours is not None else float(found[1])
         split = start + (end - start) * 0.8
-        att = timedelta(hours=config.attribution_hours)
+        att = timedelta(hours=hours)
         # no training label from the validation period, none at all from at or after `until`
         n = config.n_candidates
         assert n is not None  # with_serving_n
         train = dataset.from_impressions(conn, start, split, window=att, n=n, label_until=split, progress=progress)
         valid = dataset.from_impressions(conn, split, end, window=att, n=n, label_until=end, progress=progress)
         window = {"source": "impressions", "since": start.isoformat(), "validation_from": split.isoformat(),
-                  "until": end.isoformat(), "attribution_hours": config.attribution_hours}
+                  "until": end.isoformat(), "attribution_hours": hours}
     else:
         raise InvalidRequest(f"source must be 'replay' or 'impressions', got {config.source!r}")
     booster, metrics = fit(train, valid, config, progress)

@@ -16,6 +16,12 @@ SELECT u.user_key AS for_user_key, f.*
 -- name: event_range
 SELECT min(occurred_at), max(occurred_at), count(*) FROM pgrec.events
 
+-- name: impression_start
+-- Training from served lists: the first list served at or after `since` (NULL: none), and the attribution window
+-- the online report uses (config report_attribution_hours, default 24), for labels that credit alike.
+SELECT (SELECT min(i.served_at) FROM pgrec.impressions i WHERE i.served_at >= coalesce(%(since)s::timestamptz, '-infinity')),
+       coalesce((SELECT c.value::text::float8 FROM pgrec.config c WHERE c.key = 'report_attribution_hours'), 24)
+
 -- name: time_at_fractions
 -- The times below which the given shares of the events before `until` lie (ranker label windows).
 SELECT percentile_disc(%(fractions)s::float8[]) WITHIN GROUP (ORDER BY occurred_at)
@@ -36,13 +42,21 @@ SELECT e.user_key, array_agg(DISTINCT e.item_key)
  GROUP BY e.user_key
 
 -- name: impression_requests
--- Served lists in [since, until): one row per request, items in position order.
-SELECT i.request_id, i.user_key, i.surface, min(i.served_at) AS served_at,
-       array_agg(i.item_key ORDER BY i.position) AS item_keys, array_agg(i.position ORDER BY i.position) AS positions
-  FROM pgrec.impressions i
- WHERE i.served_at >= %(since)s AND i.served_at < %(until)s
- GROUP BY i.request_id, i.user_key, i.surface
- ORDER BY served_at, i.request_id
+-- Served lists in [since, until): one row per request, items in position order; features_at: the time the
+-- features are computed as of, the serving time or, when an event citing the request is stamped earlier (client
+-- clocks: the labels accept citing events from the clock slack before serving on), that event's time, so that
+-- no label event is among the features.
+SELECT r.request_id, r.user_key, r.surface,
+       least(r.served_at, (SELECT min(e.occurred_at) FROM pgrec.events e
+                            WHERE e.user_key = r.user_key AND e.request_id = r.request_id)) AS features_at,
+       r.item_keys, r.positions
+  FROM (SELECT i.request_id, i.user_key, i.surface, min(i.served_at) AS served_at,
+               array_agg(i.item_key ORDER BY i.position) AS item_keys,
+               array_agg(i.position ORDER BY i.position) AS positions
+          FROM pgrec.impressions i
+         WHERE i.served_at >= %(since)s AND i.served_at < %(until)s
+         GROUP BY i.request_id, i.user_key, i.surface) r
+ ORDER BY r.served_at, r.request_id
 
 -- name: impression_labels
 -- Engagement with what was shown: events of the same user and item tied to the request by request_id (from

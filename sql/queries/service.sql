@@ -88,8 +88,8 @@ WITH cfg AS (
            coalesce((SELECT array_agg(t.type_id) FROM pgrec.event_types t
                       WHERE t.name IN (SELECT jsonb_array_elements_text(c.value) FROM pgrec.config c
                                         WHERE c.key = 'report_conversion_types')), '{}') AS conversion_ids,
-           make_interval(hours => coalesce((SELECT c.value::text::int FROM pgrec.config c
-                                             WHERE c.key = 'report_attribution_hours'), 24)) AS attribution
+           coalesce((SELECT c.value::text::float8 FROM pgrec.config c WHERE c.key = 'report_attribution_hours'), 24)
+               * interval '1 hour' AS attribution
 ), imp AS (
     SELECT i.* FROM pgrec.impressions i
      WHERE i.served_at >= coalesce(%(since)s::timestamptz, '-infinity')
