@@ -222,6 +222,13 @@ def test_a_click_stamped_before_its_list_is_a_label_never_a_feature(db: TestDB) 
     after = features.for_user_key(db.conn, uk, n=12, as_of=served, item_keys=ts.item_keys.tolist())
     assert np.array_equal(ts.x, before.values, equal_nan=True)   # ... which do not hold it
     assert not np.array_equal(ts.x, after.values, equal_nan=True)
+    # a citing event stamped long before the list (a client clock days off) is no label and moves nothing
+    other = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (int(ts.item_keys[0]),))
+    db.conn.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, request_id => %s)",
+                    (uid, other, served - timedelta(days=20), rid))
+    again = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=1), n=12,
+                                     window=timedelta(minutes=1))
+    assert again.queries == [(uk, clicked_at)] and again.y.tolist() == ts.y.tolist()
 
 
 def test_training_from_served_lists_starts_at_the_first_list(db: TestDB) -> None:

@@ -16,6 +16,7 @@ def main() -> None:
     import psycopg
     from alembic.util import CommandError
     from pydantic import ValidationError
+    from rich.markup import escape
 
     from engine.cli.app import err_console
     from engine.db import DatabaseError
@@ -24,17 +25,17 @@ def main() -> None:
         app()
     except ValidationError as exc:  # a PGREC_* setting with a value it cannot take
         bad = "; ".join(f"PGREC_{'_'.join(str(x) for x in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
-        err_console.print(f"[bold red]error:[/] invalid setting: {bad}")
+        err_console.print(f"[bold red]error:[/] invalid setting: {escape(bad)}")
         raise SystemExit(1) from None
     except CommandError as exc:  # alembic: an unknown revision, nothing to downgrade
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise SystemExit(1) from None
     except psycopg.errors.UndefinedTable as exc:  # any command, before `pgrec db upgrade`
-        err_console.print(f"[bold red]error:[/] the pgrec schema is not installed here ({exc.diag.message_primary}): "
+        err_console.print(f"[bold red]error:[/] the pgrec schema is not installed here ({escape(str(exc.diag.message_primary))}): "
                           "run `pgrec db upgrade`")
         raise SystemExit(1) from None
     except DatabaseError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise SystemExit(1) from None
 
 

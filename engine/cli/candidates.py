@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from engine import candidates, cooccurrence, neighbors
@@ -175,7 +176,7 @@ def eval_candidates(
     paths = evaluation.save(report, out)
     console.print(evaluation.table(report))
     for note in report.get("notes", []):
-        console.print(f"[yellow]note: {note}[/yellow]")
+        console.print(f"[yellow]note: {escape(note)}[/yellow]")
     console.print(f"saved {paths['json']}, {paths['md']} and {paths['png']}")
 
 

@@ -120,6 +120,8 @@ def train_ranker_cmd(
     config = _ranker_config(horizon_days, cutoff_count, n, max_users, rounds, seed, source, window_share,
                             valid_windows)
     if attribution_hours is not None:
+        if source != "impressions":
+            raise fail("--attribution-hours is for --from impressions (replay labels come from label windows)")
         if not 0 < attribution_hours <= 87600:
             raise fail("--attribution-hours must be > 0 and at most 87600 (ten years)")
         config = replace(config, attribution_hours=attribution_hours)

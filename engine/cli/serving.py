@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from engine.cli.app import AsOf, app, bench_app, console, fail, models_app, parse_as_of
@@ -134,7 +135,7 @@ def recommend_cmd(
         t.add_row(str(it.position), it.item_id, f"{it.score:.4f}", json.dumps(it.reasons, default=str)[:100])
     console.print(t)
     for label, why in r.skipped.items():
-        console.print(f"[yellow]policy {label} did not run: {why}[/yellow]")
+        console.print(f"[yellow]policy {escape(str(label))} did not run: {escape(str(why))}[/yellow]")
     console.print("timings ms: " + ", ".join(f"{k_} {v:.1f}" for k_, v in r.timings_ms.items()))
 
 

@@ -142,7 +142,7 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
     the list was ranked with (docs/ranking.md). ``position`` is kept beside the rows (not as a feature) for
     LightGBM's position-bias correction, so it cannot leak into serving."""
     params = {"since": since, "until": until}
-    requests = conn.execute(query("ranking.impression_requests"), params).fetchall()
+    requests = conn.execute(query("ranking.impression_requests"), {**params, "slack": CITATION_CLOCK_SLACK}).fetchall()
     labels: dict[Any, dict[int, int]] = {}
     for rid, item, w, neg in conn.execute(query("ranking.impression_labels"), {
             **params, "window": window, "slack": CITATION_CLOCK_SLACK,

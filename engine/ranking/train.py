@@ -233,7 +233,7 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
     """Build training data (replay at ``cutoffs`` or from impressions in ``[since, until)``) and fit.
 
     ``until``: no label may come from events at or after it (the split, in an evaluation); default the
-    newest event. Impressions: the last fifth of the period (by time) validates.
+    newest event. Impressions: the latest fifth of the served lists (by serving time) validates.
     """
     config = with_serving_n(conn, config or RankerConfig())
     t0 = time.perf_counter()
@@ -253,14 +253,15 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
                   "until": end.isoformat()}
     elif config.source == "impressions":
         # from the first served list (not the first event: the validation fifth must fall among the lists)
-        found = conn.execute(query("ranking.impression_start"), {"since": since}).fetchone()
-        if found is None or found[0] is None or found[0] >= end:
+        found = conn.execute(query("ranking.impression_start"), {"since": since, "until": end}).fetchone()
+        if found is None or found[0] is None:
             raise InvalidRequest("there are no served lists (impressions) to train on"
                                  + (f" from {since.isoformat()}" if since else "")
                                  + f" before {end.isoformat()}")
         start = found[0]
-        hours = config.attribution_hours if config.attribution_hours is not None else float(found[1])
-        split = start + (end - start) * 0.8
+        hours = config.attribution_hours if config.attribution_hours is not None else float(found[2])
+        # the latest fifth of the lists (by serving time) validates; with all lists at one time, none does
+        split = found[1] if found[1] is not None and found[1] > start else end
         att = timedelta(hours=hours)
         # no training label from the validation period, none at all from at or after `until`
         n = config.n_candidates

@@ -17,9 +17,16 @@ SELECT u.user_key AS for_user_key, f.*
 SELECT min(occurred_at), max(occurred_at), count(*) FROM pgrec.events
 
 -- name: impression_start
--- Training from served lists: the first list served at or after `since` (NULL: none), and the attribution window
--- the online report uses (config report_attribution_hours, default 24), for labels that credit alike.
-SELECT (SELECT min(i.served_at) FROM pgrec.impressions i WHERE i.served_at >= coalesce(%(since)s::timestamptz, '-infinity')),
+-- Training from served lists in [since, until): the first list's time (NULL: none), the time of the first list
+-- after the earliest four fifths (they train; it and the later ones validate), and the attribution window the online
+-- report uses (config report_attribution_hours, default 24), for labels that credit alike.
+WITH lists AS (
+    SELECT min(i.served_at) AS t FROM pgrec.impressions i
+     WHERE i.served_at >= coalesce(%(since)s::timestamptz, '-infinity') AND i.served_at < %(until)s
+     GROUP BY i.request_id
+)
+SELECT (SELECT min(l.t) FROM lists l),
+       (SELECT l.t FROM lists l ORDER BY l.t OFFSET (SELECT floor(0.8 * count(*))::bigint FROM lists) LIMIT 1),
        coalesce((SELECT c.value::text::float8 FROM pgrec.config c WHERE c.key = 'report_attribution_hours'), 24)
 
 -- name: time_at_fractions
@@ -43,12 +50,14 @@ SELECT e.user_key, array_agg(DISTINCT e.item_key)
 
 -- name: impression_requests
 -- Served lists in [since, until): one row per request, items in position order; features_at: the time the
--- features are computed as of, the serving time or, when an event citing the request is stamped earlier (client
--- clocks: the labels accept citing events from the clock slack before serving on), that event's time, so that
--- no label event is among the features.
+-- features are computed as of, the serving time or, when a label event (an event of the user on a shown item,
+-- citing the request) is stamped within the clock slack before it (client clocks), that event's time, so that
+-- no label event is among the features. (The time range keeps the lookup to the user's index.)
 SELECT r.request_id, r.user_key, r.surface,
        least(r.served_at, (SELECT min(e.occurred_at) FROM pgrec.events e
-                            WHERE e.user_key = r.user_key AND e.request_id = r.request_id)) AS features_at,
+                            WHERE e.user_key = r.user_key AND e.request_id = r.request_id
+                              AND e.occurred_at >= r.served_at - %(slack)s::interval AND e.occurred_at < r.served_at
+                              AND e.item_key = ANY (r.item_keys))) AS features_at,
        r.item_keys, r.positions
   FROM (SELECT i.request_id, i.user_key, i.surface, min(i.served_at) AS served_at,
                array_agg(i.item_key ORDER BY i.position) AS item_keys,

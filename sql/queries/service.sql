@@ -29,7 +29,9 @@ SELECT version_num FROM pgrec.alembic_version
 SELECT 1 FROM pgrec.surfaces WHERE surface = %(surface)s
 
 -- name: model_exists
-SELECT kind FROM pgrec.models WHERE version = %(version)s
+-- FOR KEY SHARE: a concurrent DELETE of the model waits for the experiment's transaction, then its trigger
+-- (service v3) sees the experiment and refuses
+SELECT kind FROM pgrec.models WHERE version = %(version)s FOR KEY SHARE
 
 -- name: insert_experiment
 INSERT INTO pgrec.experiments (experiment, surface, description) VALUES (%(experiment)s, %(surface)s, %(description)s)
