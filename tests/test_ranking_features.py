@@ -242,6 +242,8 @@ def test_training_from_served_lists_starts_at_the_first_list(db: TestDB) -> None
         train_ranker(db.conn, config)
     served = NOW - timedelta(days=10)
     lists = _serve_lists(db, served, 10, timedelta(hours=1))
+    with pytest.raises(InvalidRequest, match="no served list in the training part"):  # nobody clicked yet
+        train_ranker(db.conn, config, until=served + timedelta(hours=10))
     for n, (rid, uk, item) in enumerate(lists):
         uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (uk,))
         iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item,))

@@ -148,6 +148,10 @@ def fit(train: TrainingSet, valid: TrainingSet | None, config: RankerConfig,
         progress: Progress | None = None) -> tuple[lgb.Booster, dict[str, Any]]:
     """Train on ``train``; early stopping on ``valid`` when it has groups."""
     if not train.group:
+        if config.source == "impressions":
+            raise InvalidRequest("no training groups: no served list in the training part (the earliest four "
+                                 "fifths of the lists) was followed by engagement with a shown item (more lists, an "
+                                 "earlier --since or a longer --attribution-hours)")
         raise InvalidRequest("no training groups: no user had a relevant candidate in any label window "
                              "(more data, other cutoffs or a longer --horizon-days)")
     params = _lgb_params(config)
