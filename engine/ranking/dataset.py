@@ -134,7 +134,7 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
                      window: timedelta = timedelta(days=1), n: int = 200, label_until: datetime | None = None,
                      progress: Progress | None = None) -> TrainingSet:
     """Groups from the lists served in ``[since, until)``: shown items, features as of the serving time (or of
-    an earlier-stamped event that cites the request: no label event among the features), labels from the
+    a label event stamped within the clock slack before it: no label event among the features), labels from the
     engagement that followed (before ``label_until``, default ``until`` plus the attribution window; an event
     without a request id counts for the latest list that showed its item). ``n`` should be the serving count.
     The features are recomputed from the event log with the stage-1 models stored now (item vectors,
