@@ -110,6 +110,9 @@ def test_a_model_serving_an_active_experiment_cannot_be_deleted(cli: CliRunner, 
     with pytest.raises(psycopg.errors.ForeignKeyViolation, match='variant "new" of the active experiment "exp-model"'):
         db.conn.execute("DELETE FROM pgrec.models WHERE version = %s", (version,))
     assert db.scalar("SELECT count(*) FROM pgrec.models WHERE version = %s", (version,)) == 1
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="exp-model"):
+        db.conn.execute("TRUNCATE pgrec.models CASCADE")
+    assert db.scalar("SELECT count(*) FROM pgrec.models WHERE version = %s", (version,)) == 1
     assert cli.invoke(app, ["experiments", "end", "exp-model"]).exit_code == 0
     db.conn.execute("DELETE FROM pgrec.models WHERE version = %s", (version,))   # an ended experiment: allowed
     assert db.scalar("SELECT count(*) FROM pgrec.models WHERE version = %s", (version,)) == 0

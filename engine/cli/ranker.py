@@ -122,8 +122,8 @@ def train_ranker_cmd(
     if attribution_hours is not None:
         if source != "impressions":
             raise fail("--attribution-hours is for --from impressions (replay labels come from label windows)")
-        if not 0 < attribution_hours <= 87600:
-            raise fail("--attribution-hours must be > 0 and at most 87600 (ten years)")
+        if not 0 <= attribution_hours <= 87600:  # 0: only events citing the list count (as in the config)
+            raise fail("--attribution-hours must be between 0 and 87600 (ten years)")
         config = replace(config, attribution_hours=attribution_hours)
     cuts = None
     if cutoffs:

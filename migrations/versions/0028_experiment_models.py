@@ -1,7 +1,7 @@
 """service v3: a ranker version serving an arm of an active experiment cannot be deleted
 
-Deleting it broke that arm on both paths (and copies that had it loaded kept serving it). A trigger on
-``pgrec.models`` refuses the DELETE, naming the experiment and the variant.
+Deleting it broke that arm on both paths (and copies that had it loaded kept serving it). Triggers on
+``pgrec.models`` refuse the DELETE (and a TRUNCATE), naming the experiment and the variant.
 
 Revision ID: 0028
 Revises: 0027
@@ -22,4 +22,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    sqlfiles.revert_partial("service", 3)  # drops the new function and, with it, the trigger
+    sqlfiles.revert_partial("service", 3)  # drops the new functions and, with them, the triggers

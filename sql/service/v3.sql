@@ -1,6 +1,7 @@
--- HTTP service, v3: a ranker version that serves an arm of an active experiment cannot be deleted. Before, the
--- DELETE went through and that arm's requests failed on both paths ("model version N does not exist") while
--- service copies that had loaded it kept serving it (found by a review). Reverting drops the trigger.
+-- HTTP service, v3: a ranker version that serves an arm of an active experiment cannot be deleted (nor the
+-- models table truncated while one does). Before, the DELETE went through and that arm's requests failed on both
+-- paths ("model version N does not exist") while service copies that had loaded it kept serving it (found by a
+-- review). Reverting drops the triggers.
 
 CREATE OR REPLACE FUNCTION pgrec.models_before_delete()
 RETURNS trigger
@@ -29,3 +30,31 @@ COMMENT ON FUNCTION pgrec.models_before_delete() IS
 DROP TRIGGER IF EXISTS models_before_delete ON pgrec.models;
 CREATE TRIGGER models_before_delete BEFORE DELETE ON pgrec.models
     FOR EACH ROW EXECUTE FUNCTION pgrec.models_before_delete();
+
+CREATE OR REPLACE FUNCTION pgrec.models_before_truncate()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    hit record;
+BEGIN
+    SELECT v.experiment, v.variant, v.model_version INTO hit
+      FROM pgrec.experiment_variants v JOIN pgrec.experiments x ON x.experiment = v.experiment
+     WHERE x.active AND v.model_version IS NOT NULL
+     ORDER BY v.experiment, v.variant
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'model version % serves variant "%" of the active experiment "%"',
+            hit.model_version, hit.variant, hit.experiment
+            USING ERRCODE = '23503', HINT = 'end the experiment first: pgrec experiments end ' || hit.experiment;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION pgrec.models_before_truncate() IS
+    'Trigger: refuses to truncate pgrec.models while an arm of an active experiment serves one of its versions.';
+
+DROP TRIGGER IF EXISTS models_before_truncate ON pgrec.models;
+CREATE TRIGGER models_before_truncate BEFORE TRUNCATE ON pgrec.models
+    FOR EACH STATEMENT EXECUTE FUNCTION pgrec.models_before_truncate();
