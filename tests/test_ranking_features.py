@@ -158,36 +158,6 @@ def test_impressions_make_the_same_table_as_replay(db: TestDB) -> None:
     assert booster.num_trees() == 5
 
 
-def test_impression_labels_are_credited_once_and_end_at_label_until(db: TestDB) -> None:
-    """An event without a request id counts for the latest list that showed its item before it (as the online
-    report credits it), not for every list; and no label comes from an event at or after label_until."""
-    import uuid
-
-    _load(db)
-    served = NOW - timedelta(days=10)
-    uk = db.scalar("SELECT user_key FROM pgrec.events WHERE occurred_at < %s GROUP BY user_key "
-                   "ORDER BY count(*) DESC LIMIT 1", (served,))
-    shown = features.for_user_key(db.conn, uk, n=12, as_of=served)
-    item = int(shown.item_keys[2])
-    rids = [uuid.uuid4(), uuid.uuid4()]
-    for n, rid in enumerate(rids):   # two lists, an hour apart, both showing the item
-        for pos, k in enumerate(shown.item_keys[:5].tolist(), start=1):
-            db.conn.execute("INSERT INTO pgrec.impressions (request_id, user_key, surface, position, item_key, "
-                            "served_at) VALUES (%s, %s, 'default', %s, %s, %s)",
-                            (rid, uk, pos, k, served + timedelta(hours=n)))
-    uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (uk,))
-    iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item,))
-    db.conn.execute("SELECT pgrec.track_event(%s, %s, 'purchase', %s)", (uid, iid, served + timedelta(hours=2)))
-    ts = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=3), n=12,
-                                  window=timedelta(hours=6))
-    assert ts.group == [5]   # only the later list has a positive label
-    assert ts.y[2] > 0 and ts.y.tolist().count(0) == 4   # the purchased item, third on the list
-    assert ts.queries == [(int(uk), served + timedelta(hours=1))]
-    none = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=3), n=12,
-                                    window=timedelta(hours=6), label_until=served + timedelta(hours=2))
-    assert none.group == []   # the purchase is at label_until: not a label
-
-
 def _serve_lists(db: TestDB, served: datetime, count: int, step: timedelta) -> list[tuple[uuid.UUID, int, int]]:
     """``count`` lists of 5 items shown to the busiest user, ``step`` apart; returns (request id, user key,
     third item's key) per list."""
@@ -204,6 +174,29 @@ def _serve_lists(db: TestDB, served: datetime, count: int, step: timedelta) -> l
     return out
 
 
+def _track(db: TestDB, user_key: int, item_key: int, kind: str, at: datetime, request_id: uuid.UUID | None = None) -> None:
+    uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (user_key,))
+    iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item_key,))
+    db.conn.execute("SELECT pgrec.track_event(%s, %s, %s, %s, request_id => %s)", (uid, iid, kind, at, request_id))
+
+
+def test_impression_labels_are_credited_once_and_end_at_label_until(db: TestDB) -> None:
+    """An event without a request id counts for the latest list that showed its item before it (as the online
+    report credits it), not for every list; and no label comes from an event at or after label_until."""
+    _load(db)
+    served = NOW - timedelta(days=10)
+    (_, uk, item), _ = _serve_lists(db, served, 2, timedelta(hours=1))   # two lists, an hour apart, both showing it
+    _track(db, uk, item, "purchase", served + timedelta(hours=2))
+    ts = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=3), n=12,
+                                  window=timedelta(hours=6))
+    assert ts.group == [5]   # only the later list has a positive label
+    assert ts.y[2] > 0 and ts.y.tolist().count(0) == 4   # the purchased item, third on the list
+    assert ts.queries == [(int(uk), served + timedelta(hours=1))]
+    none = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=3), n=12,
+                                    window=timedelta(hours=6), label_until=served + timedelta(hours=2))
+    assert none.group == []   # the purchase is at label_until: not a label
+
+
 def test_a_click_stamped_before_its_list_is_a_label_never_a_feature(db: TestDB) -> None:
     """Client clocks: a click citing its list may be stamped up to the clock slack before the list was served.
     It is a label, and the list's features are computed as of the click, so it is not among them."""
@@ -211,9 +204,7 @@ def test_a_click_stamped_before_its_list_is_a_label_never_a_feature(db: TestDB) 
     served = NOW - timedelta(days=10)
     ((rid, uk, item),) = _serve_lists(db, served, 1, timedelta(hours=1))
     clicked_at = served - timedelta(minutes=2)
-    uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (uk,))
-    iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item,))
-    db.conn.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, request_id => %s)", (uid, iid, clicked_at, rid))
+    _track(db, uk, item, "click", clicked_at, rid)
     ts = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=1), n=12,
                                   window=timedelta(minutes=1))
     assert ts.group == [5] and ts.y[2] > 0                     # the click labels the third item
@@ -223,9 +214,7 @@ def test_a_click_stamped_before_its_list_is_a_label_never_a_feature(db: TestDB) 
     assert np.array_equal(ts.x, before.values, equal_nan=True)   # ... which do not hold it
     assert not np.array_equal(ts.x, after.values, equal_nan=True)
     # a citing event stamped long before the list (a client clock days off) is no label and moves nothing
-    other = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (int(ts.item_keys[0]),))
-    db.conn.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, request_id => %s)",
-                    (uid, other, served - timedelta(days=20), rid))
+    _track(db, uk, int(ts.item_keys[0]), "click", served - timedelta(days=20), rid)
     again = dataset.from_impressions(db.conn, served - timedelta(hours=1), served + timedelta(hours=1), n=12,
                                      window=timedelta(minutes=1))
     assert again.queries == [(uk, clicked_at)] and again.y.tolist() == ts.y.tolist()
@@ -245,10 +234,7 @@ def test_training_from_served_lists_starts_at_the_first_list(db: TestDB) -> None
     with pytest.raises(InvalidRequest, match="no served list in the training part"):  # nobody clicked yet
         train_ranker(db.conn, config, until=served + timedelta(hours=10))
     for n, (rid, uk, item) in enumerate(lists):
-        uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (uk,))
-        iid = db.scalar("SELECT item_id FROM pgrec.items WHERE item_key = %s", (item,))
-        db.conn.execute("SELECT pgrec.track_event(%s, %s, 'click', %s, request_id => %s)",
-                        (uid, iid, served + n * timedelta(hours=1) + timedelta(minutes=5), rid))
+        _track(db, uk, item, "click", served + n * timedelta(hours=1) + timedelta(minutes=5), rid)
     db.conn.execute("INSERT INTO pgrec.config (key, value) VALUES ('report_attribution_hours', '1.5') "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
     trained = train_ranker(db.conn, config, until=served + timedelta(hours=10))
