@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -25,6 +26,9 @@ from uuid import UUID
 
 import numpy as np
 import psycopg
+from psycopg import postgres
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from engine.config import Settings
@@ -84,11 +88,43 @@ class ScoredItem:
 
 @dataclass
 class _Scored:
-    """Stage 2 output for one user: candidates best first."""
+    """Stage 2 output for one user: candidates best first (with the rows the ranker scored, when one did)."""
 
     item_keys: list[int]
     scores: list[float]
     sources: list[str]
+    features: np.ndarray | None = None  # one row per item, in this order; columns: feature_names
+    feature_names: Sequence[str] = ()
+
+
+class FeatureMatrix:
+    """A 2-d float array sent as a PostgreSQL float8[][] in binary (NaN stays NaN): a 200 x 40 matrix is one
+    numpy pass, where a text literal of its 8,000 reprs costs a few milliseconds of client CPU."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+
+class _FeatureMatrixDumper(Dumper):
+    format = Format.BINARY
+
+    def __init__(self, cls: type, context: Any = None) -> None:
+        super().__init__(cls, context)
+        self.oid = postgres.types["float8"].array_oid  # float8[]
+
+    def dump(self, obj: Any) -> bytes:
+        rows, cols = obj.values.shape
+        cells = np.empty(rows * cols, dtype=[("len", ">i4"), ("value", ">f8")])
+        cells["len"] = 8
+        cells["value"] = obj.values.reshape(-1)
+        # array header: 2 dimensions, no NULLs, float8 elements, then (length, lower bound) per dimension
+        if not rows or not cols:
+            return struct.pack(">3i", 0, 0, FLOAT8_OID)
+        return struct.pack(">7i", 2, 0, FLOAT8_OID, rows, 1, cols, 1) + cells.tobytes()
+
+
+FLOAT8_OID = postgres.types["float8"].oid
+psycopg.adapters.register_dumper(FeatureMatrix, _FeatureMatrixDumper)
 
 
 class Recommender:
@@ -248,7 +284,7 @@ class Recommender:
     def _finish(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
                 as_of: datetime | None, log: bool, variant: Variant | None, model: LoadedModel | None,
                 scored: dict[str, _Scored]) -> list[dict[str, Any]]:
-        params = [{"user_id": uid, "surface": surface, "k": k, **_list_params(scored[uid]), "context": context,
+        params = [{"user_id": uid, "surface": surface, "k": k, **_list_params(scored[uid], log), "context": context,
                    "as_of": as_of, "policy_set": variant.policy_set if variant else None,
                    "model_version": model.version if model else None, "variant": variant.name if variant else None,
                    "experiment": getattr(variant, "experiment", None), "log": log,
@@ -303,6 +339,7 @@ def scored_candidates(conn: psycopg.Connection[Any], user_id: str, surface: str 
 def _rank(rows: list[tuple[Any, ...]], cols: dict[str, int], user_ids: list[str],
           model: LoadedModel | None) -> dict[str, _Scored]:
     """Stage 2: score every candidate (the model's raw score, or pgrec.fallback_score), best first."""
+    x = None
     if model is not None and rows:
         missing = [f for f in model.features if f not in cols]
         if missing:
@@ -314,22 +351,28 @@ def _rank(rows: list[tuple[Any, ...]], cols: dict[str, int], user_ids: list[str]
     else:
         scores = [float(r[cols["fallback_score"]]) for r in rows] if rows else []
     ui, ik, src = cols.get("request_user_id"), cols["item_key"], cols["source_list"]
-    per_user: dict[str, list[tuple[float, int, str]]] = {u: [] for u in user_ids}
-    for r, s in zip(rows, scores, strict=True):
-        per_user[r[ui] if ui is not None else user_ids[0]].append((s, int(r[ik]), r[src]))
+    per_user: dict[str, list[tuple[float, int, str, int]]] = {u: [] for u in user_ids}
+    for n, (r, s) in enumerate(zip(rows, scores, strict=True)):
+        per_user[r[ui] if ui is not None else user_ids[0]].append((s, int(r[ik]), r[src], n))
     out = {}
     for uid, lst in per_user.items():
         lst.sort(key=lambda t: (-t[0], t[1]))  # the SQL path orders the same way
-        out[uid] = _Scored([t[1] for t in lst], [t[0] for t in lst], [t[2] for t in lst])
+        fx = x[[t[3] for t in lst]] if x is not None and model is not None else None  # the rows as scored
+        out[uid] = _Scored([t[1] for t in lst], [t[0] for t in lst], [t[2] for t in lst], fx,
+                           model.features if fx is not None and model is not None else ())
     return out
 
 
-def _list_params(s: _Scored) -> dict[str, str]:
+def _list_params(s: _Scored, log: bool) -> dict[str, Any]:
     """A scored list as the finish_request statement takes it: array literals of the keys and scores (repr of a
-    float reads back as the same float8) and a JSON array of the source lists."""
+    float reads back as the same float8), a JSON array of the source lists and, for a logged list a ranker
+    scored, the feature rows it scored (binary) with their names: the shown items' rows are stored."""
+    send = log and s.features is not None and len(s.item_keys) > 0
     return {"item_keys": "{" + ",".join(map(str, s.item_keys)) + "}",
             "scores": "{" + ",".join(map(repr, s.scores)) + "}",
-            "sources": json.dumps(s.sources)}
+            "sources": json.dumps(s.sources),
+            "feature_names": list(s.feature_names) if send else None,
+            "features": FeatureMatrix(s.features) if send and s.features is not None else None}
 
 
 def _json(v: Any) -> dict[str, Any]:

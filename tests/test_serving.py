@@ -146,13 +146,118 @@ def test_both_paths_log_impressions_in_the_same_call(sdb: TestDB) -> None:
     assert sdb.scalar("SELECT request_id FROM pgrec.events WHERE request_id IS NOT NULL") == py.request_id
 
 
+def _served_rows(db: TestDB, request_id: Any) -> tuple[list[str], list[int], np.ndarray] | None:
+    row = db.conn.execute("SELECT fs.names, sf.item_keys, sf.features FROM pgrec.served_features sf "
+                          "JOIN pgrec.feature_sets fs USING (feature_set) WHERE sf.request_id = %s",
+                          (request_id,)).fetchone()
+    if row is None:
+        return None
+    names, keys, values = row
+    x = np.array([np.nan if v is None else v for v in values], dtype=np.float64).reshape(len(keys), len(names))
+    return list(names), list(keys), x
+
+
+def test_served_lists_keep_the_feature_rows_they_were_ranked_with(sdb: TestDB) -> None:
+    """Both paths store the shown items' feature rows, in position order, under the ranker's feature list: the
+    rows the candidate features give at the serving time, the same from either path; none when not logged or
+    when config log_served_features is false."""
+    from engine.ranking import features
+
+    user = _users(sdb, 1)[0]
+    version = registry.active_version(sdb.conn)
+    model = registry.load(sdb.conn, version)
+    with Recommender(sdb.settings) as rec:
+        py = rec.recommend(user, k=6, as_of=AS_OF, log=True)
+        quiet = rec.recommend(user, k=6, as_of=AS_OF, log=False)
+    sql_rows = _sql_recommend(sdb.conn, user, k=6)
+    shown = [sdb.scalar("SELECT item_key FROM pgrec.items WHERE item_id = %s", (i.item_id,)) for i in py.items]
+    uk = sdb.scalar("SELECT user_key FROM pgrec.users WHERE user_id = %s", (user,))
+    now = features.for_user_key(sdb.conn, uk, n=features.serving_count(sdb.conn), as_of=AS_OF, item_keys=shown)
+    expected = now.matrix(model.features)[[now.item_keys.tolist().index(k) for k in shown]]
+    logged = [_served_rows(sdb, py.request_id), _served_rows(sdb, sql_rows[0][0])]
+    for got in logged:
+        assert got is not None
+        names, keys, x = got
+        assert names == list(model.features) and keys == shown
+        assert np.array_equal(x, expected, equal_nan=True)
+    assert quiet.request_id is None and sdb.scalar("SELECT count(*) FROM pgrec.served_features") == 2
+    # switched off: the lists are logged, their features are not
+    sdb.conn.execute("INSERT INTO pgrec.config (key, value) VALUES ('log_served_features', 'false') "
+                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+    with Recommender(sdb.settings) as rec:
+        off = rec.recommend(user, k=6, as_of=AS_OF, log=True)
+    assert off.request_id is not None and _served_rows(sdb, off.request_id) is None
+    assert _served_rows(sdb, _sql_recommend(sdb.conn, user, k=6)[0][0]) is None
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="log_served_features must be true or false"):
+        sdb.conn.execute("UPDATE pgrec.config SET value = '\"yes\"' WHERE key = 'log_served_features'")
+
+
+def test_training_from_served_lists_reads_the_rows_they_were_ranked_with(sdb: TestDB) -> None:
+    """After a stage-1 model changed (here: the item vectors), recomputed features differ from those a list was
+    ranked with; training from served lists reads the stored rows (and recomputes only on request)."""
+    from engine.ranking import dataset, features
+
+    user = _users(sdb, 1)[0]
+    with Recommender(sdb.settings) as rec:
+        served = rec.recommend(user, k=6, log=True)
+    clicked = served.items[2].item_id
+    assert sdb.scalar("SELECT pgrec.track_event(%s, %s, 'click', now(), NULL, NULL, NULL, %s)",
+                      (user, clicked, served.request_id)) == "stored"
+    stored = _served_rows(sdb, served.request_id)
+    assert stored is not None
+    names, keys, x = stored
+    sdb.conn.execute("UPDATE pgrec.item_embeddings SET embedding = (SELECT array_agg(-v ORDER BY o) FROM "
+                     "unnest(embedding::real[]) WITH ORDINALITY AS t(v, o))::public.vector "
+                     "WHERE item_key = ANY(%s)", (keys,))  # a retrained stage 1: the shown items' vectors
+    now = sdb.scalar("SELECT now()")
+    window = {"window": timedelta(minutes=1), "n": features.serving_count(sdb.conn)}
+    ts = dataset.from_impressions(sdb.conn, now - timedelta(hours=1), now + timedelta(hours=1), **window)
+    again = dataset.from_impressions(sdb.conn, now - timedelta(hours=1), now + timedelta(hours=1), use_logged=False,
+                                     **window)
+    assert ts.group == [6] and ts.logged_groups == 1 and again.group == [6] and again.logged_groups == 0
+    assert ts.names == again.names == names and ts.item_keys.tolist() == keys and ts.position is not None
+    assert ts.position.tolist() == [1, 2, 3, 4, 5, 6] and ts.y.tolist().index(max(ts.y)) == 2  # the click
+    assert np.array_equal(ts.x, x, equal_nan=True)                    # the rows the list was ranked with
+    order = [again.item_keys.tolist().index(k) for k in keys]
+    dot = names.index("f_user_item_dot")
+    assert not np.allclose(again.x[order][:, dot], x[:, dot], equal_nan=True)  # recomputed: the new vectors
+
+
+def test_a_feature_matrix_of_the_wrong_shape_is_refused_and_changes_nothing(sdb: TestDB) -> None:
+    from engine.pipeline import FeatureMatrix
+
+    user = _users(sdb, 1)[0]
+    keys = [r[0] for r in sdb.conn.execute("SELECT item_key FROM pgrec.items ORDER BY item_key LIMIT 3").fetchall()]
+    args = {"user_id": user, "surface": "default", "k": 3, "item_keys": "{" + ",".join(map(str, keys)) + "}",
+            "scores": "{3,2,1}", "sources": '["a","a","a"]', "context": "{}", "as_of": AS_OF, "policy_set": None,
+            "model_version": None, "variant": None, "log": True, "experiment": None, "async_commit": False,
+            "feature_names": ["f_a", "f_b"]}
+    before = sdb.scalar("SELECT count(*) FROM pgrec.impressions")
+    for bad in (np.zeros((2, 2)), np.zeros((3, 3))):
+        with pytest.raises(psycopg.errors.InvalidParameterValue,
+                           match=r"one row per item key \(3\) and one column per feature name \(2\)"):
+            sdb.conn.execute(query("serving.finish_request"), args | {"features": FeatureMatrix(bad)})
+    assert sdb.scalar("SELECT count(*) FROM pgrec.impressions") == before
+    sdb.conn.execute(query("serving.finish_request"), args | {"features": FeatureMatrix(
+        np.array([[1.0, np.nan], [2.0, 0.5], [3.0, -1.0]]))})
+    rid = sdb.scalar("SELECT request_id FROM pgrec.impressions ORDER BY served_at DESC LIMIT 1")
+    got = _served_rows(sdb, rid)
+    assert got is not None
+    names, served, x = got
+    rows = {k: r for k, r in zip(keys, ([1.0, np.nan], [2.0, 0.5], [3.0, -1.0]), strict=True)}
+    assert names == ["f_a", "f_b"] and sorted(served) == sorted(keys)   # NaN is stored as NULL (missing)
+    assert np.array_equal(x, np.array([rows[k] for k in served]), equal_nan=True)
+    assert sdb.scalar("SELECT count(*) FROM pgrec.served_features sf WHERE request_id = %s "
+                      "AND array_position(sf.features, NULL) IS NOT NULL", (rid,)) == 1
+
+
 def test_impressions_commit_without_waiting_for_the_flush_unless_asked(sdb: TestDB) -> None:
     # the finish statement turns synchronous_commit off for its own transaction only (async_commit), and leaves
     # it alone otherwise; the impressions are written either way
     user = _users(sdb, 1)[0]
     args = {"user_id": user, "surface": "default", "k": 3, "item_keys": "{}", "scores": "{}", "sources": "[]",
             "context": "{}", "as_of": AS_OF, "policy_set": None, "model_version": None, "variant": None,
-            "log": True, "experiment": None}
+            "log": True, "experiment": None, "feature_names": None, "features": None}
     keys = [r[0] for r in sdb.conn.execute("SELECT item_key FROM pgrec.items ORDER BY item_key LIMIT 3").fetchall()]
     args |= {"item_keys": "{" + ",".join(map(str, keys)) + "}", "scores": "{3,2,1}", "sources": '["a","a","a"]'}
     for async_commit, during in ((True, "off"), (False, "on")):

@@ -90,6 +90,10 @@ def _print_trained(version: int, trained: Any, activated: bool) -> None:
                   f"{m['best_iteration']}"
                   f"{'' if m.get('refit_rounds') in (None, m['best_iteration']) else ', refit ' + str(m['refit_rounds'])}"
                   f"{'; ' + valid if valid else ''}; {m['seconds']:.1f}s")
+    if "train_logged_groups" in m:
+        console.print(f"served lists: {m['train_logged_groups'] + m['valid_logged_groups']} of "
+                      f"{m['train_groups'] + m['valid_groups']} groups with the feature rows they were ranked with "
+                      "(the others recomputed from the event log)")
     top = list(trained.importance.items())[:8]
     console.print("top features (gain share): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
 
@@ -104,6 +108,9 @@ def train_ranker_cmd(
         "--attribution-hours", help="impressions: an event without a request id counts for a list shown this many "
                                     "hours before it (default: config report_attribution_hours, as the online "
                                     "report)")] = None,
+    recompute_features: Annotated[bool, typer.Option(
+        "--recompute-features", help="impressions: recompute every list's features from the event log instead of "
+                                     "reading the rows it was ranked with (stored when it was served)")] = False,
     horizon_days: HorizonDays = None,
     window_share: WindowShare = 0.025,
     cutoff_count: CutoffCount = 19,
@@ -125,6 +132,10 @@ def train_ranker_cmd(
         if not 0 <= attribution_hours <= 87600:  # 0: only events citing the list count (as in the config)
             raise fail("--attribution-hours must be between 0 and 87600 (ten years)")
         config = replace(config, attribution_hours=attribution_hours)
+    if recompute_features:
+        if source != "impressions":
+            raise fail("--recompute-features is for --from impressions (replay always computes features)")
+        config = replace(config, recompute_features=True)
     cuts = None
     if cutoffs:
         cuts = [t for t in (_time(c.strip(), "--cutoffs") for c in cutoffs.split(",") if c.strip()) if t]

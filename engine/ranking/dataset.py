@@ -2,8 +2,10 @@
 
 Replay: at a cutoff, each user active in the window after it gets the candidates and features as of the cutoff
 (only events before it), labelled by their events in ``[cutoff, cutoff + horizon)``. Impressions: each served
-request is a group; the shown items get features as of the serving time and labels from the engagement that
-followed (by request id, or within an attribution window). One LightGBM query group per (user, cutoff) or request.
+request is a group; the shown items get the feature rows they were ranked with (stored when the list was served)
+or, for lists served without them, features recomputed as of the serving time, and labels from the engagement
+that followed (by request id, or within an attribution window). One LightGBM query group per (user, cutoff) or
+request.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class TrainingSet:
     queries: list[tuple[int, datetime]] = field(default_factory=list)  # (user_key, as_of) per group
     item_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     position: np.ndarray | None = None  # impressions: the position each row was shown at (1-based)
+    logged_groups: int = 0  # impressions: groups whose rows are the stored served ones (the rest recomputed)
 
     @property
     def rows(self) -> int:
@@ -67,7 +70,8 @@ class TrainingSet:
             pos = np.concatenate([self.position, other.position])
         return TrainingSet(self.names, np.vstack([self.x, other.x]), np.concatenate([self.y, other.y]),
                            self.group + other.group, self.queries + other.queries,
-                           np.concatenate([self.item_keys, other.item_keys]), pos)
+                           np.concatenate([self.item_keys, other.item_keys]), pos,
+                           self.logged_groups + other.logged_groups)
 
 
 def _labels(conn: psycopg.Connection[Any], start: datetime, end: datetime) -> dict[int, dict[int, int]]:
@@ -130,17 +134,33 @@ def replay(conn: psycopg.Connection[Any], cutoff: datetime, horizon: timedelta |
     return out
 
 
+def _logged_rows(names: Sequence[str], shown: Sequence[int], logged_names: Sequence[str] | None,
+                 logged_items: Sequence[int] | None, logged: Sequence[float | None] | None) -> np.ndarray | None:
+    """The stored rows of the shown items, columns as ``names`` (NULL -> NaN, missing); None when the list has
+    none, or lacks a shown item (a policy added it from outside the candidates) or one of ``names``."""
+    if logged is None or logged_names is None or logged_items is None:
+        return None
+    col = {n: j for j, n in enumerate(logged_names)}
+    row = {int(k): i for i, k in enumerate(logged_items)}
+    if any(n not in col for n in names) or any(int(k) not in row for k in shown):
+        return None
+    x = np.array(logged, dtype=np.float64).reshape(len(logged_items), len(logged_names))  # None -> NaN
+    return x[np.ix_([row[int(k)] for k in shown], [col[n] for n in names])]
+
+
 def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: datetime, *,
                      window: timedelta = timedelta(days=1), n: int = 200, label_until: datetime | None = None,
-                     progress: Progress | None = None) -> TrainingSet:
-    """Groups from the lists served in ``[since, until)``: shown items, features as of the serving time (or of
-    a label event stamped within the clock slack before it: no label event among the features), labels from the
-    engagement that followed (before ``label_until``, default ``until`` plus the attribution window; an event
-    without a request id counts for the latest list that showed its item). ``n`` should be the serving count.
-    The features are recomputed from the event log with the stage-1 models stored now (item vectors,
-    co-occurrence, EASE): a model rebuilt after the clicks has seen them, so they are not exactly the features
-    the list was ranked with (docs/ranking.md). ``position`` is kept beside the rows (not as a feature) for
-    LightGBM's position-bias correction, so it cannot leak into serving."""
+                     use_logged: bool = True, progress: Progress | None = None) -> TrainingSet:
+    """Groups from the lists served in ``[since, until)``: shown items, labels from the engagement that followed
+    (before ``label_until``, default ``until`` plus the attribution window; an event without a request id counts
+    for the latest list that showed its item). Features: the rows each list was ranked with, stored when it was
+    served (``pgrec.served_features``), when they cover every shown item and feature (and ``use_logged``);
+    else recomputed as of the serving time (or of a label event stamped within the clock slack before it: no
+    label event among the features) at ``n`` candidates (the serving count), from the event log with the
+    stage-1 models stored now (item vectors, co-occurrence, EASE): a model rebuilt after the clicks has seen
+    them, so such rows are not exactly those the list was ranked with (docs/ranking.md). ``logged_groups``
+    counts the groups of stored rows. ``position`` is kept beside the rows (not as a feature) for LightGBM's
+    position-bias correction, so it cannot leak into serving."""
     params = {"since": since, "until": until}
     requests = conn.execute(query("ranking.impression_requests"), {**params, "slack": CITATION_CLOCK_SLACK}).fetchall()
     labels: dict[Any, dict[int, int]] = {}
@@ -154,22 +174,35 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
     keys: list[np.ndarray] = []
     group: list[int] = []
     queries: list[tuple[int, datetime]] = []
-    names: list[str] = []
-    for done, (rid, user_key, surface, features_at, item_keys, positions) in enumerate(requests, start=1):
-        cf = features.for_user_key(conn, user_key, surface=surface, n=n, as_of=features_at, item_keys=item_keys)
-        names = cf.names
-        pos_of = {int(k): int(p) for k, p in zip(item_keys, positions, strict=True)}
-        y = np.array([labels.get(rid, {}).get(int(k), 0) for k in cf.item_keys], dtype=np.int32)
-        if len(cf) and y.any():
-            xs.append(cf.values)
-            ys.append(y)
-            ps.append(np.array([pos_of[int(k)] for k in cf.item_keys], dtype=np.int32))
-            keys.append(cf.item_keys)
-            group.append(len(cf))
-            queries.append((int(user_key), features_at))
+    names = features.current_names(conn)
+    logged_groups = 0
+    for done, (rid, user_key, surface, served_at, features_at, item_keys, positions, logged_names, logged_items,
+               logged) in enumerate(requests, start=1):
+        y_of = labels.get(rid, {})
+        if not any(y_of.get(int(k), 0) for k in item_keys):
+            pass  # no relevant item: no ranking signal (and no features to read)
+        elif use_logged and (x := _logged_rows(names, item_keys, logged_names, logged_items, logged)) is not None:
+            xs.append(x)
+            ys.append(np.array([y_of.get(int(k), 0) for k in item_keys], dtype=np.int32))
+            ps.append(np.array(positions, dtype=np.int32))
+            keys.append(np.array(item_keys, dtype=np.int64))
+            group.append(len(item_keys))
+            queries.append((int(user_key), served_at))
+            logged_groups += 1
+        else:
+            cf = features.for_user_key(conn, user_key, surface=surface, n=n, as_of=features_at, item_keys=item_keys)
+            pos_of = {int(k): int(p) for k, p in zip(item_keys, positions, strict=True)}
+            y = np.array([y_of.get(int(k), 0) for k in cf.item_keys], dtype=np.int32)
+            if len(cf) and y.any():
+                xs.append(cf.matrix(names))
+                ys.append(y)
+                ps.append(np.array([pos_of[int(k)] for k in cf.item_keys], dtype=np.int32))
+                keys.append(cf.item_keys)
+                group.append(len(cf))
+                queries.append((int(user_key), features_at))
         if progress and (done % 50 == 0 or done == len(requests)):
             progress("impressions", done, len(requests))
     if not group:
         return TrainingSet.empty(names)
     return TrainingSet(names, np.vstack(xs), np.concatenate(ys), group, queries, np.concatenate(keys),
-                       np.concatenate(ps))
+                       np.concatenate(ps), logged_groups)

@@ -57,6 +57,12 @@ def serving_count(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 200
 
 
+def current_names(conn: psycopg.Connection[Any]) -> list[str]:
+    """The features the database computes now (the ``f_*`` columns of ``pgrec.candidate_feature_row``), in order,
+    read from the row type without computing any."""
+    return feature_names(conn.execute(query("ranking.feature_columns")).description or ())
+
+
 def feature_names(description: Sequence[Any]) -> list[str]:
     """The feature columns of a result (``cursor.description``), in order."""
     return [c.name for c in description if c.name.startswith(FEATURE_PREFIX)]

@@ -62,6 +62,7 @@ class RankerConfig:
     source: str = "replay"              # replay | impressions
     attribution_hours: float | None = None  # impressions: events without request_id count within this window
     #                                         (None: config report_attribution_hours, as the online report)
+    recompute_features: bool = False   # impressions: recompute every list's features, not the rows it was ranked with
 
 
 @dataclass
@@ -270,8 +271,11 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
         # no training label from the validation period, none at all from at or after `until`
         n = config.n_candidates
         assert n is not None  # with_serving_n
-        train = dataset.from_impressions(conn, start, split, window=att, n=n, label_until=split, progress=progress)
-        valid = dataset.from_impressions(conn, split, end, window=att, n=n, label_until=end, progress=progress)
+        logged = not config.recompute_features
+        train = dataset.from_impressions(conn, start, split, window=att, n=n, label_until=split,
+                                         use_logged=logged, progress=progress)
+        valid = dataset.from_impressions(conn, split, end, window=att, n=n, label_until=end,
+                                         use_logged=logged, progress=progress)
         window = {"source": "impressions", "since": start.isoformat(), "validation_from": split.isoformat(),
                   "until": end.isoformat(), "attribution_hours": hours}
     else:
@@ -284,6 +288,8 @@ def train_ranker(conn: psycopg.Connection[Any], config: RankerConfig | None = No
     metrics.update({"train_groups": len(train.group), "train_rows": train.rows,
                     "valid_groups": len(valid.group), "valid_rows": valid.rows,
                     "seconds": round(time.perf_counter() - t0, 2)})
+    if config.source == "impressions":  # groups of the rows the lists were ranked with (the rest recomputed)
+        metrics.update({"train_logged_groups": train.logged_groups, "valid_logged_groups": valid.logged_groups})
     params = {**_lgb_params(config), "config": {k: (list(v) if isinstance(v, tuple) else v)
                                                  for k, v in asdict(config).items()},
               "trained_at": datetime.now(UTC).isoformat()}

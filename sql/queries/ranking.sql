@@ -13,6 +13,10 @@ SELECT u.user_key AS for_user_key, f.*
  CROSS JOIN LATERAL pgrec.candidate_features_by_key(u.user_key, %(surface)s, %(n)s, %(as_of)s) f
  ORDER BY u.ord
 
+-- name: feature_columns
+-- The feature row type's columns, no row: engine/ranking/features.py:current_names reads the description.
+SELECT (NULL::pgrec.candidate_feature_row).* LIMIT 0
+
 -- name: event_range
 SELECT min(occurred_at), max(occurred_at), count(*) FROM pgrec.events
 
@@ -49,22 +53,26 @@ SELECT e.user_key, array_agg(DISTINCT e.item_key)
  GROUP BY e.user_key
 
 -- name: impression_requests
--- Served lists in [since, until): one row per request, items in position order; features_at: the time the
--- features are computed as of, the serving time or, when a label event (an event of the user on a shown item,
--- citing the request) is stamped within the clock slack before it (client clocks), that event's time, so that
--- no label event is among the features. (The time range keeps the lookup to the user's index.)
-SELECT r.request_id, r.user_key, r.surface,
+-- Served lists in [since, until): one row per request, items in position order, and the feature rows the list
+-- was ranked with when they were stored (pgrec.served_features: names, the logged items, their rows; NULL
+-- else). features_at: the time the features are recomputed as of when they were not stored, the serving time
+-- or, when a label event (an event of the user on a shown item, citing the request) is stamped within the
+-- clock slack before it (client clocks), that event's time, so that no label event is among the features. (The
+-- time range keeps the lookup to the user's index.)
+SELECT r.request_id, r.user_key, r.surface, r.served_at,
        least(r.served_at, (SELECT min(e.occurred_at) FROM pgrec.events e
                             WHERE e.user_key = r.user_key AND e.request_id = r.request_id
                               AND e.occurred_at >= r.served_at - %(slack)s::interval AND e.occurred_at < r.served_at
                               AND e.item_key = ANY (r.item_keys))) AS features_at,
-       r.item_keys, r.positions
+       r.item_keys, r.positions, fs.names AS logged_names, sf.item_keys AS logged_items, sf.features AS logged
   FROM (SELECT i.request_id, i.user_key, i.surface, min(i.served_at) AS served_at,
                array_agg(i.item_key ORDER BY i.position) AS item_keys,
                array_agg(i.position ORDER BY i.position) AS positions
           FROM pgrec.impressions i
          WHERE i.served_at >= %(since)s AND i.served_at < %(until)s
          GROUP BY i.request_id, i.user_key, i.surface) r
+  LEFT JOIN pgrec.served_features sf ON sf.user_key = r.user_key AND sf.request_id = r.request_id
+  LEFT JOIN pgrec.feature_sets fs ON fs.feature_set = sf.feature_set
  ORDER BY r.served_at, r.request_id
 
 -- name: impression_labels

@@ -35,11 +35,13 @@ SELECT m.version FROM pgrec.models m WHERE m.kind = 'ranker' AND m.active
 -- scores, a JSON array of the source lists; dumping 200-element Python lists element by element cost ~2 ms.
 -- async_commit: the transaction that writes the impressions commits without waiting for its WAL flush
 -- (synchronous_commit = off until the end of this transaction only; settings.impressions_sync_commit).
+-- features: the scored rows of a logged list (binary float8[][], engine/pipeline.py:FeatureMatrix), NULL else.
 SELECT pgrec.finish_request(%(user_id)s, %(surface)s, %(k)s, %(item_keys)s::bigint[], %(scores)s::float8[],
                             ARRAY(SELECT s.v FROM jsonb_array_elements_text(%(sources)s::jsonb) WITH ORDINALITY AS s(v, i)
                                    ORDER BY s.i),
                             %(context)s::jsonb, %(as_of)s::timestamptz, %(policy_set)s,
-                            %(model_version)s::bigint, %(variant)s, %(log)s, %(experiment)s),
+                            %(model_version)s::bigint, %(variant)s, %(log)s, %(experiment)s,
+                            %(feature_names)s::text[], %(features)s::float8[]),
        CASE WHEN %(async_commit)s THEN set_config('synchronous_commit', 'off', true) END
 
 -- name: recommend_sql
