@@ -223,6 +223,46 @@ def test_training_from_served_lists_reads_the_rows_they_were_ranked_with(sdb: Te
     assert not np.allclose(again.x[order][:, dot], x[:, dot], equal_nan=True)  # recomputed: the new vectors
 
 
+def test_explain_a_served_item_with_the_row_it_was_ranked_with(sdb: TestDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pgrec explain USER ITEM --request RID`: the contributions of the stored row add up to the score the item
+    was ranked with; after the stored row is gone, features are recomputed as of the serving time (and say so)."""
+    from typer.testing import CliRunner
+
+    import engine.cli
+    from engine.config import get_settings
+
+    user = _users(sdb, 1)[0]
+    with Recommender(sdb.settings) as rec:
+        served = rec.recommend(user, k=5, log=True)
+    version = registry.active_version(sdb.conn)
+    item = served.items[1]
+    monkeypatch.setenv("PGREC_DATABASE_URL", sdb.url)
+    monkeypatch.setenv("PGREC_EMBEDDING_DIM", str(TEST_DIM))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        args = ["explain", user, item.item_id, "--request", str(served.request_id), "--json"]
+        res = runner.invoke(engine.cli.app, args)
+        assert res.exit_code == 0, res.output
+        ex = json.loads(res.output)
+        assert ex["stored_features"] is True and ex["position"] == 2 and ex["model_version"] == version
+        assert ex["request_id"] == str(served.request_id)
+        # no boost on this surface: the served score is the ranker's, which the contributions add up to
+        assert ex["score"] == pytest.approx(item.score, abs=1e-9) and ex["served_score"] == pytest.approx(item.score)
+        sdb.conn.execute("DELETE FROM pgrec.served_features")
+        res = runner.invoke(engine.cli.app, args)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["stored_features"] is False
+        for bad, why in (([user, item.item_id, "--request", "nope"], "--request must be a request id"),
+                         ([user, item.item_id, "--request", str(served.request_id), "--n", "5"], "do not apply"),
+                         (["someone-else", item.item_id, "--request", str(served.request_id)], "was served to user"),
+                         ([user, item.item_id, "--request", str(uuid.uuid4())], "did not show item")):
+            res = runner.invoke(engine.cli.app, ["explain", *bad])
+            assert res.exit_code == 1 and why in " ".join(res.output.split()), (bad, res.output)
+    finally:
+        get_settings.cache_clear()
+
+
 def test_a_feature_matrix_of_the_wrong_shape_is_refused_and_changes_nothing(sdb: TestDB) -> None:
     from engine.pipeline import FeatureMatrix
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
+from uuid import UUID
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -352,26 +353,48 @@ def explain_cmd(
     version: Annotated[int | None, typer.Option("--version", help="model version (default: the active ranker)")] = None,
     n: Annotated[int | None, typer.Option("--n", help="candidates per user (default: the serving count, config "
                                                       "serving_candidates), as the served lists were ranked")] = None,
+    request: Annotated[str | None, typer.Option(
+        "--request", help="a served list's request id: ITEM as USER was shown it there, by the ranker version that "
+                          "served it, with the feature row it was ranked with")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The ranker's features for USER and ITEM and each one's contribution to the score (pred_contrib)."""
     from engine.ranking import explain, registry
 
+    rid = None
+    if request is not None:
+        if as_of is not None or version is not None or n is not None:
+            raise fail("--request explains the list as it was served: --as-of, --version and --n do not apply")
+        try:
+            rid = UUID(request)
+        except ValueError:
+            raise fail(f"--request must be a request id (a UUID), got {request!r}") from None
     with db_connection() as conn:
         try:
-            v = version if version is not None else registry.active_version(conn)
-            if v is None:
-                raise fail("no ranker is active: run `pgrec train ranker` or give --version")
-            model = registry.load(conn, v)
-            ex = explain.explain(conn, model, user, item, as_of=_time(as_of, "--as-of"), n=n)
+            if rid is not None:
+                ex = explain.explain_served(conn, rid, item)
+                if ex.user_id != user:
+                    raise fail(f"request {rid} was served to user {ex.user_id!r}, not {user!r}")
+            else:
+                v = version if version is not None else registry.active_version(conn)
+                if v is None:
+                    raise fail("no ranker is active: run `pgrec train ranker` or give --version")
+                model = registry.load(conn, v)
+                ex = explain.explain(conn, model, user, item, as_of=_time(as_of, "--as-of"), n=n)
         except (NotFound, InvalidRequest) as exc:
             raise fail(str(exc)) from None
     if as_json:
         print(json.dumps({**ex.__dict__, "as_of": ex.as_of.isoformat() if ex.as_of else None,
+                          "request_id": str(ex.request_id) if ex.request_id else None,
                           "contributions": [c.__dict__ for c in ex.contributions]}))
         return
+    served = ""
+    if ex.request_id is not None:
+        served = (f"; shown at position {ex.position} of request {ex.request_id} (served score "
+                  f"{ex.served_score:.4f}, after policies), features "
+                  f"{'as stored when served' if ex.stored_features else 'recomputed as of the serving time'}")
     t = Table(title=f"{user} x {item}: score {ex.score:.4f} (base {ex.base:.4f}), ranker v{ex.model_version}, "
-                    f"sources {','.join(ex.sources) or '-'}")
+                    f"sources {','.join(ex.sources) or '-'}{served}")
     t.add_column("feature")
     t.add_column("value", justify="right")
     t.add_column("contribution", justify="right")

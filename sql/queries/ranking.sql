@@ -138,6 +138,18 @@ SELECT user_key FROM pgrec.users WHERE user_id = %(user_id)s
 -- name: item_key
 SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 
+-- name: served_item
+-- One item of a served list (`pgrec explain --request`): who was shown it, when, where, by which ranker, and
+-- the feature row it was ranked with when the list stored them (pgrec.served_features; NULL else).
+SELECT u.user_id, i.user_key, i.surface, i.served_at, i.position, i.score, i.model_version,
+       fs.names, sf.features[(r.row_no - 1) * cardinality(fs.names) + 1 : r.row_no * cardinality(fs.names)]
+  FROM pgrec.impressions i
+  JOIN pgrec.users u ON u.user_key = i.user_key
+  LEFT JOIN pgrec.served_features sf ON sf.user_key = i.user_key AND sf.request_id = i.request_id
+  LEFT JOIN pgrec.feature_sets fs ON fs.feature_set = sf.feature_set
+  LEFT JOIN LATERAL (SELECT array_position(sf.item_keys, i.item_key) AS row_no) r ON true
+ WHERE i.request_id = %(request_id)s AND i.item_key = %(item_key)s
+
 -- name: eval_popularity
 -- Items by positive events before a time (the popularity baseline), most first.
 SELECT item_key FROM pgrec.events WHERE occurred_at < %(before)s AND polarity = 1
