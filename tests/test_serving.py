@@ -7,6 +7,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -224,6 +225,22 @@ def test_training_from_served_lists_reads_the_rows_they_were_ranked_with(sdb: Te
     order = [again.item_keys.tolist().index(k) for k in keys]
     dot = names.index("f_user_item_dot")
     assert not np.allclose(again.x[order][:, dot], x[:, dot], equal_nan=True)  # recomputed: the new vectors
+    # the trainer reads them too, and says how many groups had them
+    from engine.ranking.train import RankerConfig, train_ranker
+
+    with Recommender(sdb.settings) as rec:
+        for u in _users(sdb, 5)[1:]:
+            shown = rec.recommend(u, k=6, log=True)
+            sdb.conn.execute("SELECT pgrec.track_event(%s, %s, 'click', now(), NULL, NULL, NULL, %s)",
+                             (u, shown.items[0].item_id, shown.request_id))
+    sdb.conn.execute("INSERT INTO pgrec.config (key, value) VALUES ('report_attribution_hours', '0') "
+                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+    config = RankerConfig(source="impressions", num_boost_round=3, min_data_in_leaf=1, num_threads=1)
+    trained = train_ranker(sdb.conn, config, until=now + timedelta(hours=1))
+    m = trained.metrics
+    assert m["train_groups"] + m["valid_groups"] == 5 and m["train_logged_groups"] + m["valid_logged_groups"] == 5
+    again = train_ranker(sdb.conn, replace(config, recompute_features=True), until=now + timedelta(hours=1))
+    assert again.metrics["train_logged_groups"] + again.metrics["valid_logged_groups"] == 0
 
 
 def test_explain_a_served_item_with_the_row_it_was_ranked_with(sdb: TestDB, monkeypatch: pytest.MonkeyPatch) -> None:
