@@ -249,7 +249,9 @@ class Recommender:
         t1 = time.perf_counter()
         scored = _rank(rows, cols, user_ids, model)                               # 2. ranker (or fallback)
         t2 = time.perf_counter()
-        results = self._finish(conn, user_ids, k, surface, context, as_of, log, variant, model, scored)  # 3.
+        # the rows the ranker scored go with a logged list unless config log_served_features is false
+        send = log and bool(rows) and "log_features" in cols and bool(rows[0][cols["log_features"]])
+        results = self._finish(conn, user_ids, k, surface, context, as_of, log, variant, model, scored, send)  # 3.
         t3 = time.perf_counter()
         timings = {"candidates_features": (t1 - t0) * 1e3, "rank": (t2 - t1) * 1e3,
                    "rerank_log": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
@@ -283,8 +285,9 @@ class Recommender:
 
     def _finish(self, conn: psycopg.Connection[Any], user_ids: list[str], k: int, surface: str, context: str,
                 as_of: datetime | None, log: bool, variant: Variant | None, model: LoadedModel | None,
-                scored: dict[str, _Scored]) -> list[dict[str, Any]]:
-        params = [{"user_id": uid, "surface": surface, "k": k, **_list_params(scored[uid], log), "context": context,
+                scored: dict[str, _Scored], send_features: bool = False) -> list[dict[str, Any]]:
+        params = [{"user_id": uid, "surface": surface, "k": k, **_list_params(scored[uid], send_features),
+                   "context": context,
                    "as_of": as_of, "policy_set": variant.policy_set if variant else None,
                    "model_version": model.version if model else None, "variant": variant.name if variant else None,
                    "experiment": getattr(variant, "experiment", None), "log": log,
@@ -363,11 +366,11 @@ def _rank(rows: list[tuple[Any, ...]], cols: dict[str, int], user_ids: list[str]
     return out
 
 
-def _list_params(s: _Scored, log: bool) -> dict[str, Any]:
+def _list_params(s: _Scored, features: bool) -> dict[str, Any]:
     """A scored list as the finish_request statement takes it: array literals of the keys and scores (repr of a
-    float reads back as the same float8), a JSON array of the source lists and, for a logged list a ranker
-    scored, the feature rows it scored (binary) with their names: the shown items' rows are stored."""
-    send = log and s.features is not None and len(s.item_keys) > 0
+    float reads back as the same float8), a JSON array of the source lists and, with ``features`` (a logged list
+    whose rows are stored) and a ranker's scores, the feature rows it scored (binary) with their names."""
+    send = features and s.features is not None and len(s.item_keys) > 0
     return {"item_keys": "{" + ",".join(map(str, s.item_keys)) + "}",
             "scores": "{" + ",".join(map(repr, s.scores)) + "}",
             "sources": json.dumps(s.sources),

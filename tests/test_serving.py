@@ -148,14 +148,19 @@ def test_both_paths_log_impressions_in_the_same_call(sdb: TestDB) -> None:
 
 
 def _served_rows(db: TestDB, request_id: Any) -> tuple[list[str], list[int], np.ndarray] | None:
-    row = db.conn.execute("SELECT fs.names, sf.item_keys, sf.features FROM pgrec.served_features sf "
-                          "JOIN pgrec.feature_sets fs USING (feature_set) WHERE sf.request_id = %s",
+    row = db.conn.execute("SELECT coalesce(fs.names, sf.names), sf.item_keys, sf.features FROM pgrec.served_features "
+                          "sf LEFT JOIN pgrec.feature_sets fs USING (feature_set) WHERE sf.request_id = %s",
                           (request_id,)).fetchone()
     if row is None:
         return None
-    names, keys, values = row
-    x = np.array([np.nan if v is None else v for v in values], dtype=np.float64).reshape(len(keys), len(names))
-    return list(names), list(keys), x
+    names, keys, values = row   # values: one 1 x F slice per item; NULL (None) and NaN are both missing
+    return list(names), list(keys), np.array(values, dtype=np.float64).reshape(len(keys), len(names))
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal but for float summation order: features are sums (trends, co-occurrence scores) that one plan adds
+    in another order than another (the Python path's batched statement, pgrec.recommend's, a recomputation)."""
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
 
 
 def test_served_lists_keep_the_feature_rows_they_were_ranked_with(sdb: TestDB) -> None:
@@ -167,9 +172,6 @@ def test_served_lists_keep_the_feature_rows_they_were_ranked_with(sdb: TestDB) -
     user = _users(sdb, 1)[0]
     version = registry.active_version(sdb.conn)
     model = registry.load(sdb.conn, version)
-    # today's item counter snapshot first (a Recommender builds it in the background; the per-request aggregate
-    # it replaces sums in another order: the last bit of a trend can differ), so that every read below uses it
-    sdb.conn.execute("SELECT pgrec.refresh_item_stats(NULL, true)")
     with Recommender(sdb.settings) as rec:
         py = rec.recommend(user, k=6, as_of=AS_OF, log=True)
         quiet = rec.recommend(user, k=6, as_of=AS_OF, log=False)
@@ -183,7 +185,7 @@ def test_served_lists_keep_the_feature_rows_they_were_ranked_with(sdb: TestDB) -
         assert got is not None
         names, keys, x = got
         assert names == list(model.features) and keys == shown
-        assert np.array_equal(x, expected, equal_nan=True)
+        _close(x, expected)
     assert quiet.request_id is None and sdb.scalar("SELECT count(*) FROM pgrec.served_features") == 2
     # switched off: the lists are logged, their features are not
     sdb.conn.execute("INSERT INTO pgrec.config (key, value) VALUES ('log_served_features', 'false') "
@@ -194,6 +196,28 @@ def test_served_lists_keep_the_feature_rows_they_were_ranked_with(sdb: TestDB) -
     assert _served_rows(sdb, _sql_recommend(sdb.conn, user, k=6)[0][0]) is None
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="log_served_features must be true or false"):
         sdb.conn.execute("UPDATE pgrec.config SET value = '\"yes\"' WHERE key = 'log_served_features'")
+
+
+def test_a_list_served_in_an_open_transaction_does_not_hold_up_others(sdb: TestDB) -> None:
+    """A ranker registers its feature list when stored; serving only looks it up, so the first list of a new
+    ranker, served in a transaction still open, makes no other request wait."""
+    version = registry.active_version(sdb.conn)
+    model = registry.load(sdb.conn, version)
+    names = list(reversed(model.features))   # another feature list: a new ranker
+    booster = lgb.train({"objective": "regression", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 1},
+                        lgb.Dataset(np.random.default_rng(1).random((40, len(names))),
+                                    np.random.default_rng(2).random(40), feature_name=names), num_boost_round=3)
+    registry.save(sdb.conn, kind="ranker", artifact=booster.model_to_string().encode(), params={}, features=names,
+                  metrics={}, data_window={}, activate=True)
+    assert sdb.scalar("SELECT count(*) FROM pgrec.feature_sets WHERE names = %s", (names,)) == 1
+    first, second = _users(sdb, 2)
+    with connect(sdb.settings) as a, connect(sdb.settings) as b:
+        a.autocommit = False
+        a.execute("SELECT count(*) FROM pgrec.recommend(%s)", (first,))   # its transaction stays open
+        b.execute("SET statement_timeout = 5000")
+        assert b.execute("SELECT count(*) FROM pgrec.recommend(%s)", (second,)).fetchone() == (10,)
+        a.rollback()
+    assert sdb.scalar("SELECT count(*) FROM pgrec.served_features WHERE feature_set IS NOT NULL") == 1
 
 
 def test_training_from_served_lists_reads_the_rows_they_were_ranked_with(sdb: TestDB) -> None:
@@ -221,7 +245,7 @@ def test_training_from_served_lists_reads_the_rows_they_were_ranked_with(sdb: Te
     assert ts.group == [6] and ts.logged_groups == 1 and again.group == [6] and again.logged_groups == 0
     assert ts.names == again.names == names and ts.item_keys.tolist() == keys and ts.position is not None
     assert ts.position.tolist() == [1, 2, 3, 4, 5, 6] and ts.y.tolist().index(max(ts.y)) == 2  # the click
-    assert np.array_equal(ts.x, x, equal_nan=True)                    # the rows the list was ranked with
+    assert np.array_equal(ts.x, x, equal_nan=True)                    # exactly the rows the list was ranked with
     order = [again.item_keys.tolist().index(k) for k in keys]
     dot = names.index("f_user_item_dot")
     assert not np.allclose(again.x[order][:, dot], x[:, dot], equal_nan=True)  # recomputed: the new vectors
@@ -305,10 +329,17 @@ def test_a_feature_matrix_of_the_wrong_shape_is_refused_and_changes_nothing(sdb:
     assert got is not None
     names, served, x = got
     rows = {k: r for k, r in zip(keys, ([1.0, np.nan], [2.0, 0.5], [3.0, -1.0]), strict=True)}
-    assert names == ["f_a", "f_b"] and sorted(served) == sorted(keys)   # NaN is stored as NULL (missing)
+    assert names == ["f_a", "f_b"] and sorted(served) == sorted(keys)
     assert np.array_equal(x, np.array([rows[k] for k in served]), equal_nan=True)
-    assert sdb.scalar("SELECT count(*) FROM pgrec.served_features sf WHERE request_id = %s "
-                      "AND array_position(sf.features, NULL) IS NOT NULL", (rid,)) == 1
+    # an unregistered feature list is stored with the row (finish_request never inserts into feature_sets)
+    assert sdb.scalar("SELECT feature_set IS NULL AND names = '{f_a,f_b}' FROM pgrec.served_features "
+                      "WHERE request_id = %s", (rid,))
+    assert sdb.scalar("SELECT count(*) FROM pgrec.feature_sets WHERE names = '{f_a,f_b}'") == 0
+    # lower bounds other than 1, an empty matrix: refused the same way
+    for bad in ("[0:2][0:1]={{1,2},{3,4},{5,6}}", "{}"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="one row per item key"):
+            sdb.conn.execute(query("serving.finish_request").replace("%(features)s::float8[]", f"'{bad}'::float8[]"),
+                             args | {"features": None})
 
 
 def test_impressions_commit_without_waiting_for_the_flush_unless_asked(sdb: TestDB) -> None:

@@ -134,62 +134,80 @@ def replay(conn: psycopg.Connection[Any], cutoff: datetime, horizon: timedelta |
     return out
 
 
-def _logged_rows(names: Sequence[str], shown: Sequence[int], logged_names: Sequence[str] | None,
-                 logged_items: Sequence[int] | None, logged: Sequence[float | None] | None) -> np.ndarray | None:
-    """The stored rows of the shown items, columns as ``names`` (NULL -> NaN, missing); None when the list has
-    none, or lacks a shown item (a policy added it from outside the candidates) or one of ``names``."""
-    if logged is None or logged_names is None or logged_items is None:
+def _stored_rows(names: Sequence[str], shown: Sequence[int], stored_names: Sequence[str],
+                 stored_items: Sequence[int], stored: Any) -> tuple[np.ndarray, list[int]] | None:
+    """The stored rows of the shown items, columns as ``names`` (NULL and NaN: missing), NaN rows for the shown
+    items without one (a policy added them from outside the candidates) and those items; None when the stored
+    list lacks one of ``names``."""
+    col = {n: j for j, n in enumerate(stored_names)}
+    if any(n not in col for n in names):
         return None
-    col = {n: j for j, n in enumerate(logged_names)}
-    row = {int(k): i for i, k in enumerate(logged_items)}
-    if any(n not in col for n in names) or any(int(k) not in row for k in shown):
-        return None
-    x = np.array(logged, dtype=np.float64).reshape(len(logged_items), len(logged_names))  # None -> NaN
-    return x[np.ix_([row[int(k)] for k in shown], [col[n] for n in names])]
+    x = np.array(stored, dtype=np.float64).reshape(len(stored_items), len(stored_names))  # None -> NaN
+    row = {int(k): i for i, k in enumerate(stored_items)}
+    out = np.full((len(shown), len(names)), np.nan)
+    have = [i for i, k in enumerate(shown) if int(k) in row]
+    out[have] = x[np.ix_([row[int(shown[i])] for i in have], [col[n] for n in names])]
+    return out, [int(k) for k in shown if int(k) not in row]
 
 
 def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: datetime, *,
                      window: timedelta = timedelta(days=1), n: int = 200, label_until: datetime | None = None,
-                     use_logged: bool = True, progress: Progress | None = None) -> TrainingSet:
-    """Groups from the lists served in ``[since, until)``: shown items, labels from the engagement that followed
-    (before ``label_until``, default ``until`` plus the attribution window; an event without a request id counts
-    for the latest list that showed its item). Features: the rows each list was ranked with, stored when it was
-    served (``pgrec.served_features``), when they cover every shown item and feature (and ``use_logged``);
-    else recomputed as of the serving time (or of a label event stamped within the clock slack before it: no
-    label event among the features) at ``n`` candidates (the serving count), from the event log with the
-    stage-1 models stored now (item vectors, co-occurrence, EASE): a model rebuilt after the clicks has seen
-    them, so such rows are not exactly those the list was ranked with (docs/ranking.md). ``logged_groups``
-    counts the groups of stored rows. ``position`` is kept beside the rows (not as a feature) for LightGBM's
-    position-bias correction, so it cannot leak into serving."""
+                     use_logged: bool = True, batch: int = 500, progress: Progress | None = None) -> TrainingSet:
+    """Groups from the lists served in ``[since, until)`` that have a relevant item: shown items, labels from the
+    engagement that followed (before ``label_until``, default ``until`` plus the attribution window; an event
+    without a request id counts for the latest list that showed its item). Features: the rows each list was
+    ranked with, stored when it was served (``pgrec.served_features``, read for the labelled lists only), when
+    they cover every feature (and ``use_logged``; a shown item without a row, one a policy added from outside
+    the candidates, gets its features recomputed); else recomputed as of the serving time (or of a label event
+    stamped within the clock slack before it: no label event among the features) at ``n`` candidates (the
+    serving count), from the event log with the stage-1 models stored now (item vectors, co-occurrence, EASE):
+    a model rebuilt after the clicks has seen them, so such rows are not exactly those the list was ranked with
+    (docs/ranking.md). ``logged_groups`` counts the groups of stored rows. ``position`` is kept beside the rows
+    (not as a feature) for LightGBM's position-bias correction, so it cannot leak into serving."""
     params = {"since": since, "until": until}
-    requests = conn.execute(query("ranking.impression_requests"), {**params, "slack": CITATION_CLOCK_SLACK}).fetchall()
     labels: dict[Any, dict[int, int]] = {}
     for rid, item, w, neg in conn.execute(query("ranking.impression_labels"), {
             **params, "window": window, "slack": CITATION_CLOCK_SLACK,
             "label_until": label_until if label_until is not None else until + window}).fetchall():
         labels.setdefault(rid, {})[int(item)] = grade(w, bool(neg))
+    relevant = [rid for rid, items in labels.items() if any(items.values())]  # no relevant item: no signal
+    requests = conn.execute(query("ranking.impression_requests"),
+                            {**params, "slack": CITATION_CLOCK_SLACK, "request_ids": relevant}).fetchall()
+    names = features.current_names(conn)
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     ps: list[np.ndarray] = []
     keys: list[np.ndarray] = []
     group: list[int] = []
     queries: list[tuple[int, datetime]] = []
-    names = features.current_names(conn)
     logged_groups = 0
-    for done, (rid, user_key, surface, served_at, features_at, item_keys, positions, logged_names, logged_items,
-               logged) in enumerate(requests, start=1):
-        y_of = labels.get(rid, {})
-        if not any(y_of.get(int(k), 0) for k in item_keys):
-            pass  # no relevant item: no ranking signal (and no features to read)
-        elif use_logged and (x := _logged_rows(names, item_keys, logged_names, logged_items, logged)) is not None:
-            xs.append(x)
-            ys.append(np.array([y_of.get(int(k), 0) for k in item_keys], dtype=np.int32))
-            ps.append(np.array(positions, dtype=np.int32))
-            keys.append(np.array(item_keys, dtype=np.int64))
-            group.append(len(item_keys))
-            queries.append((int(user_key), served_at))
-            logged_groups += 1
-        else:
+    for start in range(0, len(requests), batch):
+        chunk = requests[start:start + batch]
+        stored: dict[Any, tuple[Any, Any, Any]] = {}
+        if use_logged and (want := [(r[1], r[0]) for r in chunk if r[7]]):
+            for rid, snames, sitems, rows in conn.execute(query("ranking.served_rows"), {
+                    "user_keys": [u for u, _ in want], "request_ids": [q for _, q in want]}).fetchall():
+                stored[rid] = (snames, sitems, rows)
+        for rid, user_key, surface, served_at, features_at, item_keys, positions, _ in chunk:
+            y_of = labels[rid]
+            got = _stored_rows(names, item_keys, *stored[rid]) if rid in stored else None
+            if got is not None:
+                x, missing = got
+                if missing:  # shown items that were not candidates: recomputed as of the serving time
+                    cf = features.for_user_key(conn, user_key, surface=surface, n=n, as_of=features_at,
+                                               item_keys=missing)
+                    at, fx = {int(k): i for i, k in enumerate(cf.item_keys)}, cf.matrix(names)
+                    for i, k in enumerate(item_keys):
+                        if int(k) in at:
+                            x[i] = fx[at[int(k)]]
+                xs.append(x)
+                ys.append(np.array([y_of.get(int(k), 0) for k in item_keys], dtype=np.int32))
+                ps.append(np.array(positions, dtype=np.int32))
+                keys.append(np.array(item_keys, dtype=np.int64))
+                group.append(len(item_keys))
+                queries.append((int(user_key), served_at))
+                logged_groups += 1
+                continue
             cf = features.for_user_key(conn, user_key, surface=surface, n=n, as_of=features_at, item_keys=item_keys)
             pos_of = {int(k): int(p) for k, p in zip(item_keys, positions, strict=True)}
             y = np.array([y_of.get(int(k), 0) for k in cf.item_keys], dtype=np.int32)
@@ -200,8 +218,8 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
                 keys.append(cf.item_keys)
                 group.append(len(cf))
                 queries.append((int(user_key), features_at))
-        if progress and (done % 50 == 0 or done == len(requests)):
-            progress("impressions", done, len(requests))
+        if progress:
+            progress("impressions", min(start + batch, len(requests)), len(requests))
     if not group:
         return TrainingSet.empty(names)
     return TrainingSet(names, np.vstack(xs), np.concatenate(ys), group, queries, np.concatenate(keys),

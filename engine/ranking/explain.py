@@ -75,7 +75,7 @@ def explain_served(conn: psycopg.Connection[Any], request_id: UUID, item_id: str
     model = load(conn, int(version))
     sources: list[str] = []
     if stored is not None and names is not None and all(f in names for f in model.features):
-        values = np.array([np.nan if v is None else v for v in stored], dtype=np.float64)
+        values = np.array(stored, dtype=np.float64).reshape(-1)  # a 1 x 1 x F slice; None -> NaN
         x = values[[list(names).index(f) for f in model.features]]
     else:
         cf = features.for_user_key(conn, int(user_key), surface=surface, n=features.serving_count(conn),

@@ -3,9 +3,9 @@
 Training the ranker from served lists recomputed each list's features from the event log with the stage-1
 models stored at training time (item vectors, co-occurrence, EASE neighbours): once those were rebuilt after the
 clicks, they had seen them, and the clicked items' features were optimistic. ``pgrec.finish_request`` now stores
-the shown items' feature rows with the impressions (``pgrec.served_features``, one row per logged request; the
-feature names once per distinct list in ``pgrec.feature_sets``), from both serving paths, unless config
-``log_served_features`` (a new boolean key) is false.
+the shown items' feature rows with the impressions (``pgrec.served_features``, one row per logged request), from
+both serving paths, unless config ``log_served_features`` (a new boolean key) is false. Feature lists are kept
+once each in ``pgrec.feature_sets``: the stored rankers' lists now, every new ranker's by a trigger.
 
 Revision ID: 0029
 Revises: 0028
@@ -37,24 +37,33 @@ CREATE TABLE pgrec.feature_sets (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE pgrec.feature_sets IS
-  'The feature lists served lists were ranked with (a ranker''s feature list), once each.';
+  'The feature lists of the rankers (registered when a ranker is stored: trigger models_feature_set), which '
+  'served lists refer to.';
+INSERT INTO pgrec.feature_sets (names)
+SELECT DISTINCT ARRAY(SELECT jsonb_array_elements_text(m.features))
+  FROM pgrec.models m
+ WHERE m.kind = 'ranker' AND jsonb_typeof(m.features) = 'array' AND jsonb_array_length(m.features) > 0;
 
 -- per user, as the impressions (the write path can be distributed by user_key)
 CREATE TABLE pgrec.served_features (
     user_key    bigint NOT NULL,
     request_id  uuid NOT NULL,
     served_at   timestamptz NOT NULL DEFAULT now(),
-    feature_set int NOT NULL REFERENCES pgrec.feature_sets,
+    feature_set int REFERENCES pgrec.feature_sets,
+    names       text[],
     item_keys   bigint[] NOT NULL,
     features    float8[] NOT NULL,
     PRIMARY KEY (user_key, request_id),
-    CHECK (cardinality(item_keys) > 0 AND array_ndims(features) = 1
-           AND cardinality(features) % cardinality(item_keys) = 0)
+    CHECK ((feature_set IS NULL) <> (names IS NULL)),
+    CHECK (cardinality(item_keys) > 0 AND array_ndims(features) = 3
+           AND array_length(features, 1) = cardinality(item_keys) AND array_length(features, 2) = 1)
 );
 COMMENT ON TABLE pgrec.served_features IS
-  'Per logged request: the shown items (those that were candidates, in position order) and their feature rows '
-  'as ranked, row after row (cardinality(item_keys) rows of cardinality(names) values; NULL = missing). Written '
-  'by pgrec.finish_request; read by `pgrec train ranker --from impressions`.';
+  'Per logged request: the shown items that were candidates (in position order) and the feature rows they were '
+  'ranked with, one 1 x F slice per item (features[i][1][j]: item i, feature j of the feature set; NULL or NaN = '
+  'missing). names: the feature list when it was not registered (feature_set NULL). Written by '
+  'pgrec.finish_request; read by `pgrec train ranker --from impressions` and `pgrec explain --request`.';
+-- for retention (DELETE ... WHERE served_at < ...: docs/scaling.md)
 CREATE INDEX served_features_time ON pgrec.served_features (served_at);
 """,
         execution_options={"no_parameters": True},

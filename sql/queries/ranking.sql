@@ -53,27 +53,36 @@ SELECT e.user_key, array_agg(DISTINCT e.item_key)
  GROUP BY e.user_key
 
 -- name: impression_requests
--- Served lists in [since, until): one row per request, items in position order, and the feature rows the list
--- was ranked with when they were stored (pgrec.served_features: names, the logged items, their rows; NULL
--- else). features_at: the time the features are recomputed as of when they were not stored, the serving time
--- or, when a label event (an event of the user on a shown item, citing the request) is stamped within the
--- clock slack before it (client clocks), that event's time, so that no label event is among the features. (The
--- time range keeps the lookup to the user's index.)
+-- Served lists in [since, until) among the given request ids (those with a label): one row per request, items in
+-- position order, and whether the feature rows the list was ranked with were stored (pgrec.served_features).
+-- features_at: the time features are recomputed as of where they were not stored, the serving time or, when a
+-- label event (an event of the user on a shown item, citing the request) is stamped within the clock slack
+-- before it (client clocks), that event's time, so that no label event is among them. (The time range keeps the
+-- lookup to the user's index.)
 SELECT r.request_id, r.user_key, r.surface, r.served_at,
        least(r.served_at, (SELECT min(e.occurred_at) FROM pgrec.events e
                             WHERE e.user_key = r.user_key AND e.request_id = r.request_id
                               AND e.occurred_at >= r.served_at - %(slack)s::interval AND e.occurred_at < r.served_at
                               AND e.item_key = ANY (r.item_keys))) AS features_at,
-       r.item_keys, r.positions, fs.names AS logged_names, sf.item_keys AS logged_items, sf.features AS logged
+       r.item_keys, r.positions,
+       EXISTS (SELECT 1 FROM pgrec.served_features sf
+                WHERE sf.user_key = r.user_key AND sf.request_id = r.request_id) AS stored
   FROM (SELECT i.request_id, i.user_key, i.surface, min(i.served_at) AS served_at,
                array_agg(i.item_key ORDER BY i.position) AS item_keys,
                array_agg(i.position ORDER BY i.position) AS positions
           FROM pgrec.impressions i
          WHERE i.served_at >= %(since)s AND i.served_at < %(until)s
+           AND i.request_id = ANY (%(request_ids)s::uuid[])
          GROUP BY i.request_id, i.user_key, i.surface) r
-  LEFT JOIN pgrec.served_features sf ON sf.user_key = r.user_key AND sf.request_id = r.request_id
-  LEFT JOIN pgrec.feature_sets fs ON fs.feature_set = sf.feature_set
  ORDER BY r.served_at, r.request_id
+
+-- name: served_rows
+-- The stored feature rows of some served lists (by user key and request id, in pairs): the feature list, the
+-- items that have a row (in position order) and the rows (a k x 1 x F array).
+SELECT sf.request_id, coalesce(fs.names, sf.names), sf.item_keys, sf.features
+  FROM unnest(%(user_keys)s::bigint[], %(request_ids)s::uuid[]) AS q(user_key, request_id)
+  JOIN pgrec.served_features sf ON sf.user_key = q.user_key AND sf.request_id = q.request_id
+  LEFT JOIN pgrec.feature_sets fs ON fs.feature_set = sf.feature_set
 
 -- name: impression_labels
 -- Engagement with what was shown: events of the same user and item tied to the request by request_id (from
@@ -140,9 +149,9 @@ SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 
 -- name: served_item
 -- One item of a served list (`pgrec explain --request`): who was shown it, when, where, by which ranker, and
--- the feature row it was ranked with when the list stored them (pgrec.served_features; NULL else).
+-- the feature row it was ranked with when the list stored it (pgrec.served_features; NULL else).
 SELECT u.user_id, i.user_key, i.surface, i.served_at, i.position, i.score, i.model_version,
-       fs.names, sf.features[(r.row_no - 1) * cardinality(fs.names) + 1 : r.row_no * cardinality(fs.names)]
+       coalesce(fs.names, sf.names), sf.features[r.row_no:r.row_no][1:1][:]
   FROM pgrec.impressions i
   JOIN pgrec.users u ON u.user_key = i.user_key
   LEFT JOIN pgrec.served_features sf ON sf.user_key = i.user_key AND sf.request_id = i.request_id

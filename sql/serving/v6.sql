@@ -1,12 +1,34 @@
 -- Serving v6 (migration 0029; reverting restores v5's pgrec.finish_request and v2's pgrec.recommend): a served
 -- list keeps the feature rows its items were ranked with. pgrec.finish_request takes the candidates' feature
 -- matrix (two new last parameters: the feature names and one row per item key) and, when it logs the list,
--- stores the shown items' rows in pgrec.served_features (config log_served_features, default true). Training from
--- served lists reads them instead of recomputing the features with stage-1 models rebuilt since (which have
--- seen the clicks). pgrec.recommend passes the rows its compiled ranker scored. Same lists, same scores.
+-- stores the shown items' rows in pgrec.served_features (config log_served_features, default true), copying one
+-- slice of the matrix per item (no work per value). The feature list is looked up in pgrec.feature_sets, where a
+-- trigger on pgrec.models registers every ranker's list when it is stored (never inserted by a request: an
+-- uncommitted row there would make other requests wait). Training from served lists reads the rows instead of
+-- recomputing features with stage-1 models rebuilt since (which have seen the clicks). pgrec.recommend passes the
+-- rows its compiled ranker scored. Same lists, same scores.
 
 DROP FUNCTION IF EXISTS pgrec.finish_request(text, text, int, bigint[], float8[], text[], jsonb, timestamptz, text,
                                              bigint, text, boolean, text);
+
+CREATE OR REPLACE FUNCTION pgrec.models_feature_set()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NEW.kind = 'ranker' AND jsonb_typeof(NEW.features) = 'array' AND jsonb_array_length(NEW.features) > 0 THEN
+        INSERT INTO pgrec.feature_sets (names)
+        VALUES (ARRAY(SELECT jsonb_array_elements_text(NEW.features))) ON CONFLICT (names) DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION pgrec.models_feature_set() IS
+    'Trigger: a stored ranker registers its feature list in pgrec.feature_sets, which served lists refer to '
+    '(pgrec.finish_request only looks it up).';
+CREATE TRIGGER models_feature_set AFTER INSERT ON pgrec.models
+    FOR EACH ROW EXECUTE FUNCTION pgrec.models_feature_set();
 
 CREATE OR REPLACE FUNCTION pgrec.finish_request(
     p_user_id       text,
@@ -55,12 +77,13 @@ BEGIN
        OR coalesce(cardinality(p_item_keys), 0) <> coalesce(cardinality(p_sources), 0) THEN
         RAISE EXCEPTION 'pgrec.finish_request: item_keys, scores and sources differ in length' USING ERRCODE = '22023';
     END IF;
-    IF p_features IS NOT NULL AND (
+    IF p_features IS NOT NULL AND coalesce(
            p_feature_names IS NULL OR cardinality(p_feature_names) = 0
            OR array_position(p_feature_names, NULL) IS NOT NULL
            OR cardinality(p_item_keys) = 0 OR array_ndims(p_features) <> 2
+           OR array_lower(p_features, 1) <> 1 OR array_lower(p_features, 2) <> 1
            OR array_length(p_features, 1) <> cardinality(p_item_keys)
-           OR array_length(p_features, 2) <> cardinality(p_feature_names)) THEN
+           OR array_length(p_features, 2) <> cardinality(p_feature_names), true) THEN
         RAISE EXCEPTION 'pgrec.finish_request: features must be a matrix of one row per item key (%) and one column '
                         'per feature name (%), got % rows of % columns', coalesce(cardinality(p_item_keys), 0),
                         coalesce(cardinality(p_feature_names), 0), coalesce(array_length(p_features, 1), 0),
@@ -92,28 +115,23 @@ BEGIN
                p_model_version, r -> 'policy_versions', p_variant, p_experiment, x -> 'reasons'
           FROM jsonb_array_elements(r -> 'items') AS x;
         -- the feature rows the shown items were ranked with (items a policy added from outside the candidates,
-        -- such as a pin, have none), for the ranker's training from served lists; NaN (a missing feature in
-        -- the Python path) is stored as NULL, as the SQL path has it
+        -- such as a pin, have none), for the ranker's training from served lists: one 1 x F slice of the matrix
+        -- per item, copied as it is (NaN from the Python path and NULL from the SQL path both mean missing).
+        -- The feature list is looked up, never inserted here (a row inserted by an open transaction would make
+        -- every other request wait for it): rankers register theirs when stored (pgrec.models_feature_set);
+        -- one that is not registered is stored with the row.
         IF p_features IS NOT NULL
            AND coalesce((SELECT (c.value #>> '{}')::boolean FROM pgrec.config c WHERE c.key = 'log_served_features'),
                         true) THEN
             SELECT f.feature_set INTO fs FROM pgrec.feature_sets f WHERE f.names = p_feature_names;
-            IF fs IS NULL THEN
-                INSERT INTO pgrec.feature_sets (names) VALUES (p_feature_names) ON CONFLICT (names) DO NOTHING;
-                SELECT f.feature_set INTO fs FROM pgrec.feature_sets f WHERE f.names = p_feature_names;
-            END IF;
-            INSERT INTO pgrec.served_features (user_key, request_id, feature_set, item_keys, features)
-            WITH s AS (
-                SELECT (x ->> 'item_key')::bigint AS item_key, (x ->> 'position')::int AS pos,
-                       array_position(p_item_keys, (x ->> 'item_key')::bigint) AS row_no
-                  FROM jsonb_array_elements(r -> 'items') AS x
-            )
-            SELECT u, rid, fs,
-                   (SELECT array_agg(s.item_key ORDER BY s.pos) FROM s WHERE s.row_no IS NOT NULL),
-                   (SELECT array_agg(nullif(v.v, 'NaN'::float8) ORDER BY s.pos, v.j)
-                      FROM s CROSS JOIN LATERAL unnest(p_features[s.row_no:s.row_no][:]) WITH ORDINALITY AS v(v, j)
-                     WHERE s.row_no IS NOT NULL)
-             WHERE EXISTS (SELECT 1 FROM s WHERE s.row_no IS NOT NULL);
+            INSERT INTO pgrec.served_features (user_key, request_id, feature_set, names, item_keys, features)
+            SELECT u, rid, fs, CASE WHEN fs IS NULL THEN p_feature_names END,
+                   array_agg(s.item_key ORDER BY s.pos), array_agg(p_features[s.row_no:s.row_no][:] ORDER BY s.pos)
+              FROM (SELECT (x ->> 'item_key')::bigint AS item_key, (x ->> 'position')::int AS pos,
+                           array_position(p_item_keys, (x ->> 'item_key')::bigint) AS row_no
+                      FROM jsonb_array_elements(r -> 'items') AS x) s
+             WHERE s.row_no IS NOT NULL
+            HAVING count(*) > 0;
         END IF;
     END IF;
     RETURN jsonb_build_object(
@@ -200,7 +218,7 @@ BEGIN
         EXECUTE format(
             'SELECT array_agg(q.item_key ORDER BY q.s DESC, q.item_key), array_agg(q.s ORDER BY q.s DESC, q.item_key),'
             '       array_agg(q.src ORDER BY q.s DESC, q.item_key),'
-            '       CASE WHEN $5 THEN array_agg(q.x ORDER BY q.s DESC, q.item_key) END'
+            '       array_agg(q.x ORDER BY q.s DESC, q.item_key) FILTER (WHERE $5)'
             '  FROM (SELECT p.item_key, p.src, p.x, pgrec.%I(p.x) AS s'
             '          FROM (SELECT c.item_key, array_to_string(c.sources, %L) AS src, ARRAY[%s] AS x'
             '                  FROM pgrec.candidate_features($1, $2, $3, $4) AS c OFFSET 0) AS p) AS q',
