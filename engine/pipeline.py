@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,13 +25,10 @@ from uuid import UUID
 
 import numpy as np
 import psycopg
-from psycopg import postgres
-from psycopg.adapt import Dumper
-from psycopg.pq import Format
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from engine.config import Settings
-from engine.db import DatabaseError, connect, make_pool
+from engine.db import DatabaseError, FeatureMatrix, connect, make_pool
 from engine.errors import InvalidRequest, NotFound, Unavailable
 from engine.ranking.registry import ActiveModel, LoadedModel, load
 from engine.sql import query
@@ -97,34 +93,6 @@ class _Scored:
     feature_names: Sequence[str] = ()
 
 
-class FeatureMatrix:
-    """A 2-d float array sent as a PostgreSQL float8[][] in binary (NaN stays NaN): a 200 x 40 matrix is one
-    numpy pass, where a text literal of its 8,000 reprs costs a few milliseconds of client CPU."""
-
-    def __init__(self, values: np.ndarray) -> None:
-        self.values = values
-
-
-class _FeatureMatrixDumper(Dumper):
-    format = Format.BINARY
-
-    def __init__(self, cls: type, context: Any = None) -> None:
-        super().__init__(cls, context)
-        self.oid = postgres.types["float8"].array_oid  # float8[]
-
-    def dump(self, obj: Any) -> bytes:
-        rows, cols = obj.values.shape
-        cells = np.empty(rows * cols, dtype=[("len", ">i4"), ("value", ">f8")])
-        cells["len"] = 8
-        cells["value"] = obj.values.reshape(-1)
-        # array header: 2 dimensions, no NULLs, float8 elements, then (length, lower bound) per dimension
-        if not rows or not cols:
-            return struct.pack(">3i", 0, 0, FLOAT8_OID)
-        return struct.pack(">7i", 2, 0, FLOAT8_OID, rows, 1, cols, 1) + cells.tobytes()
-
-
-FLOAT8_OID = postgres.types["float8"].oid
-psycopg.adapters.register_dumper(FeatureMatrix, _FeatureMatrixDumper)
 
 
 class Recommender:

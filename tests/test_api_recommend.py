@@ -165,3 +165,41 @@ def test_policy_and_model_administration(api: Api) -> None:
     assert c.post("/v1/admin/models/2/activate", headers=h).json()["active"] is True
     assert c.post("/v1/admin/models/rollback", headers=h).json()["version"] == 1
     assert [m["version"] for m in c.get("/v1/admin/models", headers=h).json() if m["active"]] == [1]
+
+
+def test_explanation_of_a_served_item(api: Api) -> None:
+    import uuid
+
+    import lightgbm as lgb
+    import numpy as np
+
+    from engine.ranking import features, registry
+
+    data = _world(api)
+    c, h = api.client, api.admin
+    uid = data.users[0]["user_id"]
+    # no ranker: the list was ranked by pgrec.fallback_score, nothing to explain
+    body = c.post("/v1/recommendations", json={"user_id": uid, "k": 5}, headers=api.read).json()
+    url = f"/v1/admin/requests/{body['request_id']}/items/{body['items'][0]['item_id']}/explanation"
+    r = c.get(url, headers=h)
+    assert r.status_code == 422 and "without a ranker" in r.text, r.text
+    names = features.current_names(api.db.conn)
+    rng = np.random.default_rng(3)
+    booster = lgb.train({"objective": "regression", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 2},
+                        lgb.Dataset(rng.random((80, len(names))), rng.random(80), feature_name=names),
+                        num_boost_round=5)
+    version = registry.save(api.db.conn, kind="ranker", artifact=booster.model_to_string().encode(), params={},
+                            features=names, metrics={}, data_window={}, activate=True)
+    body = c.post("/v1/recommendations", json={"user_id": uid, "k": 5}, headers=api.read).json()
+    item = body["items"][1]
+    url = f"/v1/admin/requests/{body['request_id']}/items/{item['item_id']}/explanation"
+    r = c.get(url, headers=h)
+    assert r.status_code == 200, r.text
+    ex = r.json()
+    assert ex["position"] == 2 and ex["model_version"] == version and ex["stored_features"] is True
+    assert ex["user_id"] == uid and {x["name"] for x in ex["contributions"]} == set(names)
+    assert abs(ex["base"] + sum(x["contribution"] for x in ex["contributions"]) - ex["score"]) < 1e-9
+    assert abs(ex["score"] - item["score"]) < 1e-9   # no boost here: served with the ranker's score
+    assert c.get(url, headers=api.read).status_code == 403
+    assert c.get(f"/v1/admin/requests/{uuid.uuid4()}/items/{item['item_id']}/explanation", headers=h).status_code == 404
+    assert c.get(f"/v1/admin/requests/not-a-uuid/items/{item['item_id']}/explanation", headers=h).status_code == 422

@@ -208,6 +208,26 @@ class ReportRow(BaseModel):
     conversion_rate: float
 
 
+class ContributionOut(BaseModel):
+    name: str
+    value: float | None = Field(description="the feature's value (NULL: missing)")
+    contribution: float
+
+
+class ExplanationOut(BaseModel):
+    request_id: str
+    user_id: str
+    item_id: str
+    position: int
+    served_score: float | None = Field(description="the score it was served with (after policies)")
+    model_version: int
+    score: float = Field(description="the ranker's score: base plus the contributions")
+    base: float
+    stored_features: bool = Field(description="true: the feature row the list was ranked with, stored when it "
+                                              "was served; false: recomputed as of the serving time")
+    contributions: list[ContributionOut] = Field(description="largest absolute contribution first")
+
+
 class Health(BaseModel):
     status: str
 

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from typing import Annotated
+from uuid import UUID
 
 from fastapi import APIRouter, Path, Query
 
 from engine import experiments
 from engine.api.deps import AdminKey, Conn, ServicesDep
-from engine.api.schemas import ExperimentIn, ExperimentOut, ReportRow, UtcTime, VariantIn
+from engine.api.schemas import (
+    ID_PATTERN,
+    ContributionOut,
+    ExperimentIn,
+    ExperimentOut,
+    ExplanationOut,
+    ReportRow,
+    UtcTime,
+    VariantIn,
+)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -52,3 +62,20 @@ def report_online(key: AdminKey, conn: Conn, since: UtcTime | None = None,
                       impressions=r.impressions, clicks=r.clicks, conversions=r.conversions, ctr=r.ctr,
                       conversion_rate=r.conversion_rate)
             for r in experiments.online_report(conn, since=since, surface=surface)]
+
+
+@router.get("/requests/{request_id}/items/{item_id:path}/explanation", response_model=ExplanationOut,
+            responses={404: {"description": "the request did not show the item, or there is no such request"},
+                       422: {"description": "the list was ranked without a ranker"}},
+            summary="Why a served item stood where it did: the ranker's features and their contributions")
+def explain_served(request_id: UUID, item_id: Annotated[str, Path(min_length=1, max_length=256, pattern=ID_PATTERN)],
+                   key: AdminKey, conn: Conn) -> ExplanationOut:
+    from engine.ranking import explain
+
+    ex = explain.explain_served(conn, request_id, item_id)
+    assert ex.position is not None and ex.stored_features is not None
+    return ExplanationOut(request_id=str(request_id), user_id=ex.user_id, item_id=ex.item_id, position=ex.position,
+                          served_score=ex.served_score, model_version=ex.model_version, score=ex.score,
+                          base=ex.base, stored_features=ex.stored_features,
+                          contributions=[ContributionOut(name=c.name, value=c.value, contribution=c.contribution)
+                                         for c in ex.contributions])
