@@ -118,6 +118,7 @@ def test_models_and_explain_commands(db: TestDB, monkeypatch: pytest.MonkeyPatch
         assert out.exit_code == 1 and "unknown model kind 'foo'" in out.output
         for args, why in ((["train", "ranker", "--cutoffs", "2026-01-01"], "--cutoffs needs at least two times"),
                           (["train", "ranker", "--attribution-hours", "2"], "--attribution-hours is for --from impressions"),
+                          (["train", "ranker", "--recompute-features"], "--recompute-features is for --from impressions"),
                           (["train", "ranker", "--from", "impressions", "--attribution-hours", "-1"],
                            "--attribution-hours must be between 0 and 87600"),
                           (["eval", "--max-users", "0"], "--max-users must be >= 1"),
