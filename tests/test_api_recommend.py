@@ -198,6 +198,7 @@ def test_explanation_of_a_served_item(api: Api) -> None:
     ex = r.json()
     assert ex["position"] == 2 and ex["model_version"] == version and ex["stored_features"] is True
     assert ex["user_id"] == uid and {x["name"] for x in ex["contributions"]} == set(names)
+    assert ex["sources"] and ex["as_of"] is not None   # the sources that found it; the time of its features
     assert abs(ex["base"] + sum(x["contribution"] for x in ex["contributions"]) - ex["score"]) < 1e-9
     assert abs(ex["score"] - item["score"]) < 1e-9   # no boost here: served with the ranker's score
     assert c.get(url, headers=api.read).status_code == 403

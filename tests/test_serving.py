@@ -293,10 +293,18 @@ def test_explain_a_served_item_with_the_row_it_was_ranked_with(sdb: TestDB, monk
         assert ex["request_id"] == str(served.request_id)
         # no boost on this surface: the served score is the ranker's, which the contributions add up to
         assert ex["score"] == pytest.approx(item.score, abs=1e-9) and ex["served_score"] == pytest.approx(item.score)
+        assert ex["sources"] and ex["as_of"] is not None
         sdb.conn.execute("DELETE FROM pgrec.served_features")
+        # without the stored row, features are recomputed as training does: before a citing click stamped (client
+        # clock) just before the list, so the click is not among them
+        at = sdb.scalar("SELECT min(served_at) FROM pgrec.impressions WHERE request_id = %s", (served.request_id,))
+        assert sdb.scalar("SELECT pgrec.track_event(%s, %s, 'click', %s, NULL, NULL, NULL, %s)",
+                          (user, item.item_id, at - timedelta(seconds=2), served.request_id)) == "stored"
         res = runner.invoke(engine.cli.app, args)
         assert res.exit_code == 0, res.output
-        assert json.loads(res.output)["stored_features"] is False
+        recomputed = json.loads(res.output)
+        assert recomputed["stored_features"] is False and recomputed["sources"] == ex["sources"]
+        assert datetime.fromisoformat(recomputed["as_of"]) == at - timedelta(seconds=2)
         for bad, why in (([user, item.item_id, "--request", "nope"], "--request must be a request id"),
                          ([user, item.item_id, "--request", str(served.request_id), "--n", "5"], "do not apply"),
                          (["someone-else", item.item_id, "--request", str(served.request_id)], "was served to user"),

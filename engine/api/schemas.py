@@ -219,6 +219,9 @@ class ExplanationOut(BaseModel):
     user_id: str
     item_id: str
     position: int
+    sources: list[str] = Field(description="the candidate sources that found it")
+    as_of: datetime | None = Field(description="the time its features describe (the serving time, or a citing "
+                                               "event's stamped just before it when they were recomputed)")
     served_score: float | None = Field(description="the score it was served with (after policies)")
     model_version: int
     score: float = Field(description="the ranker's score: base plus the contributions")

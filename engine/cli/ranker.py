@@ -392,7 +392,7 @@ def explain_cmd(
     if ex.request_id is not None:
         served = (f"; shown at position {ex.position} of request {ex.request_id} (served score "
                   f"{ex.served_score:.4f}, after policies), features "
-                  f"{'as stored when served' if ex.stored_features else 'recomputed as of the serving time'}")
+                  f"{'as stored when served' if ex.stored_features else 'recomputed as of ' + str(ex.as_of)}")
     t = Table(title=f"{user} x {item}: score {ex.score:.4f} (base {ex.base:.4f}), ranker v{ex.model_version}, "
                     f"sources {','.join(ex.sources) or '-'}{served}")
     t.add_column("feature")

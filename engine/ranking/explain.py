@@ -12,6 +12,7 @@ import numpy as np
 import psycopg
 
 from engine.errors import InvalidRequest, NotFound
+from engine.experiments import CITATION_CLOCK_SLACK
 from engine.ranking import features
 from engine.ranking.registry import LoadedModel, load
 from engine.sql import query
@@ -65,23 +66,26 @@ def explain_served(conn: psycopg.Connection[Any], request_id: UUID, item_id: str
     item = conn.execute(query("ranking.item_key"), {"item_id": item_id}).fetchone()
     if item is None:
         raise NotFound(f"unknown item {item_id!r}")
-    row = conn.execute(query("ranking.served_item"), {"request_id": request_id, "item_key": int(item[0])}).fetchone()
+    row = conn.execute(query("ranking.served_item"), {"request_id": request_id, "item_key": int(item[0]),
+                                                      "slack": CITATION_CLOCK_SLACK}).fetchone()
     if row is None:
         raise NotFound(f"request {request_id} did not show item {item_id!r} (or there is no such request)")
-    user_id, user_key, surface, served_at, position, served_score, version, names, stored = row
+    user_id, user_key, surface, served_at, position, served_score, version, names, stored, features_at, sources = row
     if version is None:
         raise InvalidRequest(f"request {request_id} was ranked without a ranker (pgrec.fallback_score): "
                              "there are no features to explain")
     model = load(conn, int(version))
-    sources: list[str] = []
+    as_of = served_at
     if stored is not None and names is not None and all(f in names for f in model.features):
         values = np.array(stored, dtype=np.float64).reshape(-1)  # a 1 x 1 x F slice; None -> NaN
         x = values[[list(names).index(f) for f in model.features]]
     else:
+        # as training recomputes a list without stored rows: as of the serving time or an earlier-stamped
+        # citing event (the label is never among the features)
         cf = features.for_user_key(conn, int(user_key), surface=surface, n=features.serving_count(conn),
-                                   as_of=served_at, item_keys=[int(item[0])])
-        x, sources, stored = cf.matrix(model.features)[0], cf.sources[0], None
-    ex = _explained(model, x, user_id, item_id, served_at, sources)
+                                   as_of=features_at, item_keys=[int(item[0])])
+        x, stored, as_of = cf.matrix(model.features)[0], None, features_at
+    ex = _explained(model, x, user_id, item_id, as_of, list(sources or ()))
     ex.request_id, ex.position, ex.served_score = request_id, int(position), served_score
     ex.stored_features = stored is not None
     return ex

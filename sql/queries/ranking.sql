@@ -148,10 +148,20 @@ SELECT user_key FROM pgrec.users WHERE user_id = %(user_id)s
 SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 
 -- name: served_item
--- One item of a served list (`pgrec explain --request`): who was shown it, when, where, by which ranker, and
--- the feature row it was ranked with when the list stored it (pgrec.served_features; NULL else).
+-- One item of a served list (`pgrec explain --request`): who was shown it, when, where, by which ranker, its
+-- sources, and the feature row it was ranked with when the list stored it (pgrec.served_features; NULL else).
+-- features_at: the time features are recomputed as of without a stored row, as training does
+-- (impression_requests): the serving time, or a citing event's stamped within the clock slack before it.
 SELECT u.user_id, i.user_key, i.surface, i.served_at, i.position, i.score, i.model_version,
-       coalesce(fs.names, sf.names), sf.features[r.row_no:r.row_no][1:1][:]
+       coalesce(fs.names, sf.names), sf.features[r.row_no:r.row_no][1:1][:],
+       least(i.served_at, (SELECT min(e.occurred_at) FROM pgrec.events e
+                            WHERE e.user_key = i.user_key AND e.request_id = i.request_id
+                              AND e.occurred_at >= i.served_at - %(slack)s::interval AND e.occurred_at < i.served_at
+                              AND e.item_key IN (SELECT x.item_key FROM pgrec.impressions x
+                                                  WHERE x.user_key = i.user_key AND x.request_id = i.request_id)))
+           AS features_at,
+       ARRAY(SELECT jsonb_array_elements_text(CASE WHEN jsonb_typeof(i.reasons -> 'sources') = 'array'
+                                                   THEN i.reasons -> 'sources' ELSE '[]' END)) AS sources
   FROM pgrec.impressions i
   JOIN pgrec.users u ON u.user_key = i.user_key
   LEFT JOIN pgrec.served_features sf ON sf.user_key = i.user_key AND sf.request_id = i.request_id

@@ -75,6 +75,7 @@ def explain_served(request_id: UUID, item_id: Annotated[str, Path(min_length=1, 
     ex = explain.explain_served(conn, request_id, item_id)
     assert ex.position is not None and ex.stored_features is not None
     return ExplanationOut(request_id=str(request_id), user_id=ex.user_id, item_id=ex.item_id, position=ex.position,
+                          sources=ex.sources, as_of=ex.as_of,
                           served_score=ex.served_score, model_version=ex.model_version, score=ex.score,
                           base=ex.base, stored_features=ex.stored_features,
                           contributions=[ContributionOut(name=c.name, value=c.value, contribution=c.contribution)
