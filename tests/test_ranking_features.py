@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -344,3 +345,93 @@ def test_refresh_stats_command(db: TestDB, monkeypatch: pytest.MonkeyPatch) -> N
         assert res.exit_code == 1 and "in the future" in res.output
     finally:
         get_settings.cache_clear()
+
+
+def test_v8_features_answer_as_v7(db: TestDB) -> None:
+    """features v8 (migration 0030) picks the recent items before looking up their embeddings and looks up each
+    distinct history item's categories once: the same rows and values as v7 for heavy, median, light and cold
+    users, users whose history runs past feature_user_history_limit, latest events at one instant (ties at the
+    recent-items cut), several as_of values (snapshot and per-request item counters), requested items, with
+    co-occurrence and EASE neighbours built."""
+    from engine import cooccurrence, itemsim
+    from migrations import sqlfiles
+
+    _load(db)
+    conn = db.conn
+    # the migrations installed v8
+    assert "v8: the nrec latest" in db.scalar(
+        "SELECT prosrc FROM pg_proc WHERE oid = 'pgrec.candidate_features_by_key(bigint, text, int, timestamptz, "
+        "bigint[])'::regprocedure")
+    built = NOW - timedelta(days=12)
+    cooccurrence.build(conn, as_of=built)
+    itemsim.build_ease(conn, as_of=built, config=itemsim.EaseConfig(top_n=20))
+    assert db.scalar("SELECT count(*) FROM pgrec.model_neighbors WHERE model = 'ease'") > 0
+    assert db.scalar("SELECT count(*) FROM pgrec.item_neighbors") > 0
+    by_activity = [int(r[0]) for r in conn.execute(
+        "SELECT user_key FROM pgrec.events GROUP BY user_key ORDER BY count(*) DESC, user_key").fetchall()]
+    # a user whose latest positive events share one instant, over six items (the cut of the recent items falls
+    # among them)
+    tie_user = by_activity[5]
+    tie_items = [r[0] for r in conn.execute("SELECT item_id FROM pgrec.items ORDER BY item_key LIMIT 6").fetchall()]
+    uid = db.scalar("SELECT user_id FROM pgrec.users WHERE user_key = %s", (tie_user,))
+    for item in tie_items:
+        assert db.scalar("SELECT pgrec.track_event(%s, %s, 'like', %s)",
+                         (uid, item, NOW - timedelta(days=3, hours=2))) == "stored"
+    users: list[int | None] = [*by_activity[:6], *by_activity[70:73], *by_activity[-2:], None]
+    some_items = [int(r[0]) for r in conn.execute("SELECT item_key FROM pgrec.items ORDER BY item_key DESC LIMIT 7")]
+    cases: list[tuple[int | None, datetime | None, list[int] | None]] = []
+    for i, u in enumerate(users):
+        for at in (None, NOW - timedelta(days=1), NOW - timedelta(days=3), NOW - timedelta(days=20)):
+            cases.append((u, at, None))
+        if i % 3 == 0:
+            seen = [] if u is None else [int(r[0]) for r in conn.execute(
+                "SELECT DISTINCT item_key FROM pgrec.events WHERE user_key = %s ORDER BY 1 LIMIT 5", (u,))]
+            cases.append((u, NOW - timedelta(days=2), [*some_items, *seen]))
+
+    def answers(version: int) -> list[list[Any]]:
+        conn.execute((sqlfiles.sql_root() / "features" / f"v{version}.sql").read_text())
+        out = []
+        for limit, recent in ((500, 10), (40, 3)):   # histories past the limit; few recent items
+            for key, value in (("feature_user_history_limit", limit), ("feature_recent_items", recent)):
+                conn.execute("UPDATE pgrec.config SET value = to_jsonb(%s::int) WHERE key = %s", (value, key))
+            for u, at, keys in cases:
+                out.append(sorted(conn.execute(
+                    "SELECT * FROM pgrec.candidate_features_by_key(%s, 'default', 40, %s, %s)",
+                    (u, at, keys)).fetchall(), key=lambda r: r[0]))
+        return out
+
+    def close(a: list[list[Any]], b: list[list[Any]]) -> None:
+        assert [[r[0] for r in rows] for rows in a] == [[r[0] for r in rows] for rows in b]
+        for rows_a, rows_b in zip(a, b, strict=True):
+            for ra, rb in zip(rows_a, rows_b, strict=True):
+                for va, vb in zip(ra, rb, strict=True):
+                    if isinstance(va, float) and isinstance(vb, float):
+                        assert va == vb or abs(va - vb) <= 1e-12 * max(abs(va), abs(vb)), (ra[0], va, vb)
+                    else:
+                        assert va == vb, (ra[0], va, vb)
+
+    # one transaction: now() (as_of NULL) is the same instant for both versions; a past day's item counters
+    # are the snapshot the first call builds
+    conn.autocommit = False
+    try:
+        new, old = answers(8), answers(7)
+        close(new, old)
+        assert sum(len(rows) for rows in new) > 1000
+        conn.rollback()
+        # read-only: days without a snapshot, the per-request aggregate of the item counters
+        ro_cases = [(u, NOW - timedelta(days=d), None) for u in [*users[:4], None] for d in (5, 9)]
+        ro: dict[int, list[list[Any]]] = {}
+        for version in (7, 8):
+            conn.execute((sqlfiles.sql_root() / "features" / f"v{version}.sql").read_text())
+            conn.commit()
+            conn.execute("SET TRANSACTION READ ONLY")
+            ro[version] = [sorted(conn.execute(
+                "SELECT * FROM pgrec.candidate_features_by_key(%s, 'default', 40, %s, NULL)", (u, at)).fetchall(),
+                key=lambda r: r[0]) for u, at, _ in ro_cases]
+            conn.rollback()
+        close(ro[8], ro[7])
+        assert db.scalar("SELECT count(*) FROM pgrec.item_stats_days WHERE day IN (%s, %s)",
+                         ((NOW - timedelta(days=5)).date(), (NOW - timedelta(days=9)).date())) == 0
+    finally:
+        conn.rollback()
+        conn.autocommit = True
