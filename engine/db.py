@@ -50,12 +50,12 @@ class _FeatureMatrixDumper(Dumper):
 
     def dump(self, obj: Any) -> bytes:
         rows, cols = obj.values.shape
-        cells = np.empty(rows * cols, dtype=[("len", ">i4"), ("value", ">f8")])
+        if not rows or not cols:
+            return struct.pack(">3i", 0, 0, FLOAT8_OID)  # an empty array
+        cells = np.empty(rows * cols, dtype=[("len", ">i4"), ("value", ">f8")])  # per value: its length, then it
         cells["len"] = 8
         cells["value"] = obj.values.reshape(-1)
         # array header: 2 dimensions, no NULLs, float8 elements, then (length, lower bound) per dimension
-        if not rows or not cols:
-            return struct.pack(">3i", 0, 0, FLOAT8_OID)
         return struct.pack(">7i", 2, 0, FLOAT8_OID, rows, 1, cols, 1) + cells.tobytes()
 
 

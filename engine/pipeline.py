@@ -93,8 +93,6 @@ class _Scored:
     feature_names: Sequence[str] = ()
 
 
-
-
 class Recommender:
     """The serving facade. Thread-safe; holds a connection pool and the active ranker (reloaded when the
     candidates round trip reports that another version became active)."""

@@ -227,7 +227,7 @@ class ExplanationOut(BaseModel):
     score: float = Field(description="the ranker's score: base plus the contributions")
     base: float
     stored_features: bool = Field(description="true: the feature row the list was ranked with, stored when it "
-                                              "was served; false: recomputed as of the serving time")
+                                              "was served; false: recomputed as of as_of")
     contributions: list[ContributionOut] = Field(description="largest absolute contribution first")
 
 

@@ -36,7 +36,7 @@ class Explanation:
     base: float
     contributions: list[Contribution]  # largest absolute contribution first
     # a served item: the request, its position and served score, and whether the features are the stored row
-    # it was ranked with (else recomputed as of the serving time)
+    # it was ranked with (else recomputed as training recomputes them, as of ``as_of``)
     request_id: UUID | None = None
     position: int | None = None
     served_score: float | None = None
@@ -62,7 +62,8 @@ def explain(conn: psycopg.Connection[Any], model: LoadedModel, user_id: str, ite
 def explain_served(conn: psycopg.Connection[Any], request_id: UUID, item_id: str) -> Explanation:
     """Why ``item_id`` stood where it did in the served list ``request_id``: the ranker version that served it,
     with the feature row the list was ranked with (stored when it was served) or, for a list without one,
-    features recomputed as of the serving time (at the serving count of candidates)."""
+    features recomputed as training recomputes them: as of the serving time or of a citing event stamped within
+    the clock slack before it, at the serving count of candidates."""
     item = conn.execute(query("ranking.item_key"), {"item_id": item_id}).fetchone()
     if item is None:
         raise NotFound(f"unknown item {item_id!r}")
