@@ -181,6 +181,15 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
     group: list[int] = []
     queries: list[tuple[int, datetime]] = []
     logged_groups = 0
+
+    def add(x: np.ndarray, y: np.ndarray, pos: np.ndarray, items: np.ndarray, user_key: int, at: datetime) -> None:
+        xs.append(x)
+        ys.append(y)
+        ps.append(pos)
+        keys.append(items)
+        group.append(len(items))
+        queries.append((int(user_key), at))
+
     for start in range(0, len(requests), batch):
         chunk = requests[start:start + batch]
         stored: dict[Any, tuple[Any, Any, Any]] = {}
@@ -200,24 +209,16 @@ def from_impressions(conn: psycopg.Connection[Any], since: datetime, until: date
                     for i, k in enumerate(item_keys):
                         if int(k) in at:
                             x[i] = fx[at[int(k)]]
-                xs.append(x)
-                ys.append(np.array([y_of.get(int(k), 0) for k in item_keys], dtype=np.int32))
-                ps.append(np.array(positions, dtype=np.int32))
-                keys.append(np.array(item_keys, dtype=np.int64))
-                group.append(len(item_keys))
-                queries.append((int(user_key), served_at))
+                add(x, np.array([y_of.get(int(k), 0) for k in item_keys], dtype=np.int32),
+                    np.array(positions, dtype=np.int32), np.array(item_keys, dtype=np.int64), user_key, served_at)
                 logged_groups += 1
                 continue
             cf = features.for_user_key(conn, user_key, surface=surface, n=n, as_of=features_at, item_keys=item_keys)
             pos_of = {int(k): int(p) for k, p in zip(item_keys, positions, strict=True)}
             y = np.array([y_of.get(int(k), 0) for k in cf.item_keys], dtype=np.int32)
             if len(cf) and y.any():
-                xs.append(cf.matrix(names))
-                ys.append(y)
-                ps.append(np.array([pos_of[int(k)] for k in cf.item_keys], dtype=np.int32))
-                keys.append(cf.item_keys)
-                group.append(len(cf))
-                queries.append((int(user_key), features_at))
+                add(cf.matrix(names), y, np.array([pos_of[int(k)] for k in cf.item_keys], dtype=np.int32),
+                    cf.item_keys, user_key, features_at)
         if progress:
             progress("impressions", min(start + batch, len(requests)), len(requests))
     if not group:

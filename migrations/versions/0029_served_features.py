@@ -5,7 +5,9 @@ models stored at training time (item vectors, co-occurrence, EASE neighbours): o
 clicks, they had seen them, and the clicked items' features were optimistic. ``pgrec.finish_request`` now stores
 the shown items' feature rows with the impressions (``pgrec.served_features``, one row per logged request), from
 both serving paths, unless config ``log_served_features`` (a new boolean key) is false. Feature lists are kept
-once each in ``pgrec.feature_sets``: the stored rankers' lists now, every new ranker's by a trigger.
+once each in ``pgrec.feature_sets``: the stored rankers' lists now, every new ranker's by a trigger. Two small
+functions keep one rule each: ``pgrec.served_features_on()`` (the config key and its default) and
+``pgrec.features_time()`` (the time a list's features are recomputed as of when they were not stored).
 
 Revision ID: 0029
 Revises: 0028

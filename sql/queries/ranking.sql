@@ -55,15 +55,11 @@ SELECT e.user_key, array_agg(DISTINCT e.item_key)
 -- name: impression_requests
 -- Served lists in [since, until) among the given request ids (those with a label): one row per request, items in
 -- position order, and whether the feature rows the list was ranked with were stored (pgrec.served_features).
--- features_at: the time features are recomputed as of where they were not stored, the serving time or, when a
--- label event (an event of the user on a shown item, citing the request) is stamped within the clock slack
--- before it (client clocks), that event's time, so that no label event is among them. (The time range keeps the
--- lookup to the user's index.)
+-- features_at: the time features are recomputed as of where they were not stored (pgrec.features_time: the
+-- serving time, or a citing label event's stamped within the clock slack before it, so that no label event is
+-- among them).
 SELECT r.request_id, r.user_key, r.surface, r.served_at,
-       least(r.served_at, (SELECT min(e.occurred_at) FROM pgrec.events e
-                            WHERE e.user_key = r.user_key AND e.request_id = r.request_id
-                              AND e.occurred_at >= r.served_at - %(slack)s::interval AND e.occurred_at < r.served_at
-                              AND e.item_key = ANY (r.item_keys))) AS features_at,
+       pgrec.features_time(r.user_key, r.request_id, r.served_at, %(slack)s::interval) AS features_at,
        r.item_keys, r.positions,
        EXISTS (SELECT 1 FROM pgrec.served_features sf
                 WHERE sf.user_key = r.user_key AND sf.request_id = r.request_id) AS stored
@@ -151,15 +147,10 @@ SELECT item_key FROM pgrec.items WHERE item_id = %(item_id)s
 -- One item of a served list (`pgrec explain --request`): who was shown it, when, where, by which ranker, its
 -- sources, and the feature row it was ranked with when the list stored it (pgrec.served_features; NULL else).
 -- features_at: the time features are recomputed as of without a stored row, as training does
--- (impression_requests): the serving time, or a citing event's stamped within the clock slack before it.
+-- (pgrec.features_time).
 SELECT u.user_id, i.user_key, i.surface, i.served_at, i.position, i.score, i.model_version,
        coalesce(fs.names, sf.names), sf.features[r.row_no:r.row_no][1:1][:],
-       least(i.served_at, (SELECT min(e.occurred_at) FROM pgrec.events e
-                            WHERE e.user_key = i.user_key AND e.request_id = i.request_id
-                              AND e.occurred_at >= i.served_at - %(slack)s::interval AND e.occurred_at < i.served_at
-                              AND e.item_key IN (SELECT x.item_key FROM pgrec.impressions x
-                                                  WHERE x.user_key = i.user_key AND x.request_id = i.request_id)))
-           AS features_at,
+       pgrec.features_time(i.user_key, i.request_id, i.served_at, %(slack)s::interval) AS features_at,
        ARRAY(SELECT jsonb_array_elements_text(CASE WHEN jsonb_typeof(i.reasons -> 'sources') = 'array'
                                                    THEN i.reasons -> 'sources' ELSE '[]' END)) AS sources
   FROM pgrec.impressions i

@@ -26,8 +26,7 @@ SELECT u.user_id AS request_user_id, c.item_key, c.item_id, array_to_string(c.so
 -- decides, this spares the client sending them when it would not)
 SELECT u.user_id AS request_user_id, c.*, array_to_string(c.sources, ',') AS source_list,
        (SELECT m.version FROM pgrec.models m WHERE m.kind = 'ranker' AND m.active) AS active_model,
-       coalesce((SELECT (g.value #>> '{}')::boolean FROM pgrec.config g WHERE g.key = 'log_served_features'),
-                true) AS log_features
+       (SELECT pgrec.served_features_on()) AS log_features   -- a subquery: read once per statement
   FROM unnest(%(user_ids)s::text[]) AS u(user_id)
  CROSS JOIN LATERAL pgrec.candidate_features(u.user_id, %(surface)s, pgrec.serving_candidates(), %(as_of)s) AS c
 

@@ -11,6 +11,34 @@
 DROP FUNCTION IF EXISTS pgrec.finish_request(text, text, int, bigint[], float8[], text[], jsonb, timestamptz, text,
                                              bigint, text, boolean, text);
 
+CREATE OR REPLACE FUNCTION pgrec.served_features_on()
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((SELECT (c.value #>> '{}')::boolean FROM pgrec.config c WHERE c.key = 'log_served_features'), true)
+$$;
+COMMENT ON FUNCTION pgrec.served_features_on() IS
+    'Whether a logged list stores its feature rows (config log_served_features; true when absent).';
+
+CREATE OR REPLACE FUNCTION pgrec.features_time(p_user_key bigint, p_request_id uuid, p_served_at timestamptz,
+                                               p_slack interval)
+RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- the serving time or, when an event of the user on a shown item citing the request is stamped within the
+    -- clock slack before it (client clocks), that event's time: features recomputed as of it hold no label
+    SELECT least(p_served_at, (SELECT min(e.occurred_at) FROM pgrec.events e
+                                WHERE e.user_key = p_user_key AND e.request_id = p_request_id
+                                  AND e.occurred_at >= p_served_at - p_slack AND e.occurred_at < p_served_at
+                                  AND e.item_key IN (SELECT i.item_key FROM pgrec.impressions i
+                                                      WHERE i.user_key = p_user_key AND i.request_id = p_request_id)))
+$$;
+COMMENT ON FUNCTION pgrec.features_time(bigint, uuid, timestamptz, interval) IS
+    'The time a served list''s features are recomputed as of when they were not stored (training from served '
+    'lists, `pgrec explain --request`): the serving time, or a citing event''s stamped within p_slack before it.';
+
 CREATE OR REPLACE FUNCTION pgrec.models_feature_set()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -120,9 +148,7 @@ BEGIN
         -- The feature list is looked up, never inserted here (a row inserted by an open transaction would make
         -- every other request wait for it): rankers register theirs when stored (pgrec.models_feature_set);
         -- one that is not registered is stored with the row.
-        IF p_features IS NOT NULL
-           AND coalesce((SELECT (c.value #>> '{}')::boolean FROM pgrec.config c WHERE c.key = 'log_served_features'),
-                        true) THEN
+        IF p_features IS NOT NULL AND pgrec.served_features_on() THEN
             SELECT f.feature_set INTO fs FROM pgrec.feature_sets f WHERE f.names = p_feature_names;
             INSERT INTO pgrec.served_features (user_key, request_id, feature_set, names, item_keys, features)
             SELECT u, rid, fs, CASE WHEN fs IS NULL THEN p_feature_names END,
